@@ -1,0 +1,5 @@
+"""Giftstream: a live-stream gifting server."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Starlette app factory: routes and lifespan wiring."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from server import http_api
+from server.codes import Err, GiftstreamError
+from server.embedded import Embedded
+from server.node import Node
+from server.settings import Settings, from_env
+from server.ws import room_socket
+
+log = logging.getLogger("giftstream.app")
+
+
+async def _giftstream_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GiftstreamError)
+    return http_api.error_response(exc)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    # Never leak exception text to the client.
+    return JSONResponse({"code": Err.INTERNAL.value, "message": "internal error"}, status_code=500)
+
+
+def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlette:
+    node = Node(settings, embedded)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    routes = [
+        Route("/healthz", http_api.healthz),
+        Route("/metrics", http_api.metrics),
+        Route("/v1/catalog", http_api.catalog),
+        Route("/v1/wallet", http_api.wallet),
+        Route("/v1/recharges", http_api.recharge, methods=["POST"]),
+        Route("/v1/rooms", http_api.create_room, methods=["POST"]),
+        Route("/v1/rooms/{room_id}", http_api.room_info),
+        Route("/v1/rooms/{room_id}/end", http_api.end_room, methods=["POST"]),
+        Route("/v1/me/earnings", http_api.earnings),
+        WebSocketRoute("/v1/rooms/{room_id}/ws", room_socket),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={GiftstreamError: _giftstream_error, Exception: _unexpected},
+    )
+    app.state.node = node
+    return app
+
+
+def create_app_from_env() -> Starlette:
+    """Factory for `uvicorn --factory` worker processes: settings come from GIFTSTREAM_* env."""
+    return create_app(from_env())

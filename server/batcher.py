@@ -1,0 +1,99 @@
+"""Group commit for Lua calls: calls made in the same loop tick go to Redis as one pipeline.
+
+One round trip carries many gifts. A flush runs as its own task, so a caller that is
+cancelled (its socket closed) never cancels the pipeline other callers wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from server.scripts import Scripts
+
+
+class _Call:
+    __slots__ = ("name", "keys", "args", "future")
+
+    def __init__(self, name: str, keys: list[str], args: list[Any], future: asyncio.Future[Any]) -> None:
+        self.name, self.keys, self.args, self.future = name, keys, args, future
+
+
+class ScriptBatcher:
+    def __init__(self, redis: Redis, scripts: Scripts, max_batch: int = 500) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.max_batch = max_batch
+        self._queue: list[_Call] = []
+        self._scheduled = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.calls = 0
+
+    def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(_Call(name, keys, args, future))
+        if len(self._queue) >= self.max_batch:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, batch: list[_Call]) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        pending = batch
+        try:
+            for _attempt in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for c in pending:
+                    self.scripts.queue(pipe, c.name, c.keys, c.args)
+                results = await pipe.execute(raise_on_error=False)
+                retry: list[_Call] = []
+                for c, result in zip(pending, results, strict=True):
+                    if isinstance(result, NoScriptError):
+                        retry.append(c)  # not executed: safe to send again
+                    elif isinstance(result, Exception):
+                        _settle(c.future, exc=result)
+                    else:
+                        _settle(c.future, result=result)
+                if not retry:
+                    return
+                await self.scripts.load(self.redis)
+                pending = retry
+            for c in pending:
+                _settle(c.future, exc=RuntimeError("scripts could not be loaded"))
+        except BaseException as exc:
+            for c in pending:
+                _settle(c.future, exc=exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def drain(self) -> None:
+        """Send what is queued and wait for every pipeline in flight."""
+        self._flush()
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+
+def _settle(future: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,90 @@
+"""Reply error codes and close codes, each listed once (documented in docs/protocol.md).
+
+A reply error leaves the connection open; a close code ends it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class Err(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    UNKNOWN_GIFT = "unknown_gift"
+    UNKNOWN_PACKAGE = "unknown_package"
+    BAD_COUNT = "bad_count"
+    BAD_AMOUNT = "bad_amount"
+    ROOM_NOT_LIVE = "room_not_live"
+    AGE_RESTRICTED = "age_restricted"
+    NOT_ALLOWED = "not_allowed"
+    ACCOUNT_RESTRICTED = "account_restricted"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    RATE_LIMITED = "rate_limited"
+    PAYMENT_DECLINED = "payment_declined"
+    UNSUPPORTED_PAYMENT_METHOD = "unsupported_payment_method"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+HTTP_STATUS: dict[Err, int] = {
+    Err.BAD_REQUEST: 400,
+    Err.UNAUTHORIZED: 401,
+    Err.FORBIDDEN: 403,
+    Err.NOT_FOUND: 404,
+    Err.INSUFFICIENT_FUNDS: 402,
+    Err.UNKNOWN_GIFT: 400,
+    Err.UNKNOWN_PACKAGE: 400,
+    Err.BAD_COUNT: 400,
+    Err.BAD_AMOUNT: 400,
+    Err.ROOM_NOT_LIVE: 409,
+    Err.AGE_RESTRICTED: 403,
+    Err.NOT_ALLOWED: 403,
+    Err.ACCOUNT_RESTRICTED: 403,
+    Err.BUDGET_EXCEEDED: 402,
+    Err.IDEMPOTENCY_CONFLICT: 409,
+    Err.RATE_LIMITED: 429,
+    Err.PAYMENT_DECLINED: 402,
+    Err.UNSUPPORTED_PAYMENT_METHOD: 400,
+    Err.UNAVAILABLE: 503,
+    Err.INTERNAL: 500,
+}
+
+
+class Close(IntEnum):
+    NORMAL = 1000
+    # Server shutting down (SIGTERM drain): reconnect to another node.
+    GOING_AWAY = 1001
+    # Frame larger than max_frame_bytes (sent by the WebSocket layer).
+    MESSAGE_TOO_BIG = 1009
+    # Unexpected server error; the text never reaches the peer.
+    INTERNAL_ERROR = 1011
+    # Unsent bytes passed send_buffer_cap: reconnect and resume from the last offset.
+    SLOW_CONSUMER = 4008
+    # Too many malformed frames in a row.
+    PROTOCOL_VIOLATION = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    # Room does not exist or is not live (late joiners).
+    ROOM_NOT_FOUND = 4404
+    # The host ended the room; the room_ended event came first.
+    ROOM_ENDED = 4410
+    # Keepalive pong did not arrive in time.
+    PING_TIMEOUT = 4408
+
+
+class GiftstreamError(Exception):
+    """An error with a reply code; its message is safe to show to the client."""
+
+    def __init__(self, code: Err, message: str | None = None) -> None:
+        self.code = code
+        self.message = message or code.value.replace("_", " ")
+        super().__init__(self.message)
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS[self.code]

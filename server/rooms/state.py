@@ -1,0 +1,131 @@
+"""Room state in Redis: create, end, look up, publish events, read the event stream."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from server.batcher import ScriptBatcher
+from server.keys import RoomKeys
+from server.rooms.bus import decode_event
+from server.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    room_id: str
+    host_id: str
+    host_name: str
+    title: str
+    live: bool
+    epoch: str
+    coins_total: int
+    gifts_total: int
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Rooms:
+    def __init__(self, redis: Redis, batcher: ScriptBatcher, settings: Settings) -> None:
+        # A client without decode_responses: event payloads are msgpack bytes.
+        self.redis = redis
+        self.batcher = batcher
+        self.settings = settings
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_urlsafe(8).replace("-", "x").replace("_", "y")
+
+    async def create(self, room_id: str, host_id: str, host_name: str, title: str) -> RoomState:
+        k = RoomKeys(room_id)
+        epoch = secrets.token_hex(6)
+        await self.redis.hset(k.state, mapping={
+            "host": host_id, "host_name": host_name, "title": title, "live": "1", "epoch": epoch,
+            "coins_total": 0, "gifts_total": 0, "created_at": int(time.time() * 1000)})
+        return RoomState(room_id, host_id, host_name, title, True, epoch, 0, 0)
+
+    async def get(self, room_id: str) -> RoomState | None:
+        if not room_id or len(room_id) > 64 or "}" in room_id:
+            return None
+        raw = await self.redis.hgetall(RoomKeys(room_id).state)
+        if not raw:
+            return None
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        return RoomState(room_id, h["host"], h.get("host_name", h["host"]), h.get("title", ""),
+                         h.get("live") == "1", h.get("epoch", ""), int(h.get("coins_total", 0)),
+                         int(h.get("gifts_total", 0)))
+
+    def _publish_args(self, k: RoomKeys, kind: str, payload: bytes, sender: str = "", name: str = "",
+                      coins: int = 0, combo_field: str = "") -> tuple[list[str], list[Any]]:
+        now = int(time.time() * 1000)
+        keys = [k.state, k.events, k.leaderboard, k.combos, k.names]
+        args = [kind, payload, now, self.settings.resume_max_events,
+                now - self.settings.resume_max_age_s * 1000, combo_field,
+                int(self.settings.combo_window_s * 1000), sender, coins, k.channel, name]
+        return keys, args
+
+    async def publish_gift(self, room_id: str, event: dict[str, Any]) -> tuple[str | None, int]:
+        """Append a gift event to the room stream and publish it; returns (offset, combo)."""
+        k = RoomKeys(room_id)
+        sender = event["from"]["id"]
+        keys, args = self._publish_args(
+            k, "gift", msgpack.packb(event), sender, event["from"]["name"], event["coins"],
+            f"{sender}:{event['gift']}")
+        offset, combo = await self.batcher.call("room_publish", keys, args)
+        return (_s(offset) if offset else None), int(combo)
+
+    async def end(self, room_id: str) -> str | None:
+        k = RoomKeys(room_id)
+        event = {"type": "room_ended", "room": room_id, "ts": int(time.time() * 1000)}
+        keys, args = self._publish_args(k, "ended", msgpack.packb(event))
+        offset, _ = await self.batcher.call("room_publish", keys, args)
+        return _s(offset) if offset else None
+
+    async def current_offset(self, room_id: str) -> str:
+        last = await self.redis.xrevrange(RoomKeys(room_id).events, count=1)
+        return _s(last[0][0]) if last else "0-0"
+
+    async def events_after(self, room_id: str, since: str, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Events after `since` (exclusive), oldest first; False when some were already trimmed."""
+        k = RoomKeys(room_id)
+        try:
+            info = await self.redis.xinfo_stream(k.events)
+        except ResponseError:  # no event yet: nothing was missed
+            return [], True
+        trimmed_upto = _s(info.get("max-deleted-entry-id", "0-0"))
+        if _key(since) < _key(trimmed_upto):
+            return [], False
+        out: list[dict[str, Any]] = []
+        start = "(" + since
+        while len(out) < limit:
+            page = await self.redis.xrange(k.events, min=start, max="+", count=min(1000, limit - len(out)))
+            if not page:
+                break
+            for mid, fields in page:
+                f = {_s(a): b for a, b in fields.items()}
+                out.append(decode_event(_s(mid), int(f.get("c", 0)), f["e"]))
+            start = "(" + _s(page[-1][0])
+        return out, len(out) < limit
+
+    async def leaderboard(self, room_id: str, n: int = 10) -> list[dict[str, Any]]:
+        k = RoomKeys(room_id)
+        top = await self.redis.zrevrange(k.leaderboard, 0, n - 1, withscores=True)
+        if not top:
+            return []
+        ids = [_s(m) for m, _ in top]
+        names = await self.redis.hmget(k.names, ids)
+        return [{"id": uid, "name": _s(name) if name else uid, "coins": int(score)}
+                for uid, (_, score), name in zip(ids, top, names, strict=True)]
+
+
+def _key(offset: str) -> tuple[int, int]:
+    ms, _, seq = offset.partition("-")
+    return int(ms or 0), int(seq or 0)

@@ -1,0 +1,141 @@
+"""One frozen settings object, built once from env vars and CLI flags."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GIFTSTREAM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./var")
+    # None means "start the embedded valkey in data_dir".
+    redis_url: str | None = None
+    # None means "SQLite file in data_dir".
+    database_url: str | None = None
+    # None means "a random secret kept in data_dir/secret".
+    secret: str | None = None
+    workers: int = 1
+    # User partitions: every wallet key carries the tag {p<k>}, k = crc32(user) % partitions.
+    # Changing it on a live data set would move wallets: fixed per deployment.
+    partitions: int = 16
+    # Host share of gift coins, in basis points (5000 = 50%). Diamonds are kept in
+    # units of 1/10000 so no share is ever rounded away.
+    host_share_bp: int = 5000
+    # Coalescing tick for busy rooms; a quiet room's event goes out at once.
+    tick_ms: float = 20.0
+    combo_window_s: float = 3.0
+    resume_max_events: int = 10_000
+    resume_max_age_s: int = 120
+    # Unsent bytes a socket may hold before it is closed as a slow consumer.
+    send_buffer_cap: int = 1 << 20
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    gift_rate_per_s: float = 20.0
+    gift_burst: int = 50
+    max_frame_bytes: int = 64 * 1024
+    idempotency_ttl_s: int = 24 * 3600
+    max_gift_count: int = 9999
+    settler: bool = True
+    settle_batch: int = 2000
+    # Pending outbox entries idle this long are claimed from a dead settler.
+    settle_claim_idle_ms: int = 30_000
+    migrate_on_start: bool = True
+    presence_interval_s: float = 1.0
+    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    token_ttl_s: int = 7 * 24 * 3600
+    log_level: str = "info"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "giftstream.sqlite3"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+_INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
+        "send_buffer_cap", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
+        "settle_batch", "settle_claim_idle_ms", "token_ttl_s"}
+_FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
+          "presence_interval_s"}
+_BOOL = {"settler", "migrate_on_start"}
+
+
+def _convert(name: str, raw: str) -> Any:
+    if name in _INT:
+        return int(raw)
+    if name in _FLOAT:
+        return float(raw)
+    if name in _BOOL:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if name == "data_dir":
+        return Path(raw)
+    return raw or None
+
+
+def from_env(env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+    """Env vars (GIFTSTREAM_<FIELD>) first, then CLI flags that were given (not None)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name in Settings.__dataclass_fields__:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _convert(name, raw)
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = Path(value) if name == "data_dir" else value
+    return Settings(**values)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The env vars that rebuild these settings in a worker process."""
+    out: dict[str, str] = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if value is None or name == "node_id":
+            continue
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        out[ENV_PREFIX + name.upper()] = str(value)
+    return out
+
+
+def load_or_create_secret(data_dir: Path) -> str:
+    """The secret shared by `serve` and `token` when none is configured."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_urlsafe(32)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    try:
+        os.link(tmp, path)  # first writer wins when two processes race
+    except FileExistsError:
+        pass
+    tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def resolve_secret(settings: Settings) -> Settings:
+    if settings.secret:
+        return settings
+    return settings.with_(secret=load_or_create_secret(settings.data_dir))

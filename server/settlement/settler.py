@@ -1,0 +1,195 @@
+"""Outbox consumer: settles coin movements into the durable ledger.
+
+Reads every partition's outbox with one consumer group, writes a batch in one SQL
+transaction (idempotent on (partition, seq)), then XACKs and deletes the entries.
+Delivery is at-least-once; effects are exactly-once because every write is keyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from server.keys import SETTLER_GROUP, outbox_key
+from server.store.base import Store
+from server.store.models import Movement
+
+log = logging.getLogger("giftstream.settler")
+
+MIN_COUNT = 64
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 10.0
+
+
+async def ensure_groups(redis: Redis, partitions: int) -> None:
+    for p in range(partitions):
+        try:
+            await redis.xgroup_create(outbox_key(p), SETTLER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+class Settler:
+    def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
+                 max_batch: int = 2000, claim_idle_ms: int = 30_000) -> None:
+        self.redis = redis
+        self.store = store
+        self.partitions = partitions
+        self.consumer = consumer
+        self.max_batch = max_batch
+        self.claim_idle_ms = claim_idle_ms
+        self.streams = [outbox_key(p) for p in range(partitions)]
+        self._count = max(MIN_COUNT, max_batch // 4)
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # figures for /metrics and /healthz
+        self.settled = 0
+        self.duplicates = 0
+        self.batches = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.degraded = False
+        self.last_batch_at = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="giftstream-settler")
+
+    async def stop(self, flush: bool = True, timeout: float = 30.0) -> None:
+        """Stop; with flush, first settle everything the outbox holds now."""
+        self._stopping.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                self._task.cancel()
+        if flush:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and await self.settle_once(block_ms=None) > 0:
+                pass
+
+    async def run(self) -> None:
+        await ensure_groups(self.redis, self.partitions)
+        await self._settle_backlog("0")  # our own pending entries from before a restart
+        last_claim = 0.0
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() - last_claim > max(1.0, self.claim_idle_ms / 3000):
+                    last_claim = time.monotonic()
+                    await self.claim_abandoned()
+                await self.settle_once(block_ms=200)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone: retry, never die
+                await self._backoff(exc)
+
+    async def _settle_backlog(self, start: str) -> None:
+        while True:
+            entries = await self._read(start_id=start, block_ms=None)
+            if not entries:
+                return
+            await self._settle(entries)
+
+    async def settle_once(self, block_ms: int | None) -> int:
+        entries = await self._read(start_id=">", block_ms=block_ms)
+        if entries:
+            await self._settle(entries)
+        return len(entries)
+
+    async def claim_abandoned(self) -> int:
+        """XAUTOCLAIM entries another settler took and never acknowledged (it died)."""
+        claimed = 0
+        for stream in self.streams:
+            cursor = "0-0"
+            while True:
+                reply = await self.redis.xautoclaim(stream, SETTLER_GROUP, self.consumer,
+                                                    min_idle_time=self.claim_idle_ms,
+                                                    start_id=cursor, count=self._count)
+                cursor, messages = reply[0], reply[1]
+                batch = [(stream, mid, fields) for mid, fields in messages if fields]
+                if batch:
+                    await self._settle(batch)
+                    claimed += len(batch)
+                if cursor in ("0-0", b"0-0"):
+                    break
+        return claimed
+
+    async def _read(self, start_id: str, block_ms: int | None) -> list[tuple[str, str, dict[str, str]]]:
+        reply = await self.redis.xreadgroup(
+            SETTLER_GROUP, self.consumer, {s: start_id for s in self.streams},
+            count=self._count, block=block_ms)
+        out: list[tuple[str, str, dict[str, str]]] = []
+        full = False
+        for stream, messages in reply or []:
+            full = full or len(messages) >= self._count
+            for mid, fields in messages:
+                if fields:
+                    out.append((stream, mid, fields))
+        # Adapt batch size to the backlog: grow while reads come back full, shrink when idle.
+        if full:
+            self._count = min(self.max_batch, self._count * 2)
+        elif len(out) < self._count // 4:
+            self._count = max(MIN_COUNT, self._count // 2)
+        return out
+
+    async def _settle(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
+        movements = [Movement.from_fields(fields) for _, _, fields in entries]
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                result = await self.store.settle(movements)
+                break
+            except Exception as exc:  # database down: the outbox keeps every movement meanwhile
+                self.failures += 1
+                self.degraded = True
+                self.last_error = type(exc).__name__
+                log.warning("settlement failed (%s), retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(BACKOFF_MAX_S, delay * 2)
+        self.degraded = False
+        # Acknowledge only after commit; a crash before this line re-delivers, and the keyed writes
+        # make the re-delivery a no-op.
+        pipe = self.redis.pipeline(transaction=False)
+        by_stream: dict[str, list[str]] = {}
+        for stream, mid, _ in entries:
+            by_stream.setdefault(stream, []).append(mid)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, SETTLER_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+        await asyncio.shield(pipe.execute())
+        self.settled += result.movements
+        self.duplicates += result.duplicates
+        self.batches += 1
+        self.last_batch_at = time.time()
+
+    async def _backoff(self, exc: Exception) -> None:
+        self.failures += 1
+        self.last_error = type(exc).__name__
+        log.warning("settler loop error: %s", type(exc).__name__)
+        await asyncio.sleep(BACKOFF_MIN_S * (1 + random.random()) * 5)
+
+
+async def outbox_lag(redis: Redis, partitions: int) -> dict[str, float]:
+    """Entries not yet settled and the age of the oldest, across partitions."""
+    pipe = redis.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.xlen(outbox_key(p))
+        pipe.xrange(outbox_key(p), count=1)
+    replies = await pipe.execute()
+    backlog = 0
+    oldest_ms = 0.0
+    now_ms = time.time() * 1000
+    for i in range(partitions):
+        backlog += int(replies[2 * i])
+        first = replies[2 * i + 1]
+        if first:
+            mid = first[0][0]
+            mid = mid.decode() if isinstance(mid, bytes) else mid
+            oldest_ms = max(oldest_ms, now_ms - int(mid.split("-")[0]))
+    return {"outbox_entries": backlog, "outbox_lag_ms": oldest_ms}

@@ -1,0 +1,20 @@
+"""Versioned schema migrations, shared by every backend: sql/NNNN_name.sql, applied in order."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+
+def migrations() -> list[tuple[int, str]]:
+    folder = resources.files("server.store").joinpath("sql")
+    out = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(out)
+
+
+def statements(script: str) -> list[str]:
+    """Split a migration into statements (no semicolons inside our statements)."""
+    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

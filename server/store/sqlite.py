@@ -1,0 +1,246 @@
+"""SQLite backend: one connection on one dedicated thread, a whole batch per thread hop.
+
+WAL mode lets `audit` and a second node read beside a running `serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from server.store import rows as rowbuild
+from server.store.migrations import migrations, statements
+from server.store.models import (
+    ORDER_CREDITED,
+    ORDER_PAID,
+    ORDER_PENDING,
+    Movement,
+    Order,
+    PartitionTotals,
+    Room,
+    SettleResult,
+)
+
+T = TypeVar("T")
+_CHUNK = 400  # host parameters per IN (...) query, under SQLite's limit
+
+
+class SQLiteStore:
+    kind = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="giftstream-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed settlement survives power loss, as the AOF does for wallets.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._connect()))
+
+    async def close(self) -> None:
+        def _close(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._conn = None
+
+        if self._conn is not None:
+            await self._run(_close)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+
+    async def migrate(self) -> int:
+        def _migrate(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+                current = row[0] or 0
+                for version, script in migrations():
+                    if version > current:
+                        for stmt in statements(script):
+                            conn.execute(stmt)
+                        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                        current = version
+                conn.execute("COMMIT")
+                return int(current)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        return await self._run(_migrate)
+
+    async def upsert_user(self, user_id: str, name: str) -> None:
+        await self._run(lambda c: c.execute(
+            "INSERT INTO users (id, name, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET name = excluded.name", (user_id, name, time.time())))
+
+    async def create_order(self, order: Order) -> tuple[Order, bool]:
+        def _create(conn: sqlite3.Connection) -> tuple[Order, bool]:
+            cur = conn.execute(
+                "INSERT INTO orders (id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
+                " payment_method, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (user_id, idempotency_key) DO NOTHING",
+                (order.id, order.user_id, order.idempotency_key, order.package_id, order.coins,
+                 order.price_cents, order.currency, order.payment_method, order.status,
+                 order.created_at, order.created_at))
+            if cur.rowcount == 1:
+                return order, True
+            row = conn.execute(_ORDER_SELECT + " WHERE user_id = ? AND idempotency_key = ?",
+                               (order.user_id, order.idempotency_key)).fetchone()
+            return _order(row), False
+
+        return await self._run(_create)
+
+    async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool:
+        sql = "UPDATE orders SET status = ?, updated_at = ? WHERE id = ?"
+        args: tuple[Any, ...] = (status, time.time(), order_id)
+        if only_from is not None:
+            sql += " AND status = ?"
+            args += (only_from,)
+        return await self._run(lambda c: c.execute(sql, args).rowcount == 1)
+
+    async def get_order(self, order_id: str) -> Order | None:
+        row = await self._run(lambda c: c.execute(_ORDER_SELECT + " WHERE id = ?", (order_id,)).fetchone())
+        return _order(row) if row else None
+
+    async def orders_with_status(self, status: str, limit: int = 1000) -> list[Order]:
+        rows = await self._run(lambda c: c.execute(
+            _ORDER_SELECT + " WHERE status = ? ORDER BY created_at LIMIT ?", (status, limit)).fetchall())
+        return [_order(r) for r in rows]
+
+    async def create_room(self, room: Room) -> None:
+        await self._run(lambda c: c.execute(
+            "INSERT INTO rooms (id, host_id, title, created_at, ended_at) VALUES (?,?,?,?,?)",
+            (room.id, room.host_id, room.title, room.created_at, room.ended_at)))
+
+    async def end_room(self, room_id: str, ended_at: float) -> None:
+        await self._run(lambda c: c.execute(
+            "UPDATE rooms SET ended_at = ? WHERE id = ? AND ended_at IS NULL", (ended_at, room_id)))
+
+    async def get_room(self, room_id: str) -> Room | None:
+        row = await self._run(lambda c: c.execute(
+            "SELECT id, host_id, title, created_at, ended_at FROM rooms WHERE id = ?", (room_id,)).fetchone())
+        return Room(*row) if row else None
+
+    async def settle(self, movements: list[Movement]) -> SettleResult:
+        return await self._run(lambda c: _settle(c, movements))
+
+    async def earnings(self, host_id: str) -> tuple[int, int]:
+        row = await self._run(lambda c: c.execute(
+            "SELECT diamond_units, gifts_received FROM host_earnings WHERE host_id = ?", (host_id,)).fetchone())
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def partition_totals(self, partition: int, max_seq: int) -> PartitionTotals:
+        row = await self._run(lambda c: c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
+            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0)"
+            " FROM movements WHERE part = ? AND seq <= ?", (partition, max_seq)).fetchone())
+        return PartitionTotals(int(row[0]), int(row[1]), int(row[2]))
+
+    async def settled_seqs(self, partition: int, seqs: list[int]) -> set[int]:
+        def _seqs(conn: sqlite3.Connection) -> set[int]:
+            found: set[int] = set()
+            for i in range(0, len(seqs), _CHUNK):
+                chunk = seqs[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in conn.execute(
+                    f"SELECT seq FROM movements WHERE part = ? AND seq IN ({marks})", (partition, *chunk)))
+            return found
+
+        return await self._run(_seqs)
+
+    async def diamond_figures(self) -> dict[str, int]:
+        def _figures(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.execute("BEGIN")  # one snapshot for all four figures
+            try:
+                gifts = conn.execute("SELECT COALESCE(SUM(diamond_units), 0), COUNT(*) FROM gifts").fetchone()
+                hosts = conn.execute(
+                    "SELECT COALESCE(SUM(diamond_units), 0), COALESCE(SUM(gifts_received), 0) FROM host_earnings"
+                ).fetchone()
+                ledger = conn.execute(
+                    "SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE unit = 'diamond_unit' AND account LIKE 'host:%'"
+                ).fetchone()
+                unbalanced = conn.execute(
+                    "SELECT COUNT(*) FROM (SELECT unit FROM ledger GROUP BY unit HAVING SUM(delta) <> 0)"
+                ).fetchone()
+            finally:
+                conn.execute("COMMIT")
+            return {"gift_diamond_units": int(gifts[0]), "gifts": int(gifts[1]),
+                    "host_diamond_units": int(hosts[0]), "host_gifts_received": int(hosts[1]),
+                    "ledger_host_diamond_units": int(ledger[0]), "unbalanced_units": int(unbalanced[0])}
+
+        return await self._run(_figures)
+
+    async def wallet_totals(self) -> dict[str, tuple[int, int]]:
+        rows = await self._run(lambda c: c.execute(
+            "SELECT user_id, COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
+            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0) FROM movements GROUP BY user_id").fetchall())
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method,"
+                 " status, created_at FROM orders")
+
+
+def _order(row: Any) -> Order:
+    return Order(*row)
+
+
+def _settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        seen: set[tuple[int, int]] = set()
+        by_part: dict[int, list[int]] = {}
+        for m in movements:
+            by_part.setdefault(m.partition, []).append(m.seq)
+        for part, seqs in by_part.items():
+            for i in range(0, len(seqs), _CHUNK):
+                chunk = seqs[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                seen.update((part, r[0]) for r in conn.execute(
+                    f"SELECT seq FROM movements WHERE part = ? AND seq IN ({marks})", (part, *chunk)))
+        fresh: list[Movement] = []
+        for m in movements:
+            key = (m.partition, m.seq)
+            if key not in seen:
+                seen.add(key)  # a movement delivered twice in one batch counts once
+                fresh.append(m)
+        b = rowbuild.build(fresh, time.time())
+        conn.executemany("INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
+                         " VALUES (?,?,?,?,?,?,?)", b.movements)
+        conn.executemany("INSERT INTO gifts (id, part, seq, sender_id, sender_name, host_id, room_id, gift, count,"
+                         " coins, share_bp, diamond_units, client_id, sent_at, settled_at)"
+                         " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", b.gifts)
+        conn.executemany("INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)", b.ledger)
+        conn.executemany(
+            "INSERT INTO host_earnings (host_id, diamond_units, gifts_received) VALUES (?,?,?)"
+            " ON CONFLICT (host_id) DO UPDATE SET diamond_units = diamond_units + excluded.diamond_units,"
+            " gifts_received = gifts_received + excluded.gifts_received",
+            [(h, v[0], v[1]) for h, v in b.hosts.items()])
+        now = time.time()
+        conn.executemany(
+            f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = ? WHERE id = ?"
+            f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')",
+            [(now, o) for o in b.credited_orders])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SettleResult(len(fresh), len(b.gifts), len(b.credited_orders), len(movements) - len(fresh))

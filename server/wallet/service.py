@@ -1,0 +1,106 @@
+"""Coin movements on the hot path: gift debits and credits, each one Lua script."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from server.batcher import ScriptBatcher
+from server.codes import Err, GiftstreamError
+from server.keys import UserKeys
+from server.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    gift_id: str
+    balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GiftOrder:
+    """Everything send_gift.lua needs to debit one gift."""
+
+    client_id: str
+    sender_id: str
+    sender_name: str
+    host_id: str
+    room_id: str
+    gift: str
+    count: int
+    unit_coins: int
+
+    @property
+    def coins(self) -> int:
+        return self.unit_coins * self.count
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.room_id}|{self.gift}|{self.count}"
+
+
+def month_of(ts: float | None = None) -> str:
+    return dt.datetime.fromtimestamp(ts if ts is not None else time.time(), dt.UTC).strftime("%Y-%m")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Wallet:
+    def __init__(self, redis: Redis, batcher: ScriptBatcher, settings: Settings) -> None:
+        self.redis = redis
+        self.batcher = batcher
+        self.settings = settings
+
+    def keys(self, user_id: str) -> UserKeys:
+        return UserKeys(user_id, self.settings.partitions)
+
+    async def send_gift(self, order: GiftOrder) -> Debit:
+        k = self.keys(order.sender_id)
+        now = time.time()
+        result = await self.batcher.call(
+            "send_gift",
+            [k.wallet, k.idempotency(order.client_id), k.totals, k.outbox],
+            [order.fingerprint, order.coins, month_of(now), self.settings.idempotency_ttl_s,
+             k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id,
+             order.gift, order.count, self.settings.host_share_bp, int(now * 1000), order.client_id],
+        )
+        status = _text(result[0])
+        if status != "ok":
+            code = Err(_text(result[1]))
+            raise GiftstreamError(code, _GIFT_MESSAGES.get(code))
+        return Debit(_text(result[1]), int(result[2]), bool(int(result[3])))
+
+    async def credit(self, user_id: str, order_id: str, coins: int, kind: str = "recharge") -> int:
+        """Credit a paid order exactly once; returns the balance after it."""
+        k = self.keys(user_id)
+        result = await self.batcher.call(
+            "credit",
+            [k.wallet, k.orders, k.totals, k.outbox],
+            [order_id, coins, kind, k.partition, user_id, int(time.time() * 1000)],
+        )
+        return int(result[1])
+
+    async def balance(self, user_id: str) -> dict[str, int]:
+        k = self.keys(user_id)
+        month = "m:" + month_of()
+        coins, spent, budget = await self.redis.hmget(k.wallet, ["coins", month, "budget"])
+        return {
+            "coins": int(coins or 0),
+            "month_spent": int(spent or 0),
+            "monthly_budget": int(budget) if budget is not None else None,  # type: ignore[dict-item]
+        }
+
+
+_GIFT_MESSAGES = {
+    Err.INSUFFICIENT_FUNDS: "not enough coins for this gift; recharge and retry with the same id",
+    Err.IDEMPOTENCY_CONFLICT: "this id was already used for a different gift or count",
+    Err.ACCOUNT_RESTRICTED: "this account cannot send gifts",
+    Err.BUDGET_EXCEEDED: "this gift would pass your monthly spending cap",
+}

@@ -1,0 +1,199 @@
+"""The room socket: join, gifts, resume. Reply errors keep the socket; close codes end it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from server import auth, protocol
+from server.codes import Close, Err, GiftstreamError
+from server.node import Node
+from server.ratelimit import TokenBucket
+from server.rooms.conn import Conn
+from server.rooms.state import RoomState
+from server.wallet.service import GiftOrder
+
+log = logging.getLogger("giftstream.ws")
+
+# Malformed frames in a row before the socket is closed with 4400.
+MAX_BAD_FRAMES = 20
+# Gifts of one socket waiting for their debit at once; more are refused with rate_limited.
+MAX_INFLIGHT_GIFTS = 256
+
+
+async def room_socket(websocket: WebSocket) -> None:
+    node: Node = websocket.app.state.node
+    room_id = websocket.path_params["room_id"]
+    offered = websocket.scope.get("subprotocols") or []
+    subprotocol = protocol.choose_subprotocol(offered)
+    await websocket.accept(subprotocol=subprotocol if subprotocol in offered else None)
+    try:
+        principal = auth.verify(node.settings.secret or "", websocket.query_params.get("token"))
+    except GiftstreamError as exc:
+        await websocket.close(Close.UNAUTHORIZED, exc.message)
+        return
+    if node.draining:
+        await websocket.close(Close.GOING_AWAY, "server restarting, reconnect")
+        return
+    state = await node.rooms.get(room_id)
+    if state is None or not state.live:
+        await websocket.close(Close.ROOM_NOT_FOUND, "room not found or not live")
+        return
+    conn = Conn(websocket, subprotocol, principal, room_id, node.settings.send_buffer_cap)
+    conn.bucket = TokenBucket(node.settings.gift_rate_per_s, node.settings.gift_burst)
+    conn.start()
+    session = Session(node, conn, state)
+    try:
+        await session.run()
+    finally:
+        await session.finish()
+
+
+class Session:
+    def __init__(self, node: Node, conn: Conn, state: RoomState) -> None:
+        self.node = node
+        self.conn = conn
+        self.state = state
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.joined = False
+
+    async def run(self) -> None:
+        node, conn = self.node, self.conn
+        await node.hub.join(conn)
+        self.joined = True
+        # Subscribed before reading the offset: nothing published after it can be missed.
+        offset = await node.rooms.current_offset(conn.room_id)
+        viewers = await node.presence.announce(conn.room_id)
+        state = await node.rooms.get(conn.room_id)
+        if state is None or not state.live:
+            await conn.close(Close.ROOM_NOT_FOUND, "room not found or not live")
+            return
+        self.state = state
+        conn.send_message({
+            "type": "welcome", "room": conn.room_id, "viewers": viewers, "offset": offset,
+            "epoch": state.epoch, "host": {"id": state.host_id, "name": state.host_name},
+            "you": {"id": conn.principal.user_id, "name": conn.principal.name, "role": conn.principal.role},
+        })
+        node.hub.release(conn, after=offset)
+        await self.receive_loop()
+
+    async def receive_loop(self) -> None:
+        bad = 0
+        ws = self.conn.ws
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                data = message.get("text")
+            if data is None:
+                continue
+            try:
+                msg = protocol.decode(data, self.conn.subprotocol)
+            except protocol.ProtocolError as exc:
+                bad += 1
+                self.reply_error(exc.code, exc.message, exc.msg_id)
+                if bad >= MAX_BAD_FRAMES:
+                    await self.conn.close(Close.PROTOCOL_VIOLATION, "too many malformed frames")
+                    return
+                continue
+            bad = 0
+            if isinstance(msg, protocol.Gift):
+                if len(self.tasks) >= MAX_INFLIGHT_GIFTS:
+                    self.reply_error(Err.RATE_LIMITED, "too many gifts in flight; retry later", msg.id)
+                    continue
+                task = asyncio.get_running_loop().create_task(self.gift(msg))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif isinstance(msg, protocol.Resume):
+                await self.resume(msg)
+            elif isinstance(msg, protocol.Ping):
+                self.conn.send_message({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
+
+    def reply_error(self, code: Err, message: str, msg_id: str | None) -> None:
+        self.conn.send_message(protocol.error(code, message, msg_id))
+
+    async def gift(self, msg: protocol.Gift) -> None:
+        try:
+            await self._gift(msg)
+        except GiftstreamError as exc:
+            self.reply_error(exc.code, exc.message, msg.id)
+        except Exception:
+            log.exception("gift %s failed", msg.id)
+            # Unknown outcome (e.g. Redis unreachable): retrying with the same id is safe.
+            self.reply_error(Err.UNAVAILABLE, "gift could not be confirmed; retry with the same id", msg.id)
+
+    async def _gift(self, msg: protocol.Gift) -> None:
+        node, conn, principal = self.node, self.conn, self.conn.principal
+        if node.draining:
+            raise GiftstreamError(Err.UNAVAILABLE, "server restarting; retry with the same id")
+        if not conn.bucket.take():
+            raise GiftstreamError(Err.RATE_LIMITED, "too many gifts; retry later with the same id")
+        item = node.catalog.gift(msg.gift)
+        if not 1 <= msg.count <= node.settings.max_gift_count:
+            raise GiftstreamError(Err.BAD_COUNT, f"count must be 1 to {node.settings.max_gift_count}")
+        local = node.hub.rooms.get(conn.room_id)
+        if local is None or local.ended:
+            raise GiftstreamError(Err.ROOM_NOT_LIVE, "this room is not live")
+        if not principal.is_adult():
+            raise GiftstreamError(Err.AGE_RESTRICTED, "you must be 18 or older to send gifts")
+        if principal.user_id == self.state.host_id:
+            raise GiftstreamError(Err.NOT_ALLOWED, "hosts cannot gift their own room")
+        order = GiftOrder(msg.id, principal.user_id, principal.name, self.state.host_id, conn.room_id,
+                          item.id, msg.count, item.coins)
+        debit = await node.wallet.send_gift(order)
+        conn.send_message({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
+                           "replayed": debit.replayed})
+        if not debit.replayed:
+            event = {"type": "gift", "gift_id": debit.gift_id,
+                     "from": {"id": principal.user_id, "name": principal.name},
+                     "gift": item.id, "count": msg.count, "coins": order.coins, "ts": int(time.time() * 1000)}
+            node.track(node.rooms.publish_gift(conn.room_id, event))
+
+    async def resume(self, msg: protocol.Resume) -> None:
+        node, conn = self.node, self.conn
+        protocol.parse_offset(msg.since)  # malformed -> bad_request
+        conn.ready = False  # hold live events while the gap is replayed
+        try:
+            state = await node.rooms.get(conn.room_id)
+            epoch_ok = state is not None and (msg.epoch is None or msg.epoch == state.epoch)
+            events: list[dict[str, Any]] = []
+            complete = False
+            if epoch_ok:
+                events, complete = await node.rooms.events_after(
+                    conn.room_id, msg.since, node.settings.resume_max_events)
+            if not complete:
+                offset = await node.rooms.current_offset(conn.room_id)
+                conn.send_message({
+                    "type": "resume_failed", "reason": "epoch_changed" if not epoch_ok else "too_old",
+                    "room": conn.room_id, "offset": offset, "epoch": state.epoch if state else None,
+                    "viewers": await node.presence.viewers(conn.room_id),
+                    "coins_total": state.coins_total if state else 0,
+                    "top_gifters": await node.rooms.leaderboard(conn.room_id),
+                })
+                node.hub.release(conn, after=offset)
+                return
+            for i in range(0, len(events), 500):
+                conn.send_message({"type": "events", "events": events[i : i + 500]})
+            node.hub.release(conn, after=events[-1]["offset"] if events else msg.since)
+        except BaseException:
+            conn.ready = True
+            raise
+
+    async def finish(self) -> None:
+        node, conn = self.node, self.conn
+        if self.tasks:
+            # Let gifts already sent to Redis finish, so their ack bookkeeping completes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait(list(self.tasks), timeout=10)
+        conn.closed = True
+        if self.joined:
+            await node.hub.leave(conn)
+            with contextlib.suppress(Exception):
+                await node.presence.announce(conn.room_id)
