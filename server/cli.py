@@ -44,6 +44,21 @@ def _with_redis(settings: Settings, start_if_missing: bool) -> tuple[Settings, e
     return settings.with_(redis_url=emb.url), emb
 
 
+class _RedactTokens(logging.Filter):
+    """uvicorn logs socket paths with their query string: keep tokens out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _redact(text: str) -> str:
+    import re
+
+    return re.sub(r"token=[^&\s\"]+", "token=<redacted>", text)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -67,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uvicorn.run("server.app:create_app_from_env", factory=True, workers=settings.workers, **common)
         else:
             app = create_app(settings, emb)
-            server = DrainingServer(uvicorn.Config(app, **common))
+            config = uvicorn.Config(app, **common)
+            logging.getLogger("uvicorn.error").addFilter(_RedactTokens())
+            server = DrainingServer(config)
             server.demo_settings = None if args.no_demo else settings
             server.run()
     finally:

@@ -111,6 +111,9 @@ class Node:
         await self.store.close()
         await self.redis.aclose()
         await self.redis_bin.aclose()
+        if self.embedded is not None:
+            # Here, not after uvicorn returns: uvicorn re-raises SIGTERM once it has shut down.
+            await asyncio.to_thread(self.embedded.stop)
 
     async def health(self) -> dict[str, Any]:
         from server.settlement.settler import outbox_lag

