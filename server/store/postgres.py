@@ -1,8 +1,8 @@
 """PostgreSQL backend (asyncpg): the same behaviour as SQLite, for several nodes and settlers.
 
-A batch settles in one transaction. Arrays go to the server as single binary parameters
-and are expanded with unnest(), so a batch of thousands of movements costs a handful of
-statements, not thousands of round trips.
+A batch settles in one transaction of a handful of statements, whatever its size: the
+movements go in as binary array parameters expanded by unnest() (ON CONFLICT tells which
+are new), the gift and ledger rows of the new ones by binary COPY.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -44,17 +43,12 @@ _INSERT_MOVEMENTS = (
     "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
     " SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
     " $7::float8[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
-# No ON CONFLICT on gifts and ledger: they are keyed by the movement just inserted, so a conflict
-# means the ledger is inconsistent, and that must fail loudly (as SQLite does), not be skipped.
-_INSERT_GIFTS = (
-    "INSERT INTO gifts (id, part, seq, sender_id, sender_name, host_id, room_id, gift, count, coins,"
-    " share_bp, diamond_units, client_id, sent_at, settled_at)"
-    " SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],"
-    " $8::text[], $9::int[], $10::bigint[], $11::int[], $12::bigint[], $13::text[], $14::float8[],"
-    " $15::float8[])")
-_INSERT_LEDGER = (
-    "INSERT INTO ledger (part, seq, leg, account, unit, delta)"
-    " SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::bigint[])")
+# Gifts and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
+# keyed by movements inserted just now, so no conflict is possible; if one happens the ledger
+# is inconsistent, and COPY fails the batch loudly (as SQLite does) instead of skipping rows.
+_GIFT_COLUMNS = ["id", "part", "seq", "sender_id", "sender_name", "host_id", "room_id", "gift", "count", "coins",
+                 "share_bp", "diamond_units", "client_id", "sent_at", "settled_at"]
+_LEDGER_COLUMNS = ["part", "seq", "leg", "account", "unit", "delta"]
 _UPSERT_HOSTS = (
     "INSERT INTO host_earnings (host_id, diamond_units, gifts_received)"
     " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])"
@@ -63,13 +57,6 @@ _UPSERT_HOSTS = (
 _CREDIT_ORDERS = (
     f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = $1 WHERE id = ANY($2::text[])"
     f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
-
-
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Row tuples -> one list per column, the shape unnest() takes."""
-    if not rows:
-        return [[] for _ in range(width)]
-    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def _affected(status: str) -> int:
@@ -231,9 +218,9 @@ class PostgresStore:
     async def _insert_rows(conn: asyncpg.Connection, b: rowbuild.BatchRows) -> None:
         """Gifts, ledger, host credit and credited orders for movements inserted just now."""
         if b.gifts:
-            await conn.execute(_INSERT_GIFTS, *_columns(b.gifts, 15))
+            await conn.copy_records_to_table("gifts", records=b.gifts, columns=_GIFT_COLUMNS)
         if b.ledger:
-            await conn.execute(_INSERT_LEDGER, *_columns(b.ledger, 6))
+            await conn.copy_records_to_table("ledger", records=b.ledger, columns=_LEDGER_COLUMNS)
         if b.hosts:
             hosts = sorted(b.hosts)  # one lock order for every settler
             await conn.execute(_UPSERT_HOSTS, hosts, [b.hosts[h][0] for h in hosts], [b.hosts[h][1] for h in hosts])

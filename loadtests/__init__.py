@@ -1,0 +1,1 @@
+"""Load tests: the headless storm runner, its ceilings, and a locustfile."""

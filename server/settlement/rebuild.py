@@ -1,0 +1,193 @@
+"""Disaster recovery: recompute every Redis wallet from the SQL ledger plus the unsettled outbox.
+
+A wallet's coins, credited and spent follow from its movements: the settled ones are in
+SQL, the rest still in its partition's outbox (the same union `audit` checks). Other
+wallet fields (budget, restriction, monthly spend, gift count) and idempotency keys are
+left alone.
+
+Run it with gift traffic stopped. It is still safe if traffic is not: each partition is
+written in one MULTI guarded by WATCH on the partition totals, which every movement bumps,
+so a partition that moved after it was read is skipped and reported, never overwritten with
+stale figures. The settler may keep running (see `_settled_stable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from server.keys import UserKeys, outbox_key, totals_key, user_from_wallet_key, wallet_pattern
+from server.store.base import Store
+
+FIELDS = ("coins", "credited", "spent")
+PAGE = 5000
+STABLE_ATTEMPTS = 20
+# Changed wallets listed one by one in the report; the counts always cover all of them.
+REPORT_CHANGES = 100
+
+
+@dataclass
+class _Partition:
+    """What Redis held for one partition at one instant: its sequence number and outbox."""
+
+    seq: int
+    # seq -> (kind 'c'|'g', user, coins) for every outbox entry up to the snapshot
+    pending: dict[int, tuple[str, str, int]] = field(default_factory=dict)
+    wallet_users: set[str] = field(default_factory=set)
+
+
+async def _snapshot(redis: Redis, p: int) -> _Partition:
+    # Totals and the outbox's last id in one transaction: every entry up to that id has a seq at
+    # or below the snapshot's, and the settler only deletes entries after they commit to SQL.
+    pipe = redis.pipeline(transaction=True)
+    pipe.hget(totals_key(p), "seq")
+    pipe.xrevrange(outbox_key(p), count=1)
+    seq, last = await pipe.execute()
+    part = _Partition(seq=int(seq or 0))
+    if last:
+        start, end = "-", last[0][0]
+        while True:
+            page = await redis.xrange(outbox_key(p), min=start, max=end, count=PAGE)
+            for _mid, f in page:
+                if f:
+                    part.pending[int(f["seq"])] = (f["k"], f["uid"], int(f["c"]))
+            if len(page) < PAGE:
+                break
+            start = "(" + page[-1][0]
+    async for key in redis.scan_iter(match=wallet_pattern(p), count=1000):
+        part.wallet_users.add(user_from_wallet_key(key))
+    return part
+
+
+async def _settled(store: Store, parts: dict[int, _Partition]) -> dict[int, set[int]]:
+    return {p: await store.settled_seqs(p, sorted(part.pending)) for p, part in parts.items()}
+
+
+async def _settled_stable(store: Store, parts: dict[int, _Partition]
+                          ) -> tuple[dict[str, tuple[int, int]], dict[int, set[int]]]:
+    """SQL wallet totals and which outbox entries they include, from a consistent view.
+
+    The two reads are separate queries. An entry the settler commits between them would be
+    counted twice or not at all, so read "settled" on both sides of the totals and accept only
+    when nothing moved; the entries are a fixed set, so a running settler soon finishes them.
+    """
+    before = await _settled(store, parts)
+    for _ in range(STABLE_ATTEMPTS):
+        totals = await store.wallet_totals()
+        after = await _settled(store, parts)
+        if after == before:
+            return totals, after
+        before = after
+    raise RuntimeError("the outbox kept being settled during the rebuild; stop the settler and retry")
+
+
+def _expected(parts: dict[int, _Partition], totals: dict[str, tuple[int, int]], settled: dict[int, set[int]],
+              partitions: int) -> dict[int, dict[str, tuple[int, int]]]:
+    """partition -> user -> (credited, spent) that its wallet must show."""
+    # A wallet with no movement at all (say, only a budget set) must show zero coins.
+    out: dict[int, dict[str, tuple[int, int]]] = {
+        p: dict.fromkeys(part.wallet_users, (0, 0)) for p, part in parts.items()}
+
+    def add(p: int, user: str, credited: int, spent: int) -> None:
+        c, s = out[p].get(user, (0, 0))
+        out[p][user] = (c + credited, s + spent)
+
+    for user, (credited, spent) in totals.items():
+        add(UserKeys(user, partitions).partition, user, credited, spent)
+    for p, part in parts.items():
+        for seq, (kind, user, coins) in part.pending.items():
+            if seq not in settled[p]:
+                add(p, user, coins if kind == "c" else 0, coins if kind == "g" else 0)
+    return out
+
+
+def _as_int(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+async def _current(redis: Redis, partitions: int, users: list[str]) -> list[tuple[int | None, ...]]:
+    pipe = redis.pipeline(transaction=False)
+    for user in users:
+        pipe.hmget(UserKeys(user, partitions).wallet, list(FIELDS))
+    return [tuple(_as_int(v) for v in row) for row in await pipe.execute()]
+
+
+async def _write_partition(redis: Redis, p: int, seq: int, writes: dict[str, dict[str, int]]) -> bool:
+    """Write the wallets unless the partition moved since its snapshot; False when it did."""
+    async with redis.pipeline(transaction=True) as pipe:
+        try:
+            await pipe.watch(totals_key(p))
+            if int(await pipe.hget(totals_key(p), "seq") or 0) != seq:
+                return False
+            pipe.multi()
+            for key, mapping in writes.items():
+                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            await pipe.execute()
+        except WatchError:
+            return False
+    return True
+
+
+async def _rebuild_partition(redis: Redis, p: int, part: _Partition, expected: dict[str, tuple[int, int]],
+                             partitions: int, dry_run: bool, report: dict[str, Any]) -> None:
+    users = sorted(expected)
+    current = await _current(redis, partitions, users)
+    writes: dict[str, dict[str, int]] = {}
+    for user, before in zip(users, current, strict=True):
+        credited, spent = expected[user]
+        after = (credited - spent, credited, spent)
+        report["coins"] += after[0]
+        report["credited"] += credited
+        report["spent"] += spent
+        if before == after:
+            continue
+        writes[UserKeys(user, partitions).wallet] = dict(zip(FIELDS, after, strict=True))
+        if len(report["changes"]) < REPORT_CHANGES:
+            report["changes"].append({"user": user, "before": dict(zip(FIELDS, before, strict=True)),
+                                      "after": dict(zip(FIELDS, after, strict=True))})
+    report["users"] += len(users)
+    if dry_run or not writes:
+        report["changed"] += len(writes)
+        return
+    if await _write_partition(redis, p, part.seq, writes):
+        report["changed"] += len(writes)
+    else:
+        report["skipped_partitions"].append(p)
+
+
+async def _totals_behind(store: Store, p: int, part: _Partition) -> dict[str, int] | None:
+    """A partition whose Redis sequence is below what SQL settled would reuse settled numbers:
+    the settler would drop those new movements as duplicates. Rebuilding wallets cannot fix
+    that, so say so loudly."""
+    settled = await store.partition_totals(p, 2**62)
+    if settled.count > part.seq:
+        return {"partition": p, "redis_seq": part.seq, "settled_movements": settled.count}
+    return None
+
+
+async def rebuild_wallets(redis: Redis, store: Store, partitions: int, *, dry_run: bool = False) -> dict[str, Any]:
+    """Set every wallet's coins/credited/spent to what the ledger and the outbox say.
+
+    Returns the figures: users examined, wallets changed (or that would change, on a dry
+    run), the rebuilt sums, up to REPORT_CHANGES before/after pairs, and any partition that
+    moved during the rebuild (`skipped_partitions`, not written: run again) or whose Redis
+    sequence number is behind SQL (`totals_behind`). `ok` is False when either list is non-empty.
+    """
+    parts = {p: await _snapshot(redis, p) for p in range(partitions)}
+    totals, settled = await _settled_stable(store, parts)
+    expected = _expected(parts, totals, settled, partitions)
+    report: dict[str, Any] = {
+        "dry_run": dry_run, "users": 0, "changed": 0, "coins": 0, "credited": 0, "spent": 0,
+        "unsettled_movements": sum(len(part.pending) - len(settled[p]) for p, part in parts.items()),
+        "skipped_partitions": [], "totals_behind": [], "changes": [],
+    }
+    for p, part in parts.items():
+        await _rebuild_partition(redis, p, part, expected.get(p, {}), partitions, dry_run, report)
+        behind = await _totals_behind(store, p, part)
+        if behind is not None:
+            report["totals_behind"].append(behind)
+    report["ok"] = not report["skipped_partitions"] and not report["totals_behind"]
+    return report

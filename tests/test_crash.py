@@ -1,0 +1,122 @@
+"""Restarts and crashes on the embedded defaults: nothing acknowledged is ever lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import websockets
+
+from tests.support import Api, ServerProc, join, run_cli, token, wait_until
+
+
+def _valkey_pid(data_dir: Path) -> int:
+    return int(json.loads((data_dir / "valkey.json").read_text())["pid"])
+
+
+async def test_restart_keeps_balances_and_settles_leftover_outbox(make_server: Callable[..., ServerProc],
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    # First run without a settler: every gift stays in the outbox.
+    first = make_server(data, env={"GIFTSTREAM_SETTLER": "0"}).start()
+    host, v = Api(first, token("h", "host")), Api(first, token("v"))
+    await v.recharge(coins=500)
+    room = await host.create_room()
+    async with join(first, room, v.token) as c:
+        for i in range(40):
+            await c.gift(f"r{i}", "panda", 1)
+        acks = [await c.reply(f"r{i}") for i in range(40)]
+    assert all(a["type"] == "ack" for a in acks)
+    assert (await host.earnings())["gifts_received"] == 0
+    await host.close(), await v.close()
+    assert first.terminate() in (0, -signal.SIGTERM)
+    assert not (data / "valkey.json").exists(), "serve must stop its embedded valkey on SIGTERM"
+
+    second = make_server(data, port=first.port).start()
+    host, v = Api(second, token("h", "host")), Api(second, token("v"))
+    assert (await v.wallet())["coins"] == 300
+    await wait_until(lambda: _received(host, 40), timeout=20)
+    assert (await host.earnings())["diamond_units"] == 40 * 5 * 5000
+    await host.close(), await v.close()
+    result = run_cli("audit", "--data-dir", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def _received(host: Api, n: int) -> bool:
+    return (await host.earnings())["gifts_received"] >= n
+
+
+async def test_kill9_mid_storm_then_retry_charges_exactly_once(make_server: Callable[..., ServerProc],
+                                                               tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    # A storm, not a person: lift the per-socket gift rate limit for this run.
+    storm_env = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000"}
+    server = make_server(data, env=storm_env).start()
+    valkey_before = _valkey_pid(data)
+    host = Api(server, token("hk", "host"))
+    room = await host.create_room()
+    senders = [f"k{i}" for i in range(6)]
+    for s in senders:
+        await Api(server, token(s)).recharge(coins=2000, key="first")
+    plan = {s: [f"{s}-{i}" for i in range(300)] for s in senders}
+    acked: dict[str, dict[str, str]] = {s: {} for s in senders}
+
+    async def storm(sender: str) -> None:
+        try:
+            async with join(server, room, token(sender)) as c:
+                async def read_acks() -> None:
+                    while True:
+                        msg = await c.recv(10)
+                        if msg["type"] == "ack":
+                            acked[sender][msg["id"]] = msg["gift_id"]
+
+                reader = asyncio.create_task(read_acks())
+                for gid in plan[sender]:
+                    await c.gift(gid, "rose", 2)
+                    await asyncio.sleep(0.003)  # pacing, so the kill lands mid-storm
+                await reader
+        except (websockets.ConnectionClosed, OSError, TimeoutError):
+            pass
+
+    tasks = [asyncio.create_task(storm(s)) for s in senders]
+    await wait_until(lambda: sum(len(a) for a in acked.values()) >= 300, timeout=30, interval=0.01)
+    server.kill9()
+    await asyncio.gather(*tasks)
+    total_acked_before = sum(len(a) for a in acked.values())
+    assert 0 < total_acked_before < 1800, "the kill must land mid-storm"
+    assert _alive(valkey_before), "the killed serve leaves its valkey running"
+
+    # Restart on the same data dir: the orphaned valkey must not block it.
+    server = make_server(data, port=server.port, env=storm_env).start()
+    for sender in senders:  # clients retry every gift, acknowledged or not, with the same ids
+        async with join(server, room, token(sender)) as c:
+            for gid in plan[sender]:
+                await c.gift(gid, "rose", 2)
+                reply = await c.reply(gid)
+                assert reply["type"] == "ack", reply
+                if gid in acked[sender]:
+                    assert reply["gift_id"] == acked[sender][gid], "an acknowledged gift changed identity"
+                    assert reply["replayed"] is True
+                await asyncio.sleep(0)
+    for sender in senders:
+        wallet = await Api(server, token(sender)).wallet()
+        assert wallet["coins"] == 2000 - 300 * 2, (sender, wallet)
+    await wait_until(lambda: _received(host, 1800), timeout=30)
+    earnings = await host.earnings()
+    assert earnings["gifts_received"] == 1800
+    assert earnings["diamond_units"] == 1800 * 2 * 5000
+    result = run_cli("audit", "--json", "--data-dir", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["totals"]["movements"] == 6 + 1800
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
