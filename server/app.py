@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -16,6 +17,7 @@ from server.codes import Err, GiftstreamError
 from server.embedded import Embedded
 from server.node import Node
 from server.settings import Settings, from_env
+from server.transport_probe import TransportProbe
 from server.ws import room_socket
 
 log = logging.getLogger("giftstream.app")
@@ -58,6 +60,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(TransportProbe)],
         exception_handlers={GiftstreamError: _giftstream_error, Exception: _unexpected},
     )
     app.state.node = node

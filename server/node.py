@@ -88,8 +88,13 @@ class Node:
         """Post-ack bookkeeping (room publish) that must finish even if its socket goes away."""
         task = asyncio.get_running_loop().create_task(coro)
         self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
+        task.add_done_callback(self._tracked_done)
         return task
+
+    def _tracked_done(self, task: asyncio.Task[Any]) -> None:
+        self.inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("post-ack task failed", exc_info=task.exception())
 
     async def drain(self) -> None:
         """SIGTERM: stop taking gifts, finish in-flight debits and publishes, close sockets with 1001."""

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 from server.auth import Principal
 from server.codes import Close
 from server.rooms.frames import OutFrame
+from server.transport_probe import SCOPE_KEY
 
 log = logging.getLogger("giftstream.conn")
 
@@ -27,12 +28,9 @@ CLOSE_GRACE_S = 2.0
 
 
 def _uvicorn_protocol(websocket: WebSocket) -> Any | None:
-    """The uvicorn websockets-sansio protocol behind this ASGI send, if that is what runs us."""
-    send = getattr(websocket, "_send", None)
-    proto = getattr(send, "__self__", None)
-    if proto is None or type(proto).__name__ != "WebSocketsSansIOProtocol":
-        return None
-    if not hasattr(proto, "transport") or not hasattr(proto, "conn"):
+    """The uvicorn websockets-sansio protocol behind this socket, if that is what runs us."""
+    proto = websocket.scope.get(SCOPE_KEY)
+    if proto is None or not hasattr(proto, "transport") or not hasattr(proto, "conn"):
         return None
     return proto
 

@@ -1,0 +1,252 @@
+"""Room fan-out: resume, coalescing, combos, presence, slow consumers, two nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import base64
+import os
+from collections.abc import Callable
+
+import msgpack
+import pytest
+import websockets
+
+from tests.support import Api, ServerProc, join, token, wait_until
+
+FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000",
+        "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2"}
+
+
+@pytest.fixture
+def fast_server(make_server: Callable[..., ServerProc], redis_url: str) -> ServerProc:
+    return make_server(redis_url=redis_url, env=FAST).start()
+
+
+async def _setup(server: ServerProc, host_id: str, *senders: str, coins: int = 5000) -> str:
+    host = Api(server, token(host_id, "host"))
+    room = await host.create_room()
+    await host.close()
+    for s in senders:
+        api = Api(server, token(s))
+        assert (await api.recharge(coins=coins)).status_code == 201
+        await api.close()
+    return room
+
+
+async def _send_all(client, ids: list[str], gift: str = "rose") -> list[dict]:  # type: ignore[no-untyped-def]
+    """Send in windows of 200 (a socket may have 256 gifts in flight); all must be acked."""
+    replies = []
+    for i in range(0, len(ids), 200):
+        window = ids[i : i + 200]
+        for gid in window:
+            await client.gift(gid, gift)
+        replies += [await client.reply(gid) for gid in window]
+    assert all(r["type"] == "ack" for r in replies), [r for r in replies if r["type"] != "ack"][:3]
+    return replies
+
+
+async def test_resume_returns_exactly_the_missed_events_in_order(fast_server: ServerProc) -> None:
+    room = await _setup(fast_server, "rh", "ra")
+    async with join(fast_server, room, token("ra")) as sender, join(fast_server, room, token("rw")) as watcher:
+        await _send_all(sender, [f"a{i}" for i in range(5)])
+        seen = await watcher.wait_events(5)
+        last = seen[-1]["offset"]
+        epoch = watcher.welcome["epoch"]
+    # the watcher is away while 30 more gifts happen
+    async with join(fast_server, room, token("ra")) as sender:
+        missed = await _send_all(sender, [f"b{i}" for i in range(30)])
+    async with join(fast_server, room, token("rw")) as watcher:
+        await watcher.send({"type": "resume", "since": last, "epoch": epoch})
+        events = await watcher.wait_events(30)
+        await watcher.drain(0.3)
+        gifts = [e for e in watcher.events if e["type"] == "gift"]
+    assert sorted(e["gift_id"] for e in gifts) == sorted(m["gift_id"] for m in missed)
+    offsets = [e["offset"] for e in gifts]
+    assert offsets == sorted(offsets, key=lambda o: tuple(map(int, o.split("-"))))
+    assert len(set(offsets)) == 30 and events
+
+
+async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable[..., ServerProc],
+                                                           redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_RESUME_MAX_EVENTS": "20"}).start()
+    room = await _setup(server, "oh", "oa")
+    async with join(server, room, token("ow")) as w:
+        start, epoch = w.welcome["offset"], w.welcome["epoch"]
+        await w.send({"type": "resume", "since": start, "epoch": "not-the-epoch"})
+        failed = await _next_of(w, "resume_failed")
+        assert failed["reason"] == "epoch_changed" and failed["epoch"] == epoch
+    async with join(server, room, token("oa")) as sender:
+        # 400 events into a stream capped near 20: the start is long gone
+        await _send_all(sender, [f"o{i}" for i in range(400)])
+    info = Api(server, token("ow"))
+
+    async def all_published() -> bool:
+        return (await info.client.get(f"/v1/rooms/{room}")).json()["coins_total"] == 400
+
+    await wait_until(all_published)
+    await info.close()
+    async with join(server, room, token("ow")) as w:
+        await w.send({"type": "resume", "since": start, "epoch": epoch})
+        failed = await _next_of(w, "resume_failed")
+        assert failed["reason"] == "too_old" and failed["coins_total"] == 400
+        assert failed["top_gifters"][0]["id"] == "oa"
+        # live events keep flowing after a failed resume
+        async with join(server, room, token("oa")) as sender:
+            await _send_all(sender, ["live-1"])
+        [event] = await w.wait_events(1)
+        assert event["offset"] > failed["offset"]
+
+
+async def _next_of(client, kind: str) -> dict:  # type: ignore[no-untyped-def]
+    while True:
+        msg = await client.recv()
+        if msg["type"] == kind:
+            return msg
+
+
+async def test_coalesced_frames_carry_every_event_once_and_combos_count(fast_server: ServerProc) -> None:
+    room = await _setup(fast_server, "ch", "c1", "c2")
+    async with join(fast_server, room, token("cw")) as w, join(fast_server, room, token("c1")) as a, \
+            join(fast_server, room, token("c2")) as b:
+        frames: list[int] = []
+        orig = w.recv
+
+        async def counting_recv(timeout: float = 10.0) -> dict:  # type: ignore[type-arg]
+            msg = await orig(timeout)
+            if msg["type"] == "events":
+                frames.append(len(msg["events"]))
+            return msg
+
+        w.recv = counting_recv  # type: ignore[method-assign]
+        ra, rb = await asyncio.gather(_send_all(a, [f"x{i}" for i in range(150)]),
+                                      _send_all(b, [f"y{i}" for i in range(150)], "panda"))
+        gifts = await w.wait_events(300)
+        await w.drain(0.3)
+    gifts = [e for e in w.events if e["type"] == "gift"]
+    acked = {r["gift_id"] for r in ra + rb}
+    assert len(gifts) == 300 and {e["gift_id"] for e in gifts} == acked
+    assert max(frames) > 1, "a storm of 300 gifts must coalesce into multi-event frames"
+    # combos: each sender's streak counts 1..150 in order
+    for sender, gift in (("c1", "rose"), ("c2", "panda")):
+        combos = [e["combo"] for e in gifts if e["from"]["id"] == sender]
+        assert combos == list(range(1, 151)), (sender, combos[:10])
+        assert all(e["gift"] == gift for e in gifts if e["from"]["id"] == sender)
+
+
+async def test_combo_resets_after_window(make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_COMBO_WINDOW_S": "0.3"}).start()
+    room = await _setup(server, "wh", "wa")
+    async with join(server, room, token("wa")) as a:
+        await _send_all(a, ["w1", "w2"])
+        await asyncio.sleep(0.6)
+        await _send_all(a, ["w3"])
+        await _send_all(a, ["w4"], gift="panda")
+        gifts = await a.wait_events(4)
+    assert [e["combo"] for e in gifts] == [1, 2, 1, 1]
+
+
+async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
+        make_server: Callable[..., ServerProc], redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    node_a = make_server(tmp_path / "a", redis_url=redis_url, env=FAST).start()
+    node_b = make_server(tmp_path / "b", redis_url=redis_url, env=FAST,
+                         database_url=f"sqlite:///{tmp_path / 'a' / 'giftstream.sqlite3'}").start()
+    room = await _setup(node_a, "nh", "na")
+    async with join(node_a, room, token("na")) as a, join(node_b, room, token("nb1")) as b1, \
+            join(node_b, room, token("nb2")) as b2:
+        await wait_until(lambda: _presence_seen(b1, 3), timeout=10)
+        info = (await Api(node_b, token("nb1")).client.get(f"/v1/rooms/{room}")).json()
+        assert info["viewers"] == 3
+        replies = await _send_all(a, [f"n{i}" for i in range(20)])
+        for client in (b1, b2):
+            gifts = await client.wait_events(20)
+            assert sorted(g["gift_id"] for g in gifts) == sorted(r["gift_id"] for r in replies)
+        # leaderboard pushed to node B's sockets too
+        await wait_until(lambda: _leaderboard_seen(b1, "na"), timeout=10)
+        last = [e for e in b1.events if e["type"] == "gift"][-1]["offset"]
+        epoch = b1.welcome["epoch"]
+        await b1.ws.close()
+        # a gap made on node A, resumed on node B
+        missed = await _send_all(a, [f"m{i}" for i in range(10)])
+        async with join(node_b, room, token("nb1")) as again:
+            await again.send({"type": "resume", "since": last, "epoch": epoch})
+            got = await again.wait_events(10)
+            await again.drain(0.3)
+            got = [e for e in again.events if e["type"] == "gift"]
+        assert sorted(e["gift_id"] for e in got) == sorted(r["gift_id"] for r in missed)
+
+
+def _presence_seen(client, n: int):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        try:
+            await client.recv(0.2)
+        except TimeoutError:
+            pass
+        return any(e["type"] == "presence" and e["viewers"] == n for e in client.events)
+    return check()
+
+
+def _leaderboard_seen(client, user: str):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        try:
+            await client.recv(0.2)
+        except TimeoutError:
+            pass
+        return any(e["type"] == "leaderboard" and e["top"] and e["top"][0]["id"] == user for e in client.events)
+    return check()
+
+
+def _raw_ws_connect(port: int, path: str) -> socket.socket:
+    """A viewer that completes the handshake and then never reads: a stalled consumer."""
+    sock = socket.socket()
+    # a tiny receive window, set before connecting, so the server's buffers fill quickly
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head
+    return sock
+
+
+def _client_frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return struct.pack("!BB", 0x82, 0x80 | len(payload)) + mask + masked
+
+
+async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
+        make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_SEND_BUFFER_CAP": "32768"}).start()
+    room = await _setup(server, "sh", "sa", coins=100_000)
+    stalled = _raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('stall')}")
+    try:
+        async with join(server, room, token("sw")) as w, join(server, room, token("sa")) as a:
+            ids = [f"s{i}" for i in range(2000)]
+            await _send_all(a, ids)
+            gifts = await w.wait_events(2000, timeout=30)
+            assert len({g["gift_id"] for g in gifts}) == 2000
+            # The stalled viewer asks for the whole history again and again (about 350 KB each)
+            # while reading nothing: far past the kernel buffers and the 32 KiB cap.
+            for _ in range(30):
+                stalled.sendall(_client_frame(msgpack.packb({"type": "resume", "since": "0-0"})))
+            await _send_all(a, ["after-stall"])
+            await w.wait_events(2001, timeout=30)
+        # the stalled socket's data ends with a close frame carrying 4008
+        stalled.settimeout(5)
+        data = b""
+        try:
+            while True:
+                chunk = stalled.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        assert struct.pack("!BBH", 0x88, 2 + len(b"slow consumer, resume"), 4008) in data
+    finally:
+        stalled.close()
