@@ -38,6 +38,9 @@ class Settings:
     resume_max_age_s: int = 120
     # Unsent bytes a socket may hold before it is closed as a slow consumer.
     send_buffer_cap: int = 1 << 20
+    # Kernel send buffer per room socket (SO_SNDBUF); 0 keeps the kernel's autotuning. A small
+    # value bounds kernel memory per viewer and makes stalls visible to send_buffer_cap sooner.
+    socket_sndbuf: int = 0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     gift_rate_per_s: float = 20.0
@@ -68,7 +71,7 @@ class Settings:
 
 
 _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
-        "send_buffer_cap", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
+        "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
         "settle_batch", "settle_claim_idle_ms", "token_ttl_s"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s"}

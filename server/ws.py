@@ -15,6 +15,7 @@ from server.codes import Close, Err, GiftstreamError
 from server.node import Node
 from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
+from server.rooms.hub import offset_after
 from server.rooms.state import RoomState
 from server.wallet.service import GiftOrder
 
@@ -45,6 +46,8 @@ async def room_socket(websocket: WebSocket) -> None:
         await websocket.close(Close.ROOM_NOT_FOUND, "room not found or not live")
         return
     conn = Conn(websocket, subprotocol, principal, room_id, node.settings.send_buffer_cap)
+    if node.settings.socket_sndbuf:
+        conn.set_kernel_sndbuf(node.settings.socket_sndbuf)
     conn.bucket = TokenBucket(node.settings.gift_rate_per_s, node.settings.gift_burst)
     conn.start()
     session = Session(node, conn, state)
@@ -52,6 +55,11 @@ async def room_socket(websocket: WebSocket) -> None:
         await session.run()
     finally:
         await session.finish()
+
+
+def _delivered(conn: Conn, offset: str) -> bool:
+    """Was this event already sent live on this socket (after its welcome)?"""
+    return offset_after(offset, conn.live_from) and not offset_after(offset, conn.last_offset)
 
 
 class Session:
@@ -79,6 +87,7 @@ class Session:
             "epoch": state.epoch, "host": {"id": state.host_id, "name": state.host_name},
             "you": {"id": conn.principal.user_id, "name": conn.principal.name, "role": conn.principal.role},
         })
+        conn.live_from = conn.last_offset = offset
         node.hub.release(conn, after=offset)
         await self.receive_loop()
 
@@ -179,9 +188,16 @@ class Session:
                 })
                 node.hub.release(conn, after=offset)
                 return
+            events = [e for e in events if not _delivered(conn, e["offset"])]
             for i in range(0, len(events), 500):
                 conn.send_message({"type": "events", "events": events[i : i + 500]})
-            node.hub.release(conn, after=events[-1]["offset"] if events else msg.since)
+            last = conn.last_offset
+            if events and offset_after(events[-1]["offset"], last):
+                last = events[-1]["offset"]
+            if not offset_after(msg.since, conn.live_from):
+                conn.live_from = msg.since
+            conn.last_offset = last
+            node.hub.release(conn, after=last)
         except BaseException:
             conn.ready = True
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from typing import Any
 
@@ -38,7 +39,7 @@ def _uvicorn_protocol(websocket: WebSocket) -> Any | None:
 class Conn:
     __slots__ = ("ws", "subprotocol", "principal", "room_id", "cap", "_proto", "_transport", "_queue",
                  "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",
-                 "last_offset", "bucket", "__weakref__")
+                 "last_offset", "live_from", "bucket", "__weakref__")
 
     def __init__(self, ws: WebSocket, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
         self.ws = ws
@@ -57,8 +58,16 @@ class Conn:
         # False while joining or resuming: room events are held, then released in order.
         self.ready = False
         self.held: list[dict[str, Any]] = []
+        # Events in (live_from, last_offset] were delivered on this socket: a resume skips them.
+        self.live_from: str | None = None
         self.last_offset: str | None = None
         self.bucket: Any = None
+
+    def set_kernel_sndbuf(self, size: int) -> None:
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     @property
     def direct(self) -> bool:
