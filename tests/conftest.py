@@ -70,3 +70,32 @@ async def api(server: ServerProc) -> AsyncIterator[Callable[..., Api]]:
     yield make
     for c in clients:
         await c.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty ledger database of each backend (PostgreSQL: a new database per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        return
+    admin = os.environ.get(PG_ENV)
+    if not admin:
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = "gs_" + uuid.uuid4().hex[:12]
+
+    async def admin_exec(sql: str) -> None:
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin_exec(f"CREATE DATABASE {name}"))
+    base, _, _ = admin.rpartition("/")
+    yield f"{base}/{name}"
+    asyncio.run(admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

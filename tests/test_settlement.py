@@ -1,0 +1,105 @@
+"""Settlement against both ledgers: standalone settlers, a settler killed mid-batch, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support import ROOT, SECRET, Api, ServerProc, join, run_cli, token, wait_until
+
+FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000"}
+
+
+def _settler(redis_url: str, database_url: str, data_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "GIFTSTREAM_SECRET": SECRET, "GIFTSTREAM_SETTLE_CLAIM_IDLE_MS": "1500",
+           "GIFTSTREAM_SETTLE_BATCH": "200"}
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "settle", "--redis-url", redis_url,
+                             "--database-url", database_url, "--data-dir", str(data_dir), "--consumer", name],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _storm(server: ServerProc, room: str, senders: list[str], per_sender: int) -> int:
+    async def one(sender: str) -> int:
+        async with join(server, room, token(sender)) as c:
+            acked = 0
+            for start in range(0, per_sender, 200):
+                ids = [f"{sender}-{i}" for i in range(start, min(per_sender, start + 200))]
+                for gid in ids:
+                    await c.gift(gid, "rose", 1)
+                for gid in ids:
+                    acked += (await c.reply(gid))["type"] == "ack"
+            return acked
+
+    return sum(await asyncio.gather(*(one(s) for s in senders)))
+
+
+async def _earnings(server: ServerProc, host: str) -> dict:  # type: ignore[type-arg]
+    api = Api(server, token(host, "host"))
+    try:
+        return await api.earnings()
+    finally:
+        await api.close()
+
+
+async def test_killed_settler_loses_and_duplicates_nothing(make_server: Callable[..., ServerProc], redis_url: str,
+                                                           database_url: str, tmp_path: Path) -> None:
+    # The gateway settles nothing itself: two standalone settlers share the work.
+    server = make_server(redis_url=redis_url, database_url=database_url,
+                         env={**FAST, "GIFTSTREAM_SETTLER": "0"}).start()
+    host = Api(server, token("sh", "host"))
+    room = await host.create_room()
+    senders = [f"ss{i}" for i in range(4)]
+    for s in senders:
+        api = Api(server, token(s))
+        await api.recharge(coins=5000)
+        await api.close()
+    acked = await _storm(server, room, senders, 1500)
+    assert acked == 6000
+    doomed = _settler(redis_url, database_url, tmp_path, "doomed")
+    # kill it mid-way: some gifts settled, many still pending on it
+    await wait_until(lambda: _received_between(server, 1, 5999), timeout=30, interval=0.02)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    mid = (await _earnings(server, "sh"))["gifts_received"]
+    assert 0 < mid < 6000
+    rescuer = _settler(redis_url, database_url, tmp_path, "rescuer")
+    try:
+        await wait_until(lambda: _received_between(server, 6000, 6000), timeout=60)
+    finally:
+        rescuer.send_signal(signal.SIGTERM)
+        assert rescuer.wait(30) == 0
+    earnings = await _earnings(server, "sh")
+    assert earnings["gifts_received"] == 6000 and earnings["diamond_units"] == 6000 * 5000
+    result = run_cli("audit", "--json", "--redis-url", redis_url, "--database-url", database_url,
+                     "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["totals"]["unsettled"] == 0 and report["diamonds"]["gifts"] == 6000
+    await host.close()
+
+
+async def _received_between(server: ServerProc, lo: int, hi: int) -> bool:
+    n = (await _earnings(server, "sh"))["gifts_received"]
+    return lo <= n <= hi
+
+
+async def test_metrics_expose_outbox_lag_and_settle_rate(make_server: Callable[..., ServerProc],
+                                                          redis_url: str, database_url: str) -> None:
+    server = make_server(redis_url=redis_url, database_url=database_url,
+                         env={**FAST, "GIFTSTREAM_SETTLER": "0"}).start()
+    host = Api(server, token("mh", "host"))
+    room = await host.create_room()
+    api = Api(server, token("mv"))
+    await api.recharge(coins=100)
+    await _storm(server, room, ["mv"], 40)
+    text = (await api.client.get("/metrics")).text
+    assert "giftstream_outbox_entries 41" in text  # 1 credit + 40 gifts, none settled
+    health = (await api.client.get("/healthz")).json()
+    assert health["outbox_entries"] == 41 and health["outbox_lag_ms"] > 0
+    await api.close(), await host.close()
