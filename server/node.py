@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import Any
 
@@ -54,7 +55,11 @@ class Node:
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
         self.hub.on_first_join = self.bus.subscribe
         self.hub.on_last_leave = self._room_emptied
+        # Stable across restarts of a single process, so it finds its own pending entries at once;
+        # worker processes of one port each need their own name.
         consumer = f"{socket.gethostname()}:{settings.port}"
+        if settings.workers > 1:
+            consumer += f":{os.getpid()}"
         self.settler = Settler(self.redis, self.store, partitions=settings.partitions, consumer=consumer,
                                max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms)
         self.draining = False
