@@ -245,3 +245,69 @@ async def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+class TcpProxy:
+    """A TCP proxy on its own thread that a test can cut and restore: a database outage."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        import threading
+
+        self.upstream = (upstream_host, upstream_port)
+        self.port = free_port()
+        self.down = False
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self._conns.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._conns.discard(writer)
+        self._conns.discard(up_writer)
+
+    def _cut(self) -> None:
+        self.down = True
+        for w in list(self._conns):
+            w.transport.abort()
+        self._conns.clear()
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self._cut)
+
+    def restore(self) -> None:
+        self.down = False
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._cut)
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
