@@ -119,7 +119,7 @@ def _make_server_class() -> Any:
     return Server
 
 
-def DrainingServer(config: Any) -> Any:  # noqa: N802 - a class built lazily so `token` needs no uvicorn
+def DrainingServer(config: Any) -> Any:
     return _make_server_class()(config)
 
 

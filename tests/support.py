@@ -92,7 +92,7 @@ class ServerProc:
         if self.database_url:
             cmd += ["--database-url", self.database_url]
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log, "ab")
+        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:

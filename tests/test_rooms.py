@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import base64
 import os
+import socket
+import struct
 from collections.abc import Callable
 
-import msgpack
 import pytest
-import websockets
 
 from tests.support import Api, ServerProc, join, token, wait_until
 

@@ -34,7 +34,7 @@ async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int]
         end = last[0][0]
         while True:
             page = await redis.xrange(outbox_key(p), min=start, max=end, count=5000)
-            for mid, f in page:
+            for _mid, f in page:
                 if f:
                     pending[int(f["seq"])] = (f["k"], int(f["c"]))
             if len(page) < 5000:

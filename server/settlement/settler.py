@@ -122,7 +122,7 @@ class Settler:
 
     async def _read(self, start_id: str, block_ms: int | None) -> list[tuple[str, str, dict[str, str]]]:
         reply = await self.redis.xreadgroup(
-            SETTLER_GROUP, self.consumer, {s: start_id for s in self.streams},
+            SETTLER_GROUP, self.consumer, dict.fromkeys(self.streams, start_id),
             count=self._count, block=block_ms)
         out: list[tuple[str, str, dict[str, str]]] = []
         full = False
