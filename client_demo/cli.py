@@ -23,8 +23,17 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from client_demo._wire import (
-    JSON, MSGPACK, STOP_CODES, SeenOffsets, decode, describe_event, describe_resume_failed,
-    describe_welcome, encode, offset_key, socket_url,
+    JSON,
+    MSGPACK,
+    STOP_CODES,
+    SeenOffsets,
+    decode,
+    describe_event,
+    describe_resume_failed,
+    describe_welcome,
+    encode,
+    offset_key,
+    socket_url,
 )
 
 BACKOFF_MIN_S = 0.5
@@ -111,7 +120,7 @@ class Watcher:
             self.offset = self.high = welcome["offset"]
             self.epoch = welcome["epoch"]
         else:
-            pass  # await ws.send(encode({"type": "resume", "since": self.offset, "epoch": self.epoch}, ws.subprotocol))
+            await ws.send(encode({"type": "resume", "since": self.offset, "epoch": self.epoch}, ws.subprotocol))
             behind = offset_key(welcome["offset"]) > offset_key(self.offset)
             self.gap_end = welcome["offset"] if behind else None
             say(f"resuming after offset {self.offset}")
@@ -209,7 +218,7 @@ class GiftRun:
         while self.unsent:
             gid = self.unsent.pop()
             # Pending before it is sent: if the send fails, the reconnect resends it.
-            self.pending[gid] = self.frame(gid + "x")
+            self.pending[gid] = self.frame(gid)
             await ws.send(encode(self.pending[gid], ws.subprotocol))
             if self.args.rate > 0:
                 await asyncio.sleep(1 / self.args.rate)

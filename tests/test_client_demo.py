@@ -255,4 +255,4 @@ async def test_host_commands_and_earnings(server: ServerProc, api: Callable[...,
 
 
 async def _earned(host: Api) -> bool:
-    return (await host.earnings())["gifts_received"] == 1
+    return bool((await host.earnings())["gifts_received"] == 1)
