@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,6 +27,12 @@ log = logging.getLogger("giftstream.app")
 async def _giftstream_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GiftstreamError)
     return http_api.error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: Err.NOT_FOUND, 405: Err.BAD_REQUEST}.get(exc.status_code, Err.BAD_REQUEST)
+    return JSONResponse({"code": code.value, "message": str(exc.detail)}, status_code=exc.status_code)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -50,6 +57,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         Route("/metrics", http_api.metrics),
         Route("/v1/catalog", http_api.catalog),
         Route("/v1/wallet", http_api.wallet),
+        Route("/v1/wallet/budget", http_api.set_budget, methods=["PUT"]),
         Route("/v1/recharges", http_api.recharge, methods=["POST"]),
         Route("/v1/rooms", http_api.create_room, methods=["POST"]),
         Route("/v1/rooms/{room_id}", http_api.room_info),
@@ -61,7 +69,8 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(TransportProbe)],
-        exception_handlers={GiftstreamError: _giftstream_error, Exception: _unexpected},
+        exception_handlers={GiftstreamError: _giftstream_error, HTTPException: _http_error,
+                            Exception: _unexpected},
     )
     app.state.node = node
     return app

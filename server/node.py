@@ -8,7 +8,7 @@ import os
 import socket
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from server import catalog as catalog_mod
 from server.batcher import ScriptBatcher
@@ -31,8 +31,10 @@ log = logging.getLogger("giftstream.node")
 
 
 def redis_client(url: str, *, decode: bool) -> Redis:
-    return Redis.from_url(url, decode_responses=decode, health_check_interval=30,
-                          socket_keepalive=True, max_connections=64)
+    # A blocking pool: a burst of joins waits for a connection instead of failing.
+    pool = BlockingConnectionPool.from_url(url, decode_responses=decode, health_check_interval=30,
+                                           socket_keepalive=True, max_connections=64, timeout=20)
+    return Redis(connection_pool=pool)
 
 
 class Node:

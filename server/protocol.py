@@ -102,7 +102,7 @@ def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
         since = obj.get("since")
         if isinstance(since, int) and not isinstance(since, bool):
             since = str(since)
-        if not isinstance(since, str) or not since or len(since) > MAX_OFFSET_LEN:
+        if not isinstance(since, str) or not _valid_offset(since):
             raise ProtocolError("'since' must be an offset from an earlier event or welcome", msg_id)
         epoch = _str(obj, "epoch", MAX_OFFSET_LEN, msg_id, required=False)
         return Resume(since, epoch)
@@ -121,6 +121,18 @@ def error(code: Err, message: str, msg_id: str | None = None, **extra: Any) -> d
     out: dict[str, Any] = {"type": "error", "id": msg_id, "code": code.value, "message": message}
     out.update(extra)
     return out
+
+
+_U64 = 1 << 64
+
+
+def _valid_offset(offset: str) -> bool:
+    """'<ms>-<seq>' (or bare '<ms>'), each part a decimal 64-bit unsigned integer."""
+    if not 0 < len(offset) <= MAX_OFFSET_LEN:
+        return False
+    ms, dash, seq = offset.partition("-")
+    parts = [ms, seq] if dash else [ms]
+    return all(p.isascii() and p.isdigit() and int(p) < _U64 for p in parts)
 
 
 def parse_offset(offset: str) -> tuple[int, int]:

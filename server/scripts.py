@@ -13,6 +13,7 @@ from redis.exceptions import NoScriptError
 # script name -> package holding its .lua file
 SCRIPTS = {
     "send_gift": "server.wallet",
+    "gift_replay": "server.wallet",
     "credit": "server.wallet",
     "room_publish": "server.rooms",
 }

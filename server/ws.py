@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from redis.exceptions import ResponseError
 from starlette.websockets import WebSocket
 
 from server import auth, protocol
@@ -53,6 +54,10 @@ async def room_socket(websocket: WebSocket) -> None:
     session = Session(node, conn, state)
     try:
         await session.run()
+    except Exception:
+        # Unexpected: close with 1011 and never tell the peer why.
+        log.exception("room socket failed")
+        conn.close_now(Close.INTERNAL_ERROR, "internal error")
     finally:
         await session.finish()
 
@@ -121,7 +126,12 @@ class Session:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             elif isinstance(msg, protocol.Resume):
-                await self.resume(msg)
+                try:
+                    await self.resume(msg)
+                except (ResponseError, ValueError):
+                    # An offset Redis will not take (e.g. beyond any id it could have made).
+                    self.conn.ready = True
+                    self.reply_error(Err.BAD_REQUEST, "'since' is not an offset of this room", msg.since)
             elif isinstance(msg, protocol.Ping):
                 self.conn.send_message({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
 
@@ -140,23 +150,21 @@ class Session:
 
     async def _gift(self, msg: protocol.Gift) -> None:
         node, conn, principal = self.node, self.conn, self.conn.principal
-        if node.draining:
-            raise GiftstreamError(Err.UNAVAILABLE, "server restarting; retry with the same id")
-        if not conn.bucket.take():
-            raise GiftstreamError(Err.RATE_LIMITED, "too many gifts; retry later with the same id")
         item = node.catalog.gift(msg.gift)
         if not 1 <= msg.count <= node.settings.max_gift_count:
             raise GiftstreamError(Err.BAD_COUNT, f"count must be 1 to {node.settings.max_gift_count}")
-        local = node.hub.rooms.get(conn.room_id)
-        if local is None or local.ended:
-            raise GiftstreamError(Err.ROOM_NOT_LIVE, "this room is not live")
-        if not principal.is_adult():
-            raise GiftstreamError(Err.AGE_RESTRICTED, "you must be 18 or older to send gifts")
-        if principal.user_id == self.state.host_id:
-            raise GiftstreamError(Err.NOT_ALLOWED, "hosts cannot gift their own room")
         order = GiftOrder(msg.id, principal.user_id, principal.name, self.state.host_id, conn.room_id,
                           item.id, msg.count, item.coins)
-        debit = await node.wallet.send_gift(order)
+        try:
+            self._admit()
+        except GiftstreamError:
+            # A retry of a gift that was already charged still learns its result, even when
+            # the room has ended or the socket is over its rate since.
+            debit = await node.wallet.replay(order)
+            if debit is None:
+                raise
+        else:
+            debit = await node.wallet.send_gift(order)
         conn.send_message({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
                            "replayed": debit.replayed})
         if not debit.replayed:
@@ -165,9 +173,23 @@ class Session:
                      "gift": item.id, "count": msg.count, "coins": order.coins, "ts": int(time.time() * 1000)}
             node.track(node.rooms.publish_gift(conn.room_id, event))
 
+    def _admit(self) -> None:
+        """Gateway checks before a debit; the sender's age comes before any balance check."""
+        node, conn, principal = self.node, self.conn, self.conn.principal
+        if node.draining:
+            raise GiftstreamError(Err.UNAVAILABLE, "server restarting; retry with the same id")
+        if not conn.bucket.take():
+            raise GiftstreamError(Err.RATE_LIMITED, "too many gifts; retry later with the same id")
+        local = node.hub.rooms.get(conn.room_id)
+        if local is None or local.ended:
+            raise GiftstreamError(Err.ROOM_NOT_LIVE, "this room is not live")
+        if not principal.is_adult():
+            raise GiftstreamError(Err.AGE_RESTRICTED, "you must be 18 or older to send gifts")
+        if principal.user_id == self.state.host_id:
+            raise GiftstreamError(Err.NOT_ALLOWED, "hosts cannot gift their own room")
+
     async def resume(self, msg: protocol.Resume) -> None:
         node, conn = self.node, self.conn
-        protocol.parse_offset(msg.since)  # malformed -> bad_request
         conn.ready = False  # hold live events while the gap is replayed
         try:
             state = await node.rooms.get(conn.room_id)

@@ -172,7 +172,8 @@ async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
             got = await again.wait_events(10)
             await again.drain(0.3)
             got = [e for e in again.events if e["type"] == "gift"]
-        assert sorted(e["gift_id"] for e in got) == sorted(r["gift_id"] for r in missed)
+        assert sorted(e["gift_id"] for e in got) == sorted(r["gift_id"] for r in missed), (
+            again.welcome["offset"], " ".join(e["offset"][-3:] for e in got))
 
 
 def _presence_seen(client, n: int):  # type: ignore[no-untyped-def]

@@ -49,7 +49,7 @@ class Conn:
         self.cap = cap
         self._proto = _uvicorn_protocol(ws)
         self._transport = self._proto.transport if self._proto is not None else None
-        self._queue: deque[bytes | str] = deque()
+        self._queue: deque[tuple[bytes | str, int]] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -94,7 +94,7 @@ class Conn:
                 return False
             self._transport.write(raw)
         else:
-            self._queue.append(payload)
+            self._queue.append((payload, len(raw)))
             self._queued_bytes += len(raw)
             self._wakeup.set()
         if self.pending_bytes() > self.cap:
@@ -112,8 +112,8 @@ class Conn:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                payload = self._queue.popleft()
-                self._queued_bytes -= len(payload)
+                payload, nbytes = self._queue.popleft()
+                self._queued_bytes -= nbytes
                 if isinstance(payload, str):
                     await self.ws.send_text(payload)
                 else:

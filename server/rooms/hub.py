@@ -53,6 +53,7 @@ class Hub:
         # Set by the app: subscribe / unsubscribe the room's bus channel.
         self.on_first_join: Callable[[str], Awaitable[None]] | None = None
         self.on_last_leave: Callable[[str], Awaitable[None]] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.frames = 0
         self.deliveries = 0
         self.events = 0
@@ -137,10 +138,16 @@ class Hub:
         frame = OutFrame({"type": "events", "events": events})
         self.frames += 1
         sent = 0
-        last = events[-1].get("offset") if events else None
+        first = next((e["offset"] for e in events if "offset" in e), None)
+        last = next((e["offset"] for e in reversed(events) if "offset" in e), None)
         for conn in list(room.conns):
             if not conn.ready:
                 conn.held.extend(events)
+                continue
+            if first is not None and conn.last_offset is not None and not offset_after(first, conn.last_offset):
+                # This socket already has some of these (its welcome or resume came after them,
+                # while they were still on the bus): send it only the newer ones.
+                self._send_newer(conn, events)
                 continue
             if conn.send(frame):
                 sent += 1
@@ -149,7 +156,15 @@ class Hub:
         self.deliveries += sent * len(events)
         if room.ended:
             for conn in list(room.conns):
-                asyncio.get_running_loop().create_task(conn.close(Close.ROOM_ENDED, "room ended"))
+                task = asyncio.get_running_loop().create_task(conn.close(Close.ROOM_ENDED, "room ended"))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def _send_newer(self, conn: Conn, events: list[dict[str, Any]]) -> None:
+        newer = [e for e in events if "offset" not in e or offset_after(e["offset"], conn.last_offset)]
+        if newer and conn.send_message({"type": "events", "events": newer}):
+            self.deliveries += len(newer)
+            self._note_offset(conn, newer)
 
     def _note_offset(self, conn: Conn, events: list[dict[str, Any]]) -> None:
         for e in reversed(events):

@@ -100,20 +100,25 @@ class Rooms:
             info = await self.redis.xinfo_stream(k.events)
         except ResponseError:  # no event yet: nothing was missed
             return [], True
-        trimmed_upto = _s(info.get("max-deleted-entry-id", "0-0"))
-        if _key(since) < _key(trimmed_upto):
+        # Trimming does not move max-deleted-entry-id, so: if anything was ever trimmed and `since`
+        # is older than the first entry kept, events after `since` may be gone. Conservative: at
+        # worst a client whose `since` was the very last trimmed entry is told to start over.
+        first = _s(info.get("recorded-first-entry-id") or "0-0")
+        trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
+        if trimmed and _key(since) < _key(first):
             return [], False
         out: list[dict[str, Any]] = []
         start = "(" + since
-        while len(out) < limit:
-            page = await self.redis.xrange(k.events, min=start, max="+", count=min(1000, limit - len(out)))
+        # One more than the limit: exactly `limit` missed events is still a complete resume.
+        while len(out) <= limit:
+            page = await self.redis.xrange(k.events, min=start, max="+", count=min(1000, limit + 1 - len(out)))
             if not page:
                 break
             for mid, fields in page:
                 f = {_s(a): b for a, b in fields.items()}
                 out.append(decode_event(_s(mid), int(f.get("c", 0)), f["e"]))
             start = "(" + _s(page[-1][0])
-        return out, len(out) < limit
+        return out, len(out) <= limit
 
     async def leaderboard(self, room_id: str, n: int = 10) -> list[dict[str, Any]]:
         k = RoomKeys(room_id)

@@ -77,6 +77,24 @@ class Wallet:
             raise GiftstreamError(code, _GIFT_MESSAGES.get(code))
         return Debit(_text(result[1]), int(result[2]), bool(int(result[3])))
 
+    async def replay(self, order: GiftOrder) -> Debit | None:
+        """The first result of this client id, if it was already charged (read-only)."""
+        key = self.keys(order.sender_id).idempotency(order.client_id)
+        result = await self.batcher.call("gift_replay", [key], [order.fingerprint])
+        if not result:
+            return None
+        if _text(result[0]) != "ok":
+            raise GiftstreamError(Err.IDEMPOTENCY_CONFLICT, _GIFT_MESSAGES[Err.IDEMPOTENCY_CONFLICT])
+        return Debit(_text(result[1]), int(result[2]), True)
+
+    async def set_budget(self, user_id: str, monthly_cap: int | None) -> None:
+        """A user's own monthly spending cap; send_gift.lua refuses gifts past it."""
+        k = self.keys(user_id)
+        if monthly_cap is None:
+            await self.redis.hdel(k.wallet, "budget")
+        else:
+            await self.redis.hset(k.wallet, "budget", monthly_cap)
+
     async def credit(self, user_id: str, order_id: str, coins: int, kind: str = "recharge") -> int:
         """Credit a paid order exactly once; returns the balance after it."""
         k = self.keys(user_id)
@@ -90,7 +108,7 @@ class Wallet:
     async def balance(self, user_id: str) -> dict[str, int]:
         k = self.keys(user_id)
         month = "m:" + month_of()
-        coins, spent, budget = await self.redis.hmget(k.wallet, ["coins", month, "budget"])
+        coins, spent, budget = await self.redis.hmget(k.wallet, ["coins", month, "budget"])  # type: ignore[misc]
         return {
             "coins": int(coins or 0),
             "month_spent": int(spent or 0),
