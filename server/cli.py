@@ -209,6 +209,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return _run_with_store(settings, audit)
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from server.settlement.rebuild import rebuild_wallets
+
+    settings = _settings(args)
+
+    async def rebuild(redis: Any, store: Any) -> int:
+        report = await rebuild_wallets(redis, store, settings.partitions, dry_run=args.dry_run)
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+
+    return _run_with_store(settings, rebuild)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from server.store import open_store
 
@@ -283,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(settle)
     settle.add_argument("--consumer", help="consumer name in the settlers group")
     settle.set_defaults(fn=cmd_settle)
+
+    rebuild = sub.add_parser("rebuild-wallets",
+                             help="recompute every Redis wallet from the ledger and the unsettled outbox")
+    _common(rebuild)
+    rebuild.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
+    rebuild.set_defaults(fn=cmd_rebuild)
 
     migrate = sub.add_parser("migrate", help="apply schema migrations")
     _common(migrate)
