@@ -109,7 +109,8 @@ def _make_server_class() -> Any:
         async def shutdown(self, sockets: Any = None) -> None:
             for srv in self.servers:
                 srv.close()
-            node = self.config.app.state.node
+            app: Any = self.config.app
+            node = app.state.node
             try:
                 await asyncio.wait_for(node.drain(), 20)
             except Exception:

@@ -10,7 +10,7 @@ from server.store.models import Order
 
 class SandboxProvider:
     name = "sandbox"
-    methods = ("sandbox_card", "sandbox_card_declined")
+    methods: tuple[str, ...] = ("sandbox_card", "sandbox_card_declined")
 
     async def charge(self, order: Order) -> ChargeResult:
         ref = "sbx_" + hashlib.sha256(order.id.encode()).hexdigest()[:20]

@@ -58,7 +58,7 @@ class Bus:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._pubsub is not None:
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, room_id: str) -> None:
         """Returns once Redis confirmed the subscription: no event after it can be missed."""
@@ -121,7 +121,7 @@ class Bus:
         self.reconnects += 1
         try:
             if self._pubsub is not None:
-                await self._pubsub.aclose()
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         except Exception:
             pass
         self._pubsub = self.redis.pubsub()

@@ -47,8 +47,8 @@ class Conn:
         self.principal = principal
         self.room_id = room_id
         self.cap = cap
-        self._proto = _uvicorn_protocol(ws)
-        self._transport = self._proto.transport if self._proto is not None else None
+        self._proto: Any = _uvicorn_protocol(ws)
+        self._transport: Any = self._proto.transport if self._proto is not None else None
         self._queue: deque[tuple[bytes | str, int]] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()

@@ -119,6 +119,6 @@ class Presence:
                 self.hub.deliver(room.room_id, {"type": "presence", "viewers": viewers})
             top_key = [(_s(m), int(s)) for m, s in top_raw]
             if top_key and top_key != room.leaderboard_sent:
-                room.leaderboard_sent = top_key  # type: ignore[assignment]
+                room.leaderboard_sent = top_key
                 top = await self.rooms.leaderboard(room.room_id)
                 self.hub.deliver(room.room_id, {"type": "leaderboard", "top": top})

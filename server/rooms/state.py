@@ -111,7 +111,7 @@ class Rooms:
         start = "(" + since
         # One more than the limit: exactly `limit` missed events is still a complete resume.
         while len(out) <= limit:
-            page = await self.redis.xrange(k.events, min=start, max="+", count=min(1000, limit + 1 - len(out)))
+            page: Any = await self.redis.xrange(k.events, min=start, max="+", count=min(1000, limit + 1 - len(out)))
             if not page:
                 break
             for mid, fields in page:
@@ -122,7 +122,7 @@ class Rooms:
 
     async def leaderboard(self, room_id: str, n: int = 10) -> list[dict[str, Any]]:
         k = RoomKeys(room_id)
-        top = await self.redis.zrevrange(k.leaderboard, 0, n - 1, withscores=True)
+        top: Any = await self.redis.zrevrange(k.leaderboard, 0, n - 1, withscores=True)
         if not top:
             return []
         ids = [_s(m) for m, _ in top]

@@ -26,14 +26,15 @@ async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int]
     pipe = redis.pipeline(transaction=True)
     pipe.hgetall(totals_key(p))
     pipe.xrevrange(outbox_key(p), count=1)
-    totals, last = await pipe.execute()
+    replies: Any = await pipe.execute()
+    totals, last = replies
     seq_max, credited, spent = _i(totals.get("seq")), _i(totals.get("credited")), _i(totals.get("spent"))
     pending: dict[int, tuple[str, int]] = {}
     if last:
         start = "-"
         end = last[0][0]
         while True:
-            page = await redis.xrange(outbox_key(p), min=start, max=end, count=5000)
+            page: Any = await redis.xrange(outbox_key(p), min=start, max=end, count=5000)
             for _mid, f in page:
                 if f:
                     pending[int(f["seq"])] = (f["k"], int(f["c"]))

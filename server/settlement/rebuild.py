@@ -50,7 +50,7 @@ async def _snapshot(redis: Redis, p: int) -> _Partition:
     if last:
         start, end = "-", last[0][0]
         while True:
-            page = await redis.xrange(outbox_key(p), min=start, max=end, count=PAGE)
+            page: list[Any] = await redis.xrange(outbox_key(p), min=start, max=end, count=PAGE) or []
             for _mid, f in page:
                 if f:
                     part.pending[int(f["seq"])] = (f["k"], f["uid"], int(f["c"]))
@@ -122,7 +122,7 @@ async def _write_partition(redis: Redis, p: int, seq: int, writes: dict[str, dic
             await pipe.watch(totals_key(p))
             if int(await pipe.hget(totals_key(p), "seq") or 0) != seq:
                 return False
-            pipe.multi()
+            pipe.multi()  # type: ignore[no-untyped-call]
             for key, mapping in writes.items():
                 pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
             await pipe.execute()
@@ -168,7 +168,8 @@ async def _totals_behind(store: Store, p: int, part: _Partition) -> dict[str, in
     return None
 
 
-async def rebuild_wallets(redis: Redis, store: Store, partitions: int, *, dry_run: bool = False) -> dict[str, Any]:
+async def rebuild_wallets(redis: Redis, store: Store, partitions: int, *,
+                          dry_run: bool = False) -> dict[str, Any]:
     """Set every wallet's coins/credited/spent to what the ledger and the outbox say.
 
     Returns the figures: users examined, wallets changed (or that would change, on a dry

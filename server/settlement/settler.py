@@ -108,7 +108,7 @@ class Settler:
         for stream in self.streams:
             cursor = "0-0"
             while True:
-                reply = await self.redis.xautoclaim(stream, SETTLER_GROUP, self.consumer,
+                reply: Any = await self.redis.xautoclaim(stream, SETTLER_GROUP, self.consumer,
                                                     min_idle_time=self.claim_idle_ms,
                                                     start_id=cursor, count=self._count)
                 cursor, messages = reply[0], reply[1]
@@ -121,7 +121,7 @@ class Settler:
         return claimed
 
     async def _read(self, start_id: str, block_ms: int | None) -> list[tuple[str, str, dict[str, str]]]:
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             SETTLER_GROUP, self.consumer, dict.fromkeys(self.streams, start_id),
             count=self._count, block=block_ms)
         out: list[tuple[str, str, dict[str, str]]] = []

@@ -36,8 +36,8 @@ CONNECT_TIMEOUT_S = 10.0
 # One key for every process migrating the same database; any constant works.
 MIGRATE_LOCK = zlib.crc32(b"giftstream.migrate")
 
-_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method,"
-                 " status, created_at FROM orders")
+_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
+                 " payment_method, status, created_at FROM orders")
 
 _INSERT_MOVEMENTS = (
     "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
@@ -46,13 +46,14 @@ _INSERT_MOVEMENTS = (
 # Gifts and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
 # keyed by movements inserted just now, so no conflict is possible; if one happens the ledger
 # is inconsistent, and COPY fails the batch loudly (as SQLite does) instead of skipping rows.
-_GIFT_COLUMNS = ["id", "part", "seq", "sender_id", "sender_name", "host_id", "room_id", "gift", "count", "coins",
-                 "share_bp", "diamond_units", "client_id", "sent_at", "settled_at"]
+_GIFT_COLUMNS = ["id", "part", "seq", "sender_id", "sender_name", "host_id", "room_id", "gift", "count",
+                 "coins", "share_bp", "diamond_units", "client_id", "sent_at", "settled_at"]
 _LEDGER_COLUMNS = ["part", "seq", "leg", "account", "unit", "delta"]
 _UPSERT_HOSTS = (
     "INSERT INTO host_earnings (host_id, diamond_units, gifts_received)"
     " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])"
-    " ON CONFLICT (host_id) DO UPDATE SET diamond_units = host_earnings.diamond_units + excluded.diamond_units,"
+    " ON CONFLICT (host_id) DO UPDATE"
+    " SET diamond_units = host_earnings.diamond_units + excluded.diamond_units,"
     " gifts_received = host_earnings.gifts_received + excluded.gifts_received")
 _CREDIT_ORDERS = (
     f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = $1 WHERE id = ANY($2::text[])"
@@ -99,7 +100,8 @@ class PostgresStore:
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         pool = await self._get_pool()
-        return await pool.fetch(sql, *args)
+        rows: list[asyncpg.Record] = await pool.fetch(sql, *args)
+        return rows
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         pool = await self._get_pool()
@@ -107,7 +109,8 @@ class PostgresStore:
 
     async def _execute(self, sql: str, *args: Any) -> str:
         pool = await self._get_pool()
-        return await pool.execute(sql, *args)
+        tag: str = await pool.execute(sql, *args)
+        return tag
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -172,7 +175,8 @@ class PostgresStore:
         return Order(*row) if row else None
 
     async def orders_with_status(self, status: str, limit: int = 1000) -> list[Order]:
-        rows = await self._fetch(_ORDER_SELECT + " WHERE status = $1 ORDER BY created_at LIMIT $2", status, limit)
+        rows = await self._fetch(_ORDER_SELECT + " WHERE status = $1 ORDER BY created_at LIMIT $2",
+                                 status, limit)
         return [Order(*r) for r in rows]
 
     async def create_room(self, room: Room) -> None:
@@ -181,7 +185,8 @@ class PostgresStore:
             room.id, room.host_id, room.title, room.created_at, room.ended_at)
 
     async def end_room(self, room_id: str, ended_at: float) -> None:
-        await self._execute("UPDATE rooms SET ended_at = $1 WHERE id = $2 AND ended_at IS NULL", ended_at, room_id)
+        await self._execute("UPDATE rooms SET ended_at = $1 WHERE id = $2 AND ended_at IS NULL",
+                            ended_at, room_id)
 
     async def get_room(self, room_id: str) -> Room | None:
         row = await self._fetchrow("SELECT id, host_id, title, created_at, ended_at FROM rooms WHERE id = $1",
@@ -190,29 +195,28 @@ class PostgresStore:
 
     async def settle(self, movements: list[Movement]) -> SettleResult:
         distinct = _distinct(movements)
+        now = time.time()
+        # Rows are built before we know which movements are new: nearly always all of them are,
+        # and rows.py then also gives the movement rows, so both backends write the same ones.
+        b = rowbuild.build(distinct, now)
+        fresh = distinct
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
-            fresh = await self._insert_movements(conn, distinct)
-            b = rowbuild.build(fresh, time.time())
+            inserted = await self._insert_movements(conn, b.movements)
+            if len(inserted) < len(distinct):  # some were settled before: rows for the new ones only
+                fresh = [m for m in distinct if (m.partition, m.seq) in inserted]
+                b = rowbuild.build(fresh, now)
             await self._insert_rows(conn, b)
         return SettleResult(len(fresh), len(b.gifts), len(b.credited_orders), len(movements) - len(fresh))
 
     @staticmethod
-    async def _insert_movements(conn: asyncpg.Connection, distinct: list[Movement]) -> list[Movement]:
-        """Insert every movement not settled before; return those, in batch order."""
-        if not distinct:
-            return []
-        cols: list[list[Any]] = [[], [], [], [], [], [], []]
-        for m in distinct:
-            cols[0].append(m.partition)
-            cols[1].append(m.seq)
-            cols[2].append("credit" if m.kind == "c" else "gift")
-            cols[3].append(m.user_id)
-            cols[4].append(m.coins)
-            cols[5].append(m.order_id if m.kind == "c" else m.gift_id)
-            cols[6].append(m.ts_ms / 1000.0)
-        inserted = {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *cols)}
-        return [m for m in distinct if (m.partition, m.seq) in inserted]
+    async def _insert_movements(conn: asyncpg.Connection,
+                                rows: list[rowbuild.MovementRow]) -> set[tuple[int, int]]:
+        """Insert every movement not settled before; return the (partition, seq) of those."""
+        if not rows:
+            return set()
+        columns = list(zip(*rows, strict=True))
+        return {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *columns)}
 
     @staticmethod
     async def _insert_rows(conn: asyncpg.Connection, b: rowbuild.BatchRows) -> None:
@@ -223,7 +227,8 @@ class PostgresStore:
             await conn.copy_records_to_table("ledger", records=b.ledger, columns=_LEDGER_COLUMNS)
         if b.hosts:
             hosts = sorted(b.hosts)  # one lock order for every settler
-            await conn.execute(_UPSERT_HOSTS, hosts, [b.hosts[h][0] for h in hosts], [b.hosts[h][1] for h in hosts])
+            units, gifts = [b.hosts[h][0] for h in hosts], [b.hosts[h][1] for h in hosts]
+            await conn.execute(_UPSERT_HOSTS, hosts, units, gifts)
         if b.credited_orders:
             await conn.execute(_CREDIT_ORDERS, time.time(), sorted(b.credited_orders))
 
@@ -255,7 +260,8 @@ class PostgresStore:
             hosts = await conn.fetchrow(
                 "SELECT COALESCE(SUM(diamond_units), 0), COALESCE(SUM(gifts_received), 0) FROM host_earnings")
             ledger = await conn.fetchval(
-                "SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE unit = 'diamond_unit' AND account LIKE 'host:%'")
+                "SELECT COALESCE(SUM(delta), 0) FROM ledger"
+                " WHERE unit = 'diamond_unit' AND account LIKE 'host:%'")
             unbalanced = await conn.fetchval(
                 "SELECT COUNT(*) FROM (SELECT unit FROM ledger GROUP BY unit HAVING SUM(delta) <> 0) AS u")
         assert gifts is not None and hosts is not None

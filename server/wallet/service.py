@@ -108,7 +108,7 @@ class Wallet:
     async def balance(self, user_id: str) -> dict[str, int]:
         k = self.keys(user_id)
         month = "m:" + month_of()
-        coins, spent, budget = await self.redis.hmget(k.wallet, ["coins", month, "budget"])  # type: ignore[misc]
+        coins, spent, budget = await self.redis.hmget(k.wallet, ["coins", month, "budget"])
         return {
             "coins": int(coins or 0),
             "month_spent": int(spent or 0),
