@@ -105,14 +105,14 @@ class Node:
 
     async def drain(self) -> None:
         """SIGTERM: stop taking gifts, finish in-flight debits and publishes, close sockets with 1001."""
-        from server.codes import Close
+        from server.codes import Close, reconnect_reason
 
         self.draining = True
         await self.batcher.drain()
         while self.inflight:
             await asyncio.gather(*list(self.inflight), return_exceptions=True)
         await self.batcher.drain()
-        await self.hub.close_all(Close.GOING_AWAY, "server restarting, reconnect")
+        await self.hub.close_all(Close.GOING_AWAY, reconnect_reason("server restarting, reconnect"))
 
     async def stop(self) -> None:
         await self.drain()

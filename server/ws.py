@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 from starlette.websockets import WebSocket
 
 from server import auth, protocol
-from server.codes import Close, Err, GiftstreamError
+from server.codes import Close, Err, GiftstreamError, reconnect_reason
 from server.node import Node
 from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
@@ -40,7 +40,7 @@ async def room_socket(websocket: WebSocket) -> None:
         await websocket.close(Close.UNAUTHORIZED, exc.message)
         return
     if node.draining:
-        await websocket.close(Close.GOING_AWAY, "server restarting, reconnect")
+        await websocket.close(Close.GOING_AWAY, reconnect_reason("server restarting, reconnect"))
         return
     state = await node.rooms.get(room_id)
     if state is None or not state.live:

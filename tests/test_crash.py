@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import websockets
 
 from tests.support import Api, ServerProc, join, run_cli, token, wait_until
@@ -120,3 +121,30 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+async def test_sigterm_drains_and_closes_sockets_with_1001(make_server: Callable[..., ServerProc],
+                                                           redis_url: str) -> None:
+    server = make_server(redis_url=redis_url).start()
+    host = Api(server, token("dh", "host"))
+    room = await host.create_room()
+    v = Api(server, token("dv"))
+    await v.recharge(coins=100)
+    async with join(server, room, v.token) as c:
+        for i in range(20):
+            await c.gift(f"d{i}")
+        replies = [await c.reply(f"d{i}") for i in range(20)]
+        assert all(r["type"] == "ack" for r in replies)
+        server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await c.recv(20)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert closed.value.rcvd.reason.startswith("server restarting, reconnect; retry_ms=")
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)  # type: ignore[union-attr]
+    await host.close(), await v.close()
+    # Everything acknowledged before the drain was settled by the drain itself.
+    import sqlite3
+
+    db = sqlite3.connect(server.data_dir / "giftstream.sqlite3")
+    assert db.execute("SELECT COUNT(*) FROM gifts WHERE sender_id = 'dv'").fetchone()[0] == 20

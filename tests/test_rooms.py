@@ -236,6 +236,11 @@ async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
                 data += chunk
         except (TimeoutError, ConnectionResetError):
             pass
-        assert struct.pack("!BBH", 0x88, 2 + len(b"slow consumer, resume"), 4008) in data
+        close_at = data.rfind(b"\x88")
+        assert close_at >= 0, "no close frame"
+        length = data[close_at + 1]
+        code, reason = struct.unpack("!H", data[close_at + 2 : close_at + 4])[0], data[close_at + 4 : close_at + 2 + length]
+        assert code == 4008 and reason.startswith(b"slow consumer, resume; retry_ms="), (code, reason)
+        assert 200 <= int(reason.rsplit(b"=", 1)[1]) < 1000
     finally:
         stalled.close()

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from server.auth import Principal
-from server.codes import Close
+from server.codes import Close, reconnect_reason
 from server.rooms.frames import OutFrame
 from server.transport_probe import SCOPE_KEY
 
@@ -98,7 +98,7 @@ class Conn:
             self._queued_bytes += len(raw)
             self._wakeup.set()
         if self.pending_bytes() > self.cap:
-            self.close_now(Close.SLOW_CONSUMER, "slow consumer, resume")
+            self.close_now(Close.SLOW_CONSUMER, reconnect_reason("slow consumer, resume", 200, 800))
             return False
         return True
 
