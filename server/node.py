@@ -20,6 +20,7 @@ from server.rooms.bus import Bus
 from server.rooms.hub import Hub
 from server.rooms.presence import Presence
 from server.rooms.state import Rooms
+from server.rooms.takeover import Keepalive, RoomProtocol
 from server.scripts import Scripts
 from server.settings import Settings
 from server.settlement.settler import Settler, ensure_groups
@@ -64,6 +65,9 @@ class Node:
             consumer += f":{os.getpid()}"
         self.settler = Settler(self.redis, self.store, partitions=settings.partitions, consumer=consumer,
                                max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms)
+        # Room sockets taken over from uvicorn, for the node-wide keepalive.
+        self.sockets: set[RoomProtocol] = set()
+        self.keepalive = Keepalive(lambda: self.sockets, settings.ping_interval_s, settings.ping_timeout_s)
         self.draining = False
         self.inflight: set[asyncio.Task[Any]] = set()
 
@@ -74,6 +78,7 @@ class Node:
         await ensure_groups(self.redis, self.settings.partitions)
         self.bus.start()
         self.presence.start()
+        self.keepalive.start()
         await self.recharges.reconcile()
         if self.settings.settler:
             self.settler.start()
@@ -116,6 +121,7 @@ class Node:
 
     async def stop(self) -> None:
         await self.drain()
+        await self.keepalive.stop()
         await self.presence.stop()
         await self.bus.stop()
         if self.settings.settler:

@@ -41,6 +41,8 @@ class Settings:
     # Kernel send buffer per room socket (SO_SNDBUF); 0 keeps the kernel's autotuning. A small
     # value bounds kernel memory per viewer and makes stalls visible to send_buffer_cap sooner.
     socket_sndbuf: int = 0
+    # Hand joined room sockets from uvicorn to a light protocol (rooms/takeover.py).
+    takeover: bool = True
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     gift_rate_per_s: float = 20.0
@@ -75,7 +77,7 @@ _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "
         "settle_batch", "settle_claim_idle_ms", "token_ttl_s"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s"}
-_BOOL = {"settler", "migrate_on_start"}
+_BOOL = {"settler", "migrate_on_start", "takeover"}
 
 
 def _convert(name: str, raw: str) -> Any:

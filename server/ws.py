@@ -18,6 +18,8 @@ from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
 from server.rooms.hub import offset_after
 from server.rooms.state import RoomState
+from server.rooms.takeover import RoomProtocol, take_over
+from server.transport_probe import SCOPE_KEY
 from server.wallet.service import GiftOrder
 
 log = logging.getLogger("giftstream.ws")
@@ -53,12 +55,16 @@ async def room_socket(websocket: WebSocket) -> None:
     conn.start()
     session = Session(node, conn, state)
     try:
-        await session.run()
+        if not await session.join():
+            return
+        if session.take_over():
+            return  # the socket now lives on without this coroutine (see rooms/takeover.py)
+        await session.receive_loop()
     except Exception:
         # Unexpected: close with 1011 and never tell the peer why.
         log.exception("room socket failed")
         conn.close_now(Close.INTERNAL_ERROR, "internal error")
-    finally:
+    if not session.taken_over:
         await session.finish()
 
 
@@ -74,8 +80,13 @@ class Session:
         self.state = state
         self.tasks: set[asyncio.Task[None]] = set()
         self.joined = False
+        self.taken_over = False
+        self.room: RoomProtocol | None = None
+        self.bad_frames = 0
+        self.gifts_in_flight = 0
+        self._resuming: asyncio.Task[None] | None = None
 
-    async def run(self) -> None:
+    async def join(self) -> bool:
         node, conn = self.node, self.conn
         await node.hub.join(conn)
         self.joined = True
@@ -85,7 +96,7 @@ class Session:
         state = await node.rooms.get(conn.room_id)
         if state is None or not state.live:
             await conn.close(Close.ROOM_NOT_FOUND, "room not found or not live")
-            return
+            return False
         self.state = state
         conn.send_message({
             "type": "welcome", "room": conn.room_id, "viewers": viewers, "offset": offset,
@@ -94,46 +105,83 @@ class Session:
         })
         conn.live_from = conn.last_offset = offset
         node.hub.release(conn, after=offset)
-        await self.receive_loop()
+        return True
+
+    def take_over(self) -> bool:
+        ws = self.conn.ws
+        proto = ws.scope.get(SCOPE_KEY) if ws is not None else None
+        if proto is None or not self.node.settings.takeover:
+            return False
+        room = take_over(proto, self.on_message, self._lost)
+        if room is None:
+            return False
+        ws.scope.pop(SCOPE_KEY, None)  # type: ignore[union-attr]
+        self.conn.adopt(room)
+        self.node.sockets.add(room)
+        self.room = room
+        self.taken_over = True
+        return True
+
+    def _lost(self) -> None:
+        if self.room is not None:
+            self.node.sockets.discard(self.room)
+        self.node.track(self.finish())
 
     async def receive_loop(self) -> None:
-        bad = 0
         ws = self.conn.ws
-        while True:
+        assert ws is not None
+        while not self.conn.closed:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("bytes")
             if data is None:
                 data = message.get("text")
-            if data is None:
-                continue
-            try:
-                msg = protocol.decode(data, self.conn.subprotocol)
-            except protocol.ProtocolError as exc:
-                bad += 1
-                self.reply_error(exc.code, exc.message, exc.msg_id)
-                if bad >= MAX_BAD_FRAMES:
-                    await self.conn.close(Close.PROTOCOL_VIOLATION, "too many malformed frames")
-                    return
-                continue
-            bad = 0
-            if isinstance(msg, protocol.Gift):
-                if len(self.tasks) >= MAX_INFLIGHT_GIFTS:
-                    self.reply_error(Err.RATE_LIMITED, "too many gifts in flight; retry later", msg.id)
-                    continue
-                task = asyncio.get_running_loop().create_task(self.gift(msg))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            elif isinstance(msg, protocol.Resume):
-                try:
-                    await self.resume(msg)
-                except (ResponseError, ValueError):
-                    # An offset Redis will not take (e.g. beyond any id it could have made).
-                    self.conn.ready = True
-                    self.reply_error(Err.BAD_REQUEST, "'since' is not an offset of this room", msg.since)
-            elif isinstance(msg, protocol.Ping):
-                self.conn.send_message({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
+            if data is not None:
+                self.on_message(data)
+
+    def on_message(self, data: bytes | str) -> None:
+        """One whole message from the peer; never blocks (gifts and resumes run as tasks)."""
+        try:
+            msg = protocol.decode(data, self.conn.subprotocol)
+        except protocol.ProtocolError as exc:
+            self.bad_frames += 1
+            self.reply_error(exc.code, exc.message, exc.msg_id)
+            if self.bad_frames >= MAX_BAD_FRAMES:
+                self.conn.close_now(Close.PROTOCOL_VIOLATION, "too many malformed frames")
+            return
+        self.bad_frames = 0
+        if isinstance(msg, protocol.Gift):
+            if self.gifts_in_flight >= MAX_INFLIGHT_GIFTS:
+                self.reply_error(Err.RATE_LIMITED, "too many gifts in flight; retry later", msg.id)
+                return
+            self.gifts_in_flight += 1
+            self._spawn(self.gift(msg))
+        elif isinstance(msg, protocol.Resume):
+            # Resumes of one socket run one after another, in the order they came.
+            self._resuming = self._spawn(self._resume_in_turn(msg, self._resuming))
+        elif isinstance(msg, protocol.Ping):
+            self.conn.send_message({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _resume_in_turn(self, msg: protocol.Resume, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            await self.resume(msg)
+        except (ResponseError, ValueError):
+            # An offset Redis will not take (e.g. beyond any id it could have made).
+            self.conn.ready = True
+            self.reply_error(Err.BAD_REQUEST, "'since' is not an offset of this room", msg.since)
+        except Exception:
+            log.exception("resume failed")
+            self.conn.ready = True
+            self.conn.close_now(Close.INTERNAL_ERROR, "internal error")
 
     def reply_error(self, code: Err, message: str, msg_id: str | None) -> None:
         self.conn.send_message(protocol.error(code, message, msg_id))
@@ -147,6 +195,9 @@ class Session:
             log.exception("gift %s failed", msg.id)
             # Unknown outcome (e.g. Redis unreachable): retrying with the same id is safe.
             self.reply_error(Err.UNAVAILABLE, "gift could not be confirmed; retry with the same id", msg.id)
+        finally:
+            # In the same step as the reply: a client that got its answer can send again.
+            self.gifts_in_flight -= 1
 
     async def _gift(self, msg: protocol.Gift) -> None:
         node, conn, principal = self.node, self.conn, self.conn.principal

@@ -9,6 +9,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+import msgpack
 import pytest
 
 from tests.support import Api, ServerProc, join, token, wait_until
@@ -239,8 +240,40 @@ async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
         close_at = data.rfind(b"\x88")
         assert close_at >= 0, "no close frame"
         length = data[close_at + 1]
-        code, reason = struct.unpack("!H", data[close_at + 2 : close_at + 4])[0], data[close_at + 4 : close_at + 2 + length]
+        code = struct.unpack("!H", data[close_at + 2 : close_at + 4])[0]
+        reason = data[close_at + 4 : close_at + 2 + length]
         assert code == 4008 and reason.startswith(b"slow consumer, resume; retry_ms="), (code, reason)
         assert 200 <= int(reason.rsplit(b"=", 1)[1]) < 1000
     finally:
         stalled.close()
+
+
+async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Callable[..., ServerProc],
+                                                              redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_PING_INTERVAL_S": "0.5",
+                                                   "GIFTSTREAM_PING_TIMEOUT_S": "0.5"}).start()
+    room = await _setup(server, "kh")
+    dead = _raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('dead')}")
+    try:
+        async with join(server, room, token("alive")) as alive:  # websockets answers pings itself
+            info = Api(server, token("alive"))
+
+            async def dead_dropped() -> bool:
+                return (await info.client.get(f"/v1/rooms/{room}")).json()["viewers"] == 1
+
+            await wait_until(dead_dropped, timeout=15, interval=0.3)
+            await info.close()
+            await alive.send({"type": "ping", "id": "still-here"})
+            while (await alive.recv())["type"] != "pong":
+                pass
+    finally:
+        dead.close()
+
+
+async def test_fragmented_messages_are_reassembled(fast_server: ServerProc) -> None:
+    room = await _setup(fast_server, "fh", "fa")
+    async with join(fast_server, room, token("fa")) as a:
+        payload = msgpack.packb({"type": "gift", "id": "frag-1", "gift": "rose", "count": 3})
+        await a.ws.send([payload[:5], payload[5:11], payload[11:]])  # one message, three frames
+        reply = await a.reply("frag-1")
+        assert reply["type"] == "ack" and reply["balance"] == 4997

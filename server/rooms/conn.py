@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket
 from server.auth import Principal
 from server.codes import Close, reconnect_reason
 from server.rooms.frames import OutFrame
+from server.rooms.takeover import RoomProtocol
 from server.transport_probe import SCOPE_KEY
 
 log = logging.getLogger("giftstream.conn")
@@ -41,17 +42,18 @@ class Conn:
                  "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",
                  "last_offset", "live_from", "bucket", "__weakref__")
 
-    def __init__(self, ws: WebSocket, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
+    def __init__(self, ws: WebSocket | None, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
         self.ws = ws
         self.subprotocol = subprotocol
         self.principal = principal
         self.room_id = room_id
         self.cap = cap
-        self._proto: Any = _uvicorn_protocol(ws)
+        self._proto: Any = _uvicorn_protocol(ws) if ws is not None else None
         self._transport: Any = self._proto.transport if self._proto is not None else None
-        self._queue: deque[tuple[bytes | str, int]] = deque()
+        # The fallback writer's queue; direct sockets never need it (memory per idle viewer).
+        self._queue: deque[tuple[bytes | str, int]] | None = None if self._transport is not None else deque()
         self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
+        self._wakeup: asyncio.Event | None = None if self._transport is not None else asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.closed = False
         self.close_code: int | None = None
@@ -62,6 +64,13 @@ class Conn:
         self.live_from: str | None = None
         self.last_offset: str | None = None
         self.bucket: Any = None
+
+    def adopt(self, room: RoomProtocol) -> None:
+        """The socket left uvicorn (see takeover.py): write through the new protocol, and let go
+        of the ASGI objects so an idle viewer costs only what it needs."""
+        self._proto = room
+        self._transport = room.transport
+        self.ws = None
 
     def set_kernel_sndbuf(self, size: int) -> None:
         sock = self._transport.get_extra_info("socket") if self._transport is not None else None
@@ -94,6 +103,7 @@ class Conn:
                 return False
             self._transport.write(raw)
         else:
+            assert self._queue is not None and self._wakeup is not None
             self._queue.append((payload, len(raw)))
             self._queued_bytes += len(raw)
             self._wakeup.set()
@@ -106,6 +116,7 @@ class Conn:
         return self.send(OutFrame(message))
 
     async def _drain(self) -> None:
+        assert self._queue is not None and self._wakeup is not None
         try:
             while not self.closed:
                 if not self._queue:
@@ -114,6 +125,7 @@ class Conn:
                     continue
                 payload, nbytes = self._queue.popleft()
                 self._queued_bytes -= nbytes
+                assert self.ws is not None
                 if isinstance(payload, str):
                     await self.ws.send_text(payload)
                 else:
@@ -127,7 +139,10 @@ class Conn:
             return
         self.closed = True
         self.close_code = code
-        if self._proto is not None:
+        if isinstance(self._proto, RoomProtocol):
+            self._proto.send_close(code, reason)
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._transport.abort)
+        elif self._proto is not None:
             proto = self._proto
             with contextlib.suppress(Exception):
                 if not proto.close_sent and not self._transport.is_closing():
@@ -145,6 +160,7 @@ class Conn:
             asyncio.get_running_loop().create_task(self._close_fallback(code, reason))
 
     async def _close_fallback(self, code: int, reason: str) -> None:
+        assert self.ws is not None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code, reason), CLOSE_GRACE_S)
 
@@ -152,7 +168,7 @@ class Conn:
         """Close after what is already queued has been written."""
         if self.closed:
             return
-        if self._transport is None and self._queue:
+        if self._transport is None and self._queue:  # fallback: let the writer finish
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_GRACE_S):
                     while self._queue and not self.closed:

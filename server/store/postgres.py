@@ -1,8 +1,8 @@
 """PostgreSQL backend (asyncpg): the same behaviour as SQLite, for several nodes and settlers.
 
-A batch settles in one transaction of a handful of statements, whatever its size: the
-movements go in as binary array parameters expanded by unnest() (ON CONFLICT tells which
-are new), the gift and ledger rows of the new ones by binary COPY.
+A batch settles in one transaction of a handful of statements, whatever its size: rows go
+in by binary COPY, or, for movements when some were settled before, as binary array
+parameters expanded by unnest() with ON CONFLICT telling which are new.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ MIGRATE_LOCK = zlib.crc32(b"giftstream.migrate")
 _ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
                  " payment_method, status, created_at FROM orders")
 
+_MOVEMENT_COLUMNS = ["part", "seq", "kind", "user_id", "coins", "ref", "created_at"]
+# The keyed insert, for batches holding movements settled before.
 _INSERT_MOVEMENTS = (
     "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
     " SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
     " $7::float8[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
-# Gifts and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
+# Gift and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
 # keyed by movements inserted just now, so no conflict is possible; if one happens the ledger
 # is inconsistent, and COPY fails the batch loudly (as SQLite does) instead of skipping rows.
 _GIFT_COLUMNS = ["id", "part", "seq", "sender_id", "sender_name", "host_id", "room_id", "gift", "count",
@@ -203,7 +205,8 @@ class PostgresStore:
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
             inserted = await self._insert_movements(conn, b.movements)
-            if len(inserted) < len(distinct):  # some were settled before: rows for the new ones only
+            if inserted is not None and len(inserted) < len(distinct):
+                # Some were settled before: rows for the new ones only.
                 fresh = [m for m in distinct if (m.partition, m.seq) in inserted]
                 b = rowbuild.build(fresh, now)
             await self._insert_rows(conn, b)
@@ -211,10 +214,20 @@ class PostgresStore:
 
     @staticmethod
     async def _insert_movements(conn: asyncpg.Connection,
-                                rows: list[rowbuild.MovementRow]) -> set[tuple[int, int]]:
-        """Insert every movement not settled before; return the (partition, seq) of those."""
+                                rows: list[rowbuild.MovementRow]) -> set[tuple[int, int]] | None:
+        """Insert every movement not settled before: None when that was all of them, else the
+        (partition, seq) of those inserted."""
         if not rows:
-            return set()
+            return None
+        # Fast path, the usual case: plain COPY, about twice as fast as the keyed insert below.
+        # A movement settled before (a redelivery) fails it on the primary key; the savepoint
+        # undoes the COPY alone and the keyed insert skips what is already there.
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table("movements", records=rows, columns=_MOVEMENT_COLUMNS)
+            return None
+        except asyncpg.UniqueViolationError:
+            pass
         columns = list(zip(*rows, strict=True))
         return {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *columns)}
 

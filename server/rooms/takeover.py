@@ -1,0 +1,181 @@
+"""After the handshake, a room socket leaves uvicorn: a light protocol owns its bytes.
+
+uvicorn keeps, per WebSocket, a protocol object, an ASGI task with its coroutine stack,
+a receive queue and a scope; an idle viewer needs none of them. Once a viewer has joined,
+its transport is handed to `RoomProtocol`, which feeds bytes to the same websockets
+sans-I/O `ServerProtocol` uvicorn used for the handshake and hands whole messages to the
+session with no task per socket. Keepalive pings come from one node-wide timer
+(`Keepalive`), not one timer per socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from websockets.frames import Opcode
+from websockets.protocol import State
+
+from server.codes import Close
+
+log = logging.getLogger("giftstream.takeover")
+
+# A timer that never fires: uvicorn closes the transport when the ASGI app returns unless a
+# close timer is pending; after a takeover the socket is no longer uvicorn's to close.
+_NEVER: asyncio.TimerHandle | None = None
+
+
+def _never(loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle:
+    global _NEVER
+    if _NEVER is None:
+        _NEVER = loop.call_later(10**9, lambda: None)
+    return _NEVER
+
+
+class RoomProtocol(asyncio.Protocol):
+    """The bytes of one taken-over room socket."""
+
+    __slots__ = ("ws", "transport", "on_message", "on_lost", "close_sent", "disconnected",
+                 "ping_sent_at", "last_seen", "_fragments", "_fragment_text")
+
+    def __init__(self, ws: Any, transport: asyncio.Transport,
+                 on_message: Callable[[bytes | str], None], on_lost: Callable[[], None]) -> None:
+        self.ws = ws  # websockets.server.ServerProtocol, state OPEN
+        self.transport = transport
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.close_sent = False
+        self.disconnected = False
+        self.ping_sent_at = 0.0
+        self.last_seen = time.monotonic()
+        self._fragments: list[bytes] | None = None
+        self._fragment_text = False
+
+    # The attributes `Conn` reads on uvicorn's protocol, for the same checks.
+    @property
+    def conn(self) -> Any:
+        return self.ws
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        self.ws.receive_data(data)
+        for frame in self.ws.events_received():
+            self._frame(frame)
+        self._flush()
+
+    def _frame(self, frame: Any) -> None:
+        op = frame.opcode
+        if op is Opcode.TEXT or op is Opcode.BINARY:
+            if not frame.fin:
+                self._fragments, self._fragment_text = [bytes(frame.data)], op is Opcode.TEXT
+                return
+            self._deliver(bytes(frame.data), op is Opcode.TEXT)
+        elif op is Opcode.CONT and self._fragments is not None:
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), None
+                self._deliver(data, self._fragment_text)
+        elif op is Opcode.PONG:
+            self.ping_sent_at = 0.0
+        # PING is answered and CLOSE is handled by the sans-I/O protocol itself.
+
+    def _deliver(self, data: bytes, text: bool) -> None:
+        if self.close_sent:
+            return
+        if text:
+            try:
+                self.on_message(data.decode())
+            except UnicodeDecodeError:
+                self.on_message(b"\xc1")  # undecodable: answered as a malformed frame
+            return
+        self.on_message(data)
+
+    def _flush(self) -> None:
+        out = self.ws.data_to_send()
+        if out:
+            payload = b"".join(out)
+            if payload:
+                self.transport.write(payload)
+        if self.ws.state is State.CLOSED or self.ws.close_expected():
+            self.close_sent = True
+            self.transport.close()
+
+    def send_close(self, code: int, reason: str) -> None:
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.ws.send_close(code, reason)
+        self.close_sent = True
+        out = self.ws.data_to_send()
+        if out:
+            self.transport.write(b"".join(out))
+
+    def ping(self) -> None:
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.ping_sent_at = time.monotonic()
+        self.ws.send_ping(b"gs")
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # the peer is gone: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        self.on_lost()
+
+
+def take_over(uvicorn_proto: Any, on_message: Callable[[bytes | str], None],
+              on_lost: Callable[[], None]) -> RoomProtocol | None:
+    """Move a live socket from uvicorn to a RoomProtocol; None if it cannot be done safely."""
+    transport = uvicorn_proto.transport
+    if transport.is_closing() or uvicorn_proto.close_sent or uvicorn_proto.disconnected:
+        return None
+    ws = uvicorn_proto.conn
+    if ws.state is not State.OPEN or uvicorn_proto.frames:  # mid-fragment: leave it to uvicorn
+        return None
+    room = RoomProtocol(ws, transport, on_message, on_lost)
+    uvicorn_proto.stop_keepalive()
+    # uvicorn must neither close this transport when the ASGI app returns nor track it any longer.
+    uvicorn_proto.close_timer = _never(asyncio.get_running_loop())
+    uvicorn_proto.connections.discard(uvicorn_proto)
+    transport.set_protocol(room)
+    if uvicorn_proto.read_paused:
+        transport.resume_reading()
+    return room
+
+
+class Keepalive:
+    """One timer pings every taken-over socket and drops those that stopped answering."""
+
+    def __init__(self, sockets: Callable[[], Iterable[RoomProtocol]], interval_s: float, timeout_s: float) -> None:
+        self.sockets = sockets
+        self.interval = interval_s
+        self.timeout = timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="giftstream-keepalive")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            for sock in list(self.sockets()):
+                if sock.ping_sent_at and now - sock.ping_sent_at > self.timeout:
+                    self.dropped += 1
+                    sock.send_close(Close.PING_TIMEOUT, "keepalive ping timeout")
+                    sock.transport.abort()
+                elif now - sock.last_seen >= self.interval * 0.5 and not sock.ping_sent_at:
+                    sock.ping()
