@@ -7,6 +7,7 @@ own, created on that server and dropped after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -69,8 +70,8 @@ class Backend:
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         if isinstance(self.store, SQLiteStore):
-            with sqlite3.connect(self.store.path) as conn:
-                return [tuple(r) for r in conn.execute(sql).fetchall()]
+            with contextlib.closing(sqlite3.connect(self.store.path)) as db:
+                return [tuple(r) for r in db.execute(sql).fetchall()]
         conn = await asyncpg.connect(self.url)
         try:
             return [tuple(r) for r in await conn.fetch(sql)]
@@ -112,16 +113,18 @@ async def backend(empty_url: str) -> AsyncIterator[Backend]:
 
 # --- movements ------------------------------------------------------------------------------
 
+TS0 = 1_767_225_600_000  # 2026-01-01, ms
+
 
 def gift(part: int, seq: int, *, user: str = "viewer-1", host: str = "host-1", coins: int = 1,
          bp: int = 5000, room: str = "room-1") -> Movement:
-    return Movement(partition=part, seq=seq, kind="g", user_id=user, coins=coins, ts_ms=1_767_225_600_000 + seq,
-                    gift_id=f"g{part}-{seq}", sender_name=user.title(), host_id=host, room_id=room, gift="rose",
-                    count=coins, share_bp=bp, client_id=f"c-{part}-{seq}")
+    return Movement(partition=part, seq=seq, kind="g", user_id=user, coins=coins, ts_ms=TS0 + seq,
+                    gift_id=f"g{part}-{seq}", sender_name=user.title(), host_id=host, room_id=room,
+                    gift="rose", count=coins, share_bp=bp, client_id=f"c-{part}-{seq}")
 
 
 def credit(part: int, seq: int, *, user: str = "viewer-1", coins: int = 100, order: str = "") -> Movement:
-    return Movement(partition=part, seq=seq, kind="c", user_id=user, coins=coins, ts_ms=1_767_225_600_000 + seq,
+    return Movement(partition=part, seq=seq, kind="c", user_id=user, coins=coins, ts_ms=TS0 + seq,
                     order_id=order or f"o-{part}-{seq}", credit_kind="recharge")
 
 
@@ -226,7 +229,8 @@ async def test_a_thousand_one_coin_gifts_at_half_share_make_500_diamonds(backend
 
 async def test_odd_shares_are_kept_exactly(backend: Backend) -> None:
     """1 coin at 33.33% is 3333 units; summed, nothing is rounded away."""
-    await backend.store.settle([gift(0, s, coins=1, bp=3333) for s in range(1, 4)] + [gift(0, 4, coins=7, bp=1)])
+    await backend.store.settle([gift(0, s, coins=1, bp=3333) for s in range(1, 4)]
+                               + [gift(0, 4, coins=7, bp=1)])
     assert await backend.store.earnings("host-1") == (3 * 3333 + 7, 4)
 
 
@@ -240,12 +244,14 @@ async def test_ledger_sums_to_zero_per_unit_and_per_movement(backend: Backend) -
     assert unbalanced == []
     host = await backend.query("SELECT SUM(delta) FROM ledger WHERE account = 'host:host-1'")
     assert int(host[0][0]) == 123 * 4321
-    user = await backend.query("SELECT SUM(delta) FROM ledger WHERE account = 'user:viewer-1' AND unit = 'coin'")
+    user = await backend.query(
+        "SELECT SUM(delta) FROM ledger WHERE account = 'user:viewer-1' AND unit = 'coin'")
     assert int(user[0][0]) == 500 - 123
 
 
 async def test_credits_mark_orders_credited(backend: Backend) -> None:
-    for oid, key, status in (("o1", "k1", ORDER_PENDING), ("o2", "k2", ORDER_PAID), ("o3", "k3", ORDER_DECLINED)):
+    for oid, key, status in (("o1", "k1", ORDER_PENDING), ("o2", "k2", ORDER_PAID),
+                             ("o3", "k3", ORDER_DECLINED)):
         await backend.store.create_order(order(oid, key=key, status=status))
     result = await backend.store.settle([credit(0, 1, order="o1"), credit(0, 2, order="o2"),
                                          credit(0, 3, order="o3")])
@@ -258,7 +264,8 @@ async def test_credits_mark_orders_credited(backend: Backend) -> None:
 async def test_audit_and_rebuild_figures(backend: Backend) -> None:
     store = backend.store
     await store.settle([credit(0, 1, user="a", coins=1000), gift(0, 2, user="a", coins=30),
-                        gift(0, 3, user="a", host="host-2", coins=20, bp=2500), credit(1, 1, user="b", coins=50),
+                        gift(0, 3, user="a", host="host-2", coins=20, bp=2500),
+                        credit(1, 1, user="b", coins=50),
                         gift(1, 2, user="b", coins=50)])
     assert await store.partition_totals(0, 10) == PartitionTotals(3, 1000, 50)
     assert await store.partition_totals(0, 2) == PartitionTotals(2, 1000, 30)
@@ -270,7 +277,8 @@ async def test_audit_and_rebuild_figures(backend: Backend) -> None:
     assert await store.wallet_totals() == {"a": (1000, 50), "b": (50, 50)}
     host_units = 30 * 5000 + 20 * 2500 + 50 * 5000
     assert await store.diamond_figures() == {
-        "gift_diamond_units": host_units, "gifts": 3, "host_diamond_units": host_units, "host_gifts_received": 3,
+        "gift_diamond_units": host_units, "gifts": 3,
+        "host_diamond_units": host_units, "host_gifts_received": 3,
         "ledger_host_diamond_units": host_units, "unbalanced_units": 0}
 
 
@@ -455,13 +463,13 @@ async def wallet(redis: Redis) -> Wallet:
     return Wallet(redis, ScriptBatcher(redis, scripts), Settings(partitions=PARTITIONS))
 
 
-async def _make_traffic(wallet: Wallet, users: list[str]) -> None:
+async def _make_traffic(wallet: Wallet, users: list[str], gifts: int = 300) -> None:
     """Credits and gifts through the real Lua scripts, every user in a different state."""
     rng = random.Random(7)
     for i, user in enumerate(users):
-        await wallet.credit(user, f"order-{user}", 1000 + i)
+        await wallet.credit(user, f"order-{user}", 10 * gifts + i)
     sends = []
-    for n in range(300):
+    for n in range(gifts):
         user = rng.choice(users)
         sends.append(wallet.send_gift(GiftOrder(client_id=f"cid-{n}", sender_id=user, sender_name=user,
                                                 host_id=f"host-{n % 3}", room_id="room-1", gift="rose",
@@ -469,7 +477,7 @@ async def _make_traffic(wallet: Wallet, users: list[str]) -> None:
     await asyncio.gather(*sends)
 
 
-async def _wallets(redis: Redis, users: list[str]) -> dict[str, dict[str, str]]:
+async def _wallets(redis: Redis, users: list[str]) -> dict[str, dict[str, Any]]:
     out = {}
     for user in users:
         values = await redis.hmget(UserKeys(user, PARTITIONS).wallet, ["coins", "credited", "spent"])
@@ -477,11 +485,12 @@ async def _wallets(redis: Redis, users: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-async def test_rebuild_wallets_restores_balances_exactly(backend: Backend, redis: Redis, wallet: Wallet) -> None:
+async def test_rebuild_wallets_restores_balances_exactly(backend: Backend, redis: Redis,
+                                                         wallet: Wallet) -> None:
     users = [f"user-{i}" for i in range(12)]
     await _make_traffic(wallet, users)
-    kept = GiftOrder(client_id="kept", sender_id=users[0], sender_name="zero", host_id="host-0", room_id="room-1",
-                     gift="rose", count=2, unit_coins=5)
+    kept = GiftOrder(client_id="kept", sender_id=users[0], sender_name="zero", host_id="host-0",
+                     room_id="room-1", gift="rose", count=2, unit_coins=5)
     first = await wallet.send_gift(kept)
     settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="test", max_batch=64)
     assert await settler.settle_once(block_ms=None) > 0  # part settled, part still in the outbox
@@ -517,7 +526,31 @@ async def test_rebuild_wallets_restores_balances_exactly(backend: Backend, redis
     assert (await run_audit(redis, backend.store, PARTITIONS))["ok"]
 
 
-async def test_rebuild_never_writes_a_partition_that_moved(backend: Backend, redis: Redis, wallet: Wallet) -> None:
+async def test_rebuild_beside_a_running_settler_sees_every_movement_once(
+        backend: Backend, redis: Redis, wallet: Wallet) -> None:
+    """Entries committed to SQL while the rebuild reads must be counted once, not zero or two times."""
+    users = [f"user-{i}" for i in range(8)]
+    await _make_traffic(wallet, users, gifts=3000)
+    original = await _wallets(redis, users)
+    settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="test", max_batch=64)
+
+    async def settle_all() -> None:
+        while await settler.settle_once(block_ms=None):
+            await asyncio.sleep(0.01)  # let the rebuild's reads fall between commits
+
+    settling = asyncio.create_task(settle_all())
+    reports = []
+    while not settling.done():
+        reports.append(await rebuild_wallets(redis, backend.store, PARTITIONS))
+    await settling
+    assert settler.batches >= 5 and len(reports) >= 3
+    assert [r["changed"] for r in reports] == [0] * len(reports)
+    assert all(r["ok"] for r in reports)
+    assert await _wallets(redis, users) == original
+
+
+async def test_rebuild_never_writes_a_partition_that_moved(backend: Backend, redis: Redis,
+                                                           wallet: Wallet) -> None:
     await wallet.credit("alice", "order-1", 100)
     keys = UserKeys("alice", PARTITIONS)
     seq = int(await redis.hget(totals_key(keys.partition), "seq") or 0)
