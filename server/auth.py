@@ -16,6 +16,18 @@ ADULT_AGE: Final = 18
 ALGORITHM: Final = "HS256"
 
 
+_today_cache: tuple[int, dt.date] = (-1, dt.date.min)
+
+
+def _today() -> dt.date:
+    """Today in UTC, memoised per second: the age check runs on every gift."""
+    global _today_cache
+    second = int(time.time())
+    if _today_cache[0] != second:
+        _today_cache = (second, dt.datetime.fromtimestamp(second, dt.UTC).date())
+    return _today_cache[1]
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     user_id: str
@@ -26,7 +38,7 @@ class Principal:
     def is_adult(self, today: dt.date | None = None) -> bool:
         if self.birthdate is None:
             return False
-        today = today or dt.datetime.now(dt.UTC).date()
+        today = today or _today()
         b = self.birthdate
         age = today.year - b.year - ((today.month, today.day) < (b.month, b.day))
         return age >= ADULT_AGE

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import ResponseError
 
+from server.fastpipe import FastPipe, is_noscript
 from server.scripts import Scripts
 
 
@@ -23,8 +25,10 @@ class _Call:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, scripts: Scripts, max_batch: int = 500) -> None:
+    def __init__(self, redis: Redis, scripts: Scripts, pipe: FastPipe | None = None, max_batch: int = 500) -> None:
+        # redis-py only to (re)load scripts; batches go through the lean pipeline.
         self.redis = redis
+        self.pipe = pipe or FastPipe.like(redis)
         self.scripts = scripts
         self.max_batch = max_batch
         self._queue: list[_Call] = []
@@ -59,16 +63,13 @@ class ScriptBatcher:
         pending = batch
         try:
             for _attempt in range(2):
-                pipe = self.redis.pipeline(transaction=False)
-                for c in pending:
-                    self.scripts.queue(pipe, c.name, c.keys, c.args)
-                results = await pipe.execute(raise_on_error=False)
+                results = await self.pipe.execute([self.scripts.command(c.name, c.keys, c.args) for c in pending])
                 retry: list[_Call] = []
                 for c, result in zip(pending, results, strict=True):
-                    if isinstance(result, NoScriptError):
+                    if is_noscript(result):
                         retry.append(c)  # not executed: safe to send again
-                    elif isinstance(result, Exception):
-                        _settle(c.future, exc=result)
+                    elif isinstance(result, hiredis.ReplyError):
+                        _settle(c.future, exc=ResponseError(str(result)))
                     else:
                         _settle(c.future, result=result)
                 if not retry:

@@ -13,6 +13,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from server import catalog as catalog_mod
 from server.batcher import ScriptBatcher
 from server.embedded import Embedded
+from server.fastpipe import FastPipe
 from server.keys import RoomKeys
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
@@ -48,7 +49,8 @@ class Node:
         self.redis_bin = redis_client(settings.redis_url, decode=False)
         self.store: Store = open_store(settings.effective_database_url)
         self.scripts = Scripts()
-        self.batcher = ScriptBatcher(self.redis, self.scripts)
+        self.fastpipe = FastPipe(settings.redis_url)
+        self.batcher = ScriptBatcher(self.redis, self.scripts, self.fastpipe)
         self.catalog = catalog_mod.load()
         self.wallet = Wallet(self.redis, self.batcher, settings)
         self.rooms = Rooms(self.redis_bin, self.batcher, settings)
@@ -127,6 +129,7 @@ class Node:
         if self.settings.settler:
             await self.settler.stop(flush=True)
         await self.store.close()
+        await self.fastpipe.aclose()
         await self.redis.aclose()
         await self.redis_bin.aclose()
         if self.embedded is not None:

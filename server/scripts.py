@@ -7,7 +7,6 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 # script name -> package holding its .lua file
@@ -41,5 +40,5 @@ class Scripts:
             await self.load(redis)
             return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
 
-    def queue(self, pipe: Pipeline, name: str, keys: list[str], args: list[Any]) -> None:
-        pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+    def command(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
+        return ["EVALSHA", self.sha[name], len(keys), *keys, *args]

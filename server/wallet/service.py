@@ -44,8 +44,17 @@ class GiftOrder:
         return f"{self.room_id}|{self.gift}|{self.count}"
 
 
+_month_cache: tuple[int, str] = (-1, "")
+
+
 def month_of(ts: float | None = None) -> str:
-    return dt.datetime.fromtimestamp(ts if ts is not None else time.time(), dt.UTC).strftime("%Y-%m")
+    """YYYY-MM in UTC; memoised per second (it is asked once per gift)."""
+    global _month_cache
+    now = ts if ts is not None else time.time()
+    second = int(now)
+    if _month_cache[0] != second:
+        _month_cache = (second, dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m"))
+    return _month_cache[1]
 
 
 def _text(value: Any) -> str:
