@@ -194,16 +194,15 @@ async def _drain(redis: Redis, store: Store, args: argparse.Namespace) -> tuple[
     settlers = [Settler(redis, store, partitions=args.partitions, consumer=f"bench-{i}", max_batch=args.batch)
                 for i in range(args.settlers)]
 
-    async def run(settler: Settler) -> None:
-        while await settler.settle_once(block_ms=None):
-            pass
-
+    # The production loop (Settler.run: read the next batch while the last one commits).
     started = time.perf_counter()
-    while True:
-        await asyncio.gather(*(run(s) for s in settlers))
-        if (await outbox_lag(redis, args.partitions))["outbox_entries"] == 0:
-            break
+    for s in settlers:
+        s.start()
+    while (await outbox_lag(redis, args.partitions))["outbox_entries"] > 0:
+        await asyncio.sleep(0.01)
     seconds = time.perf_counter() - started
+    for s in settlers:
+        await s.stop(flush=False)
     return sum(s.settled for s in settlers), seconds, sum(s.batches for s in settlers)
 
 

@@ -51,7 +51,7 @@ class Settings:
     idempotency_ttl_s: int = 24 * 3600
     max_gift_count: int = 9999
     settler: bool = True
-    settle_batch: int = 2000
+    settle_batch: int = 8000
     # Pending outbox entries idle this long are claimed from a dead settler.
     settle_claim_idle_ms: int = 30_000
     migrate_on_start: bool = True

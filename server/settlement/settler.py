@@ -46,7 +46,9 @@ class Settler:
         self.max_batch = max_batch
         self.claim_idle_ms = claim_idle_ms
         self.streams = [outbox_key(p) for p in range(partitions)]
-        self._count = max(MIN_COUNT, max_batch // 4)
+        # XREADGROUP's COUNT is per stream: the per-stream share of the batch budget.
+        self._per_stream_max = max(MIN_COUNT, max_batch // partitions)
+        self._count = max(MIN_COUNT // 4, self._per_stream_max // 4)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # figures for /metrics and /healthz
@@ -78,16 +80,32 @@ class Settler:
         await ensure_groups(self.redis, self.partitions)
         await self._settle_backlog("0")  # our own pending entries from before a restart
         last_claim = 0.0
-        while not self._stopping.is_set():
-            try:
-                if time.monotonic() - last_claim > max(1.0, self.claim_idle_ms / 3000):
-                    last_claim = time.monotonic()
-                    await self.claim_abandoned()
-                await self.settle_once(block_ms=200)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis gone: retry, never die
-                await self._backoff(exc)
+        # One batch commits while the next is read and parsed: two stages, commits in order.
+        committing: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if time.monotonic() - last_claim > max(1.0, self.claim_idle_ms / 3000):
+                        last_claim = time.monotonic()
+                        if committing is not None:
+                            await committing
+                            committing = None
+                        await self.claim_abandoned()
+                    entries = await self._read(start_id=">", block_ms=200)
+                    movements = [Movement.from_fields(fields) for _, _, fields in entries]
+                    if committing is not None:
+                        await committing
+                        committing = None
+                    if entries:
+                        committing = asyncio.get_running_loop().create_task(self._settle(entries, movements))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis gone: retry, never die
+                    committing = None
+                    await self._backoff(exc)
+        finally:
+            if committing is not None:
+                await asyncio.shield(committing)
 
     async def _settle_backlog(self, start: str) -> None:
         while True:
@@ -133,13 +151,15 @@ class Settler:
                     out.append((stream, mid, fields))
         # Adapt batch size to the backlog: grow while reads come back full, shrink when idle.
         if full:
-            self._count = min(self.max_batch, self._count * 2)
+            self._count = min(self._per_stream_max, self._count * 2)
         elif len(out) < self._count // 4:
-            self._count = max(MIN_COUNT, self._count // 2)
+            self._count = max(MIN_COUNT // 4, self._count // 2)
         return out
 
-    async def _settle(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
-        movements = [Movement.from_fields(fields) for _, _, fields in entries]
+    async def _settle(self, entries: list[tuple[str, str, dict[str, Any]]],
+                      movements: list[Movement] | None = None) -> None:
+        if movements is None:
+            movements = [Movement.from_fields(fields) for _, _, fields in entries]
         delay = BACKOFF_MIN_S
         while True:
             try:

@@ -11,6 +11,8 @@ def migrations() -> list[tuple[int, str]]:
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
             out.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    if not out:
+        raise RuntimeError("no schema migrations found in the package (server/store/sql/*.sql)")
     return sorted(out)
 
 

@@ -27,7 +27,6 @@ class BatchRows:
     credited_orders: list[str] = field(default_factory=list)
     # host -> (diamond units, gifts)
     hosts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
-    users: dict[str, str] = field(default_factory=dict)
 
 
 def build(movements: list[Movement], now: float) -> BatchRows:
@@ -51,6 +50,4 @@ def build(movements: list[Movement], now: float) -> BatchRows:
         host = rows.hosts[m.host_id]
         host[0] += units
         host[1] += 1
-        if m.sender_name:
-            rows.users[m.user_id] = m.sender_name
     return rows

@@ -42,10 +42,11 @@ class SQLiteStore:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
             # FULL: a committed settlement survives power loss, as the AOF does for wallets.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA cache_size=-131072")  # 128 MiB of page cache: settlement batches
             self._conn = conn
         return self._conn
 
@@ -197,6 +198,19 @@ class SQLiteStore:
 
 _ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method,"
                  " status, created_at FROM orders")
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Switch to WAL; two processes opening a new file at once (serve --workers) race on it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _order(row: Any) -> Order:
