@@ -38,6 +38,26 @@ def pack(command: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
+class Address:
+    __slots__ = ("db", "host", "password", "port", "username")
+
+    def __init__(self, host: str, port: int, db: int, username: str | None, password: str | None) -> None:
+        self.host, self.port, self.db, self.username, self.password = host, port, db, username, password
+
+    def auth_command(self) -> list[Arg]:
+        assert self.password is not None
+        return ["AUTH", self.username, self.password] if self.username else ["AUTH", self.password]
+
+
+def redis_address(url: str) -> Address:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", ""):
+        raise ValueError("the lean Redis paths speak plain redis:// (use redis-py for TLS)")
+    return Address(parts.hostname or "127.0.0.1", parts.port or 6379, int(parts.path.lstrip("/") or 0),
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+
 class _Conn:
     __slots__ = ("reader", "writer", "parser")
 
@@ -65,14 +85,9 @@ class _Conn:
 
 class FastPipe:
     def __init__(self, url: str, max_connections: int = 8, timeout_s: float = 10.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", ""):
-            raise ValueError("the fast pipeline speaks plain redis:// (use redis-py for TLS)")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        self.db = int(parts.path.lstrip("/") or 0)
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
+        addr = redis_address(url)
+        self.host, self.port, self.db = addr.host, addr.port, addr.db
+        self.username, self.password = addr.username, addr.password
         self.timeout = timeout_s
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_connections)

@@ -277,3 +277,21 @@ async def test_fragmented_messages_are_reassembled(fast_server: ServerProc) -> N
         await a.ws.send([payload[:5], payload[5:11], payload[11:]])  # one message, three frames
         reply = await a.reply("frag-1")
         assert reply["type"] == "ack" and reply["balance"] == 4997
+
+
+async def test_bus_reconnect_catches_up_without_gaps(fast_server: ServerProc, redis_url: str) -> None:
+    import redis as redis_sync
+
+    room = await _setup(fast_server, "bh", "ba")
+    async with join(fast_server, room, token("bw")) as w, join(fast_server, room, token("ba")) as a:
+        await _send_all(a, ["before"])
+        await w.wait_events(1)
+        # Cut the node's pub/sub connection; gifts published meanwhile never reach it by pub/sub.
+        killed = redis_sync.Redis.from_url(redis_url).client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        sent = await _send_all(a, [f"gap{i}" for i in range(30)])
+        gifts = await w.wait_events(31, timeout=20)
+        await w.drain(0.5)
+    gifts = [e for e in w.events if e["type"] == "gift"]
+    assert sorted(g["gift_id"] for g in gifts[1:]) == sorted(r["gift_id"] for r in sent)
+    assert len({g["gift_id"] for g in gifts}) == len(gifts) == 31
