@@ -12,7 +12,8 @@ import time
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
 
-from loadtests.stats import Hist, np
+from loadtests.stats import Hist
+from loadtests.stats import np as np  # None without numpy
 
 if TYPE_CHECKING:
     from loadtests.members import Member
@@ -44,7 +45,7 @@ def check_counts(members: list[Member], expected: Expected) -> dict[str, Any]:
     groups: dict[tuple[str, bytes, tuple[Any, ...]], list[Member]] = defaultdict(list)
     for m in members:
         groups[(m.room, m.frames.tobytes(), tuple(ids for ids, _ in m.extra))].append(m)
-    out = {"members_checked": len(members), "members_missing": 0, "members_duplicated": 0,
+    out: dict[str, Any] = {"members_checked": len(members), "members_missing": 0, "members_duplicated": 0,
            "missing_events": 0, "duplicate_events": 0, "unacked_events": 0, "distinct_sequences": len(groups)}
     examples: list[str] = []
     for (room, _, _), ms in groups.items():
@@ -69,8 +70,8 @@ def latency(members: list[Member], table_gifts: list[tuple[str, ...]], expected:
             t0: float) -> dict[str, Any]:
     """Delivery histograms (vs ack, vs first send), overall and per second of the run."""
     times: dict[str, tuple[float, float]] = {}
-    for ids in expected.values():
-        times.update(ids)
+    for room_times in expected.values():
+        times.update(room_times)
     vs_ack, vs_send = Hist(), Hist()
     per_sec: dict[int, Hist] = defaultdict(Hist)
     count_per_sec: Counter[int] = Counter()

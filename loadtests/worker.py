@@ -63,6 +63,7 @@ class Worker:
         self.errors: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.behind_max = 0
+        self.loop_lag_max = 0.0
 
     def track(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -113,12 +114,18 @@ class Worker:
         while time.time() < t0:
             await asyncio.sleep(min(0.01, max(0.0, t0 - time.time())))
         end = t0 + duration
+        total = int(self.rate * duration)
         stalled = False
         rr = 0
         n = len(self.gifters)
+        last = time.time()
         while True:
             now = time.time()
-            if now >= end:
+            # The client's own health: a long gap between ticks means this process, not the
+            # server, was the bottleneck for that moment.
+            self.loop_lag_max = max(self.loop_lag_max, now - last)
+            last = now
+            if now >= end and (self.sent >= total or not n or now >= end + 5):
                 break
             if stall_after is not None and not stalled and now >= t0 + stall_after:
                 stalled = True
@@ -126,7 +133,7 @@ class Worker:
                     if m.stall and m.proto is not None:
                         m.proto.pause()
             self.run_retries(now)
-            due = int(self.rate * (now - t0)) - self.sent
+            due = min(total, int(self.rate * (now - t0))) - self.sent
             tried = 0
             while due > 0 and n and tried < n:
                 m = self.gifters[rr % n]
@@ -171,7 +178,7 @@ class Worker:
                 self.resend(m, cid, now)
 
     def on_ack(self, m: Member, msg: dict[str, Any], now: float) -> None:
-        cid, gift_id = msg.get("id"), msg.get("gift_id")
+        cid, gift_id = str(msg.get("id")), str(msg.get("gift_id"))
         p = m.pending.pop(cid, None)
         before = self.acked.get(cid)
         if before is not None:
@@ -210,6 +217,7 @@ class Worker:
             "replayed": self.ack_replayed, "errors": dict(self.errors), "refused": dict(self.refused),
             "unacked": unacked, "duplicate_acks": self.duplicate_acks, "conflicts": self.conflicts[:100],
             "conflict_count": len(self.conflicts), "behind_max": self.behind_max,
+            "loop_lag_max_ms": round(self.loop_lag_max * 1000, 1),
             "cols": {"cid": self.ack_cid, "gift_id": self.ack_gift, "room": self.ack_room,
                      "send_t": self.ack_send, "ack_t": self.ack_at},
         }

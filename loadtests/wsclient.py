@@ -68,7 +68,7 @@ class WSClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
-        transport.write(self.request)
+        self.transport.write(self.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
