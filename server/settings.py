@@ -40,7 +40,7 @@ class Settings:
     send_buffer_cap: int = 1 << 20
     # Kernel send buffer per room socket (SO_SNDBUF); 0 keeps the kernel's autotuning. A small
     # value bounds kernel memory per viewer and makes stalls visible to send_buffer_cap sooner.
-    socket_sndbuf: int = 0
+    socket_sndbuf: int = 256 * 1024
     # Hand joined room sockets from uvicorn to a light protocol (rooms/takeover.py).
     takeover: bool = True
     ping_interval_s: float = 20.0

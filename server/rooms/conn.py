@@ -100,6 +100,9 @@ class Conn:
             proto = self._proto
             if proto.close_sent or proto.disconnected or self._transport.is_closing():
                 self.closed = True
+                # A close that a stalled peer never reads would keep it (and its buffer) forever.
+                if not self._transport.is_closing() or self._transport.get_write_buffer_size() > self.cap:
+                    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._transport.abort)
                 return False
             self._transport.write(raw)
         else:

@@ -22,7 +22,7 @@ log = logging.getLogger("giftstream.hub")
 
 class LocalRoom:
     __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "ended",
-                 "presence_sent", "leaderboard_sent", "subscribed")
+                 "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
@@ -36,6 +36,9 @@ class LocalRoom:
         self.presence_sent: int | None = None
         self.leaderboard_sent: list[Any] | None = None
         self.subscribed: asyncio.Future[None] | None = None
+        # Offset of the last event of the last frame sent to every ready socket: a socket whose
+        # last offset is exactly this needs no per-socket check (the common case, cheap).
+        self.flushed_upto: str | None = None
 
 
 def offset_after(offset: str | None, other: str | None) -> bool:
@@ -144,7 +147,8 @@ class Hub:
             if not conn.ready:
                 conn.held.extend(events)
                 continue
-            if first is not None and conn.last_offset is not None and not offset_after(first, conn.last_offset):
+            if (first is not None and conn.last_offset is not None and conn.last_offset != room.flushed_upto
+                    and not offset_after(first, conn.last_offset)):
                 # This socket already has some of these (its welcome or resume came after them,
                 # while they were still on the bus): send it only the newer ones.
                 self._send_newer(conn, events)
@@ -154,6 +158,8 @@ class Hub:
                 if last is not None:
                     conn.last_offset = last
         self.deliveries += sent * len(events)
+        if last is not None:
+            room.flushed_upto = last
         if room.ended:
             for conn in list(room.conns):
                 task = asyncio.get_running_loop().create_task(conn.close(Close.ROOM_ENDED, "room ended"))

@@ -139,9 +139,17 @@ class Settler:
         return claimed
 
     async def _read(self, start_id: str, block_ms: int | None) -> list[tuple[str, str, dict[str, str]]]:
-        reply: Any = await self.redis.xreadgroup(
-            SETTLER_GROUP, self.consumer, dict.fromkeys(self.streams, start_id),
-            count=self._count, block=block_ms)
+        # One XREADGROUP per partition, pipelined: each is short inside valkey, so debits are
+        # served between them (one read over all streams held valkey for up to ~90 ms), and
+        # per-partition reads are what a cluster needs anyway. Block only when all are empty.
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xreadgroup(SETTLER_GROUP, self.consumer, {stream: start_id}, count=self._count)
+        replies: Any = await pipe.execute()
+        reply: Any = [r[0] for r in replies if r]
+        if not reply and block_ms is not None:
+            reply = await self.redis.xreadgroup(SETTLER_GROUP, self.consumer, dict.fromkeys(self.streams, start_id),
+                                                count=self._count, block=block_ms)
         out: list[tuple[str, str, dict[str, str]]] = []
         full = False
         for stream, messages in reply or []:

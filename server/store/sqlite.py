@@ -64,7 +64,16 @@ class SQLiteStore:
         self._executor.shutdown(wait=True)
 
     async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+        """On a connection of its own: a health check must not queue behind settlement batches."""
+
+        def _ping() -> None:
+            conn = sqlite3.connect(self.path, timeout=2)
+            try:
+                conn.execute("SELECT 1").fetchone()
+            finally:
+                conn.close()
+
+        await asyncio.to_thread(_ping)
 
     async def migrate(self) -> int:
         def _migrate(conn: sqlite3.Connection) -> int:
