@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import struct
 from collections.abc import Callable
 
+import httpx
 import msgpack
 import pytest
 
@@ -295,3 +297,24 @@ async def test_bus_reconnect_catches_up_without_gaps(fast_server: ServerProc, re
     gifts = [e for e in w.events if e["type"] == "gift"]
     assert sorted(g["gift_id"] for g in gifts[1:]) == sorted(r["gift_id"] for r in sent)
     assert len({g["gift_id"] for g in gifts}) == len(gifts) == 31
+
+
+async def test_workers_share_one_port_as_one_system(make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env=FAST, args=["--workers", "2"]).start()
+    probe = Api(server, token("wp"))
+    nodes = set()
+    for _ in range(40):
+        async with httpx.AsyncClient(base_url=server.base) as fresh:  # a new connection each time
+            nodes.add((await fresh.get("/healthz")).json()["node"])
+        if len(nodes) == 2:
+            break
+    assert len(nodes) == 2, "two worker processes answer on the one port"
+    await probe.close()
+    room = await _setup(server, "wh2", "wa2")
+    async with contextlib.AsyncExitStack() as stack:
+        viewers = [await stack.enter_async_context(join(server, room, token(f"wv{i}"))) for i in range(6)]
+        sender = await stack.enter_async_context(join(server, room, token("wa2")))
+        sent = await _send_all(sender, [f"w{i}" for i in range(20)])
+        for v in viewers:
+            got = await v.wait_events(20)
+            assert sorted(g["gift_id"] for g in got) == sorted(r["gift_id"] for r in sent)
