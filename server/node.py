@@ -54,7 +54,7 @@ class Node:
         self.catalog = catalog_mod.load()
         self.wallet = Wallet(self.redis, self.batcher, settings)
         self.rooms = Rooms(self.redis_bin, self.batcher, settings)
-        self.hub = Hub(settings.tick_ms)
+        self.hub = Hub(settings.tick_ms, settings.pass_slice)
         self.bus = Bus(settings.redis_url, self.hub.deliver, catch_up=self.catch_up)
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())

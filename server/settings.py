@@ -33,6 +33,8 @@ class Settings:
     host_share_bp: int = 5000
     # Coalescing tick for busy rooms; a quiet room's event goes out at once.
     tick_ms: float = 20.0
+    # Sockets a room's frame is written to before other work gets the loop (big rooms).
+    pass_slice: int = 1000
     combo_window_s: float = 3.0
     resume_max_events: int = 10_000
     resume_max_age_s: int = 120
@@ -74,7 +76,7 @@ class Settings:
 
 _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
-        "settle_batch", "settle_claim_idle_ms", "token_ttl_s"}
+        "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s"}
 _BOOL = {"settler", "migrate_on_start", "takeover"}

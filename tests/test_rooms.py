@@ -16,8 +16,9 @@ import pytest
 
 from tests.support import Api, ServerProc, join, token, wait_until
 
+# Slices of 2 sockets: every multi-socket room here is written in several steps per frame.
 FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000",
-        "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2"}
+        "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2", "GIFTSTREAM_PASS_SLICE": "2"}
 
 
 @pytest.fixture

@@ -20,9 +20,22 @@ from server.rooms.frames import OutFrame
 log = logging.getLogger("giftstream.hub")
 
 
+class _Pass:
+    """One frame on its way to every socket of a room."""
+
+    __slots__ = ("ends_room", "events", "first", "frame", "last")
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.frame = OutFrame({"type": "events", "events": events})
+        self.first = next((e["offset"] for e in events if "offset" in e), None)
+        self.last = next((e["offset"] for e in reversed(events) if "offset" in e), None)
+        self.ends_room = any(e.get("type") == "room_ended" for e in events)
+
+
 class LocalRoom:
     __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "ended",
-                 "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto")
+                 "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
@@ -39,6 +52,7 @@ class LocalRoom:
         # Offset of the last event of the last frame sent to every ready socket: a socket whose
         # last offset is exactly this needs no per-socket check (the common case, cheap).
         self.flushed_upto: str | None = None
+        self.passing = False
 
 
 def offset_after(offset: str | None, other: str | None) -> bool:
@@ -50,8 +64,10 @@ def offset_after(offset: str | None, other: str | None) -> bool:
 
 
 class Hub:
-    def __init__(self, tick_ms: float) -> None:
+    def __init__(self, tick_ms: float, pass_slice: int = 1000) -> None:
         self.tick = tick_ms / 1000.0
+        # Sockets written per step of a pass before other callbacks get the loop.
+        self.pass_slice = max(1, pass_slice)
         self.rooms: dict[str, LocalRoom] = {}
         # Set by the app: subscribe / unsubscribe the room's bus channel.
         self.on_first_join: Callable[[str], Awaitable[None]] | None = None
@@ -134,16 +150,21 @@ class Hub:
 
     def flush(self, room: LocalRoom) -> None:
         room.scheduled = False
-        if not room.pending:
-            return
+        if room.passing or not room.pending:
+            return  # a pass in progress schedules the next flush when it is done
         events, room.pending = room.pending, []
         room.last_flush = time.monotonic()
-        frame = OutFrame({"type": "events", "events": events})
         self.frames += 1
+        room.passing = True
+        self._pass(room, _Pass(events), list(room.conns), 0)
+
+    def _pass(self, room: LocalRoom, p: _Pass, conns: list[Conn], start: int) -> None:
+        """Write one frame to a slice of the room's sockets; the next slice runs after whatever
+        else is ready (acks, other rooms), so a 5,000-socket pass never holds the loop whole."""
+        end = min(len(conns), start + self.pass_slice)
         sent = 0
-        first = next((e["offset"] for e in events if "offset" in e), None)
-        last = next((e["offset"] for e in reversed(events) if "offset" in e), None)
-        for conn in list(room.conns):
+        events, frame, first, last = p.events, p.frame, p.first, p.last
+        for conn in conns[start:end]:
             if not conn.ready:
                 conn.held.extend(events)
                 continue
@@ -158,13 +179,21 @@ class Hub:
                 if last is not None:
                     conn.last_offset = last
         self.deliveries += sent * len(events)
+        loop = asyncio.get_running_loop()
+        if end < len(conns):
+            loop.call_soon(self._pass, room, p, conns, end)
+            return
+        room.passing = False
         if last is not None:
             room.flushed_upto = last
-        if room.ended:
+        if p.ends_room:
             for conn in list(room.conns):
-                task = asyncio.get_running_loop().create_task(conn.close(Close.ROOM_ENDED, "room ended"))
+                task = loop.create_task(conn.close(Close.ROOM_ENDED, "room ended"))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
+        elif room.pending and not room.scheduled:
+            room.scheduled = True
+            loop.call_soon(self.flush, room)
 
     def _send_newer(self, conn: Conn, events: list[dict[str, Any]]) -> None:
         newer = [e for e in events if "offset" not in e or offset_after(e["offset"], conn.last_offset)]
