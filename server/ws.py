@@ -55,17 +55,17 @@ async def room_socket(websocket: WebSocket) -> None:
     conn.start()
     session = Session(node, conn, state)
     try:
-        if not await session.join():
-            return
-        if session.take_over():
-            return  # the socket now lives on without this coroutine (see rooms/takeover.py)
-        await session.receive_loop()
+        if await session.join():
+            if session.take_over():
+                return  # the socket now lives on without this coroutine (see rooms/takeover.py)
+            await session.receive_loop()
     except Exception:
         # Unexpected: close with 1011 and never tell the peer why.
         log.exception("room socket failed")
         conn.close_now(Close.INTERNAL_ERROR, "internal error")
-    if not session.taken_over:
-        await session.finish()
+    finally:
+        if not session.taken_over:
+            await session.finish()
 
 
 def _delivered(conn: Conn, offset: str) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import httpx
 import msgpack
 import pytest
+import websockets
 
 from tests.support import Api, ServerProc, join, token, wait_until
 
@@ -319,3 +320,18 @@ async def test_workers_share_one_port_as_one_system(make_server: Callable[..., S
         for v in viewers:
             got = await v.wait_events(20)
             assert sorted(g["gift_id"] for g in got) == sorted(r["gift_id"] for r in sent)
+
+
+async def test_gifts_sent_before_the_welcome_are_not_lost(fast_server: ServerProc) -> None:
+    room = await _setup(fast_server, "eh", "ea")
+    url = f"{fast_server.ws_base}/v1/rooms/{room}/ws?token={token('ea')}"
+    async with websockets.connect(url, subprotocols=["giftstream.msgpack"]) as ws:  # type: ignore[list-item]
+        # Pipelined right after the handshake, before the welcome can have arrived.
+        for i in range(5):
+            await ws.send(msgpack.packb({"type": "gift", "id": f"early{i}", "gift": "rose", "count": 1}))
+        acks = set()
+        while len(acks) < 5:
+            msg = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10))
+            if msg["type"] == "ack":
+                acks.add(msg["id"])
+    assert acks == {f"early{i}" for i in range(5)}

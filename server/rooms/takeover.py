@@ -138,6 +138,15 @@ def take_over(uvicorn_proto: Any, on_message: Callable[[bytes | str], None],
     ws = uvicorn_proto.conn
     if ws.state is not State.OPEN or uvicorn_proto.frames:  # mid-fragment: leave it to uvicorn
         return None
+    # Messages the client sent before its welcome, already parsed into uvicorn's queue.
+    early: list[dict[str, Any]] = []
+    queue = uvicorn_proto.queue
+    while not queue.empty():
+        early.append(queue.get_nowait())
+    if any(m.get("type") != "websocket.receive" for m in early):
+        for m in early:  # a disconnect is waiting: let the ASGI path see it and clean up
+            queue.put_nowait(m)
+        return None
     room = RoomProtocol(ws, transport, on_message, on_lost)
     uvicorn_proto.stop_keepalive()
     # uvicorn must neither close this transport when the ASGI app returns nor track it any longer.
@@ -146,6 +155,9 @@ def take_over(uvicorn_proto: Any, on_message: Callable[[bytes | str], None],
     transport.set_protocol(room)
     if uvicorn_proto.read_paused:
         transport.resume_reading()
+    for m in early:
+        data = m.get("bytes")
+        on_message(data if data is not None else m.get("text") or b"")
     return room
 
 
