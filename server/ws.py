@@ -161,7 +161,7 @@ class Session:
             # Resumes of one socket run one after another, in the order they came.
             self._resuming = self._spawn(self._resume_in_turn(msg, self._resuming))
         elif isinstance(msg, protocol.Ping):
-            self.conn.send_message({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
+            self.conn.reply({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -184,7 +184,7 @@ class Session:
             self.conn.close_now(Close.INTERNAL_ERROR, "internal error")
 
     def reply_error(self, code: Err, message: str, msg_id: str | None) -> None:
-        self.conn.send_message(protocol.error(code, message, msg_id))
+        self.conn.reply(protocol.error(code, message, msg_id))
 
     async def gift(self, msg: protocol.Gift) -> None:
         try:
@@ -216,7 +216,7 @@ class Session:
                 raise
         else:
             debit = await node.wallet.send_gift(order)
-        conn.send_message({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
+        conn.reply({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
                            "replayed": debit.replayed})
         if not debit.replayed:
             event = {"type": "gift", "gift_id": debit.gift_id,

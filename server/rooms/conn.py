@@ -14,7 +14,7 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.websockets import WebSocket
 
@@ -37,10 +37,44 @@ def _uvicorn_protocol(websocket: WebSocket) -> Any | None:
     return proto
 
 
+class _Raw(OutFrame):
+    """Frames already encoded for this socket's subprotocol (corked replies)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__({})
+        self.raw = raw
+
+    def for_subprotocol(self, subprotocol: str) -> tuple[bytes | str, bytes]:
+        return self.raw, self.raw
+
+
+class _Cork:
+    """Sockets with corked replies, written out once per loop step."""
+
+    dirty: ClassVar[list[Conn]] = []
+    scheduled: ClassVar[bool] = False
+
+    @classmethod
+    def add(cls, conn: Conn) -> None:
+        cls.dirty.append(conn)
+        if not cls.scheduled:
+            cls.scheduled = True
+            asyncio.get_running_loop().call_soon(cls.flush)
+
+    @classmethod
+    def flush(cls) -> None:
+        dirty, cls.dirty = cls.dirty, []
+        cls.scheduled = False
+        for conn in dirty:
+            conn.uncork()
+
+
 class Conn:
     __slots__ = ("ws", "subprotocol", "principal", "room_id", "cap", "_proto", "_transport", "_queue",
                  "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",
-                 "last_offset", "live_from", "bucket", "__weakref__")
+                 "last_offset", "live_from", "bucket", "_corked", "__weakref__")
 
     def __init__(self, ws: WebSocket | None, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
         self.ws = ws
@@ -64,6 +98,7 @@ class Conn:
         self.live_from: str | None = None
         self.last_offset: str | None = None
         self.bucket: Any = None
+        self._corked: list[bytes] | None = None
 
     def adopt(self, room: RoomProtocol) -> None:
         """The socket left uvicorn (see takeover.py): write through the new protocol, and let go
@@ -92,7 +127,7 @@ class Conn:
         return self._queued_bytes
 
     def send(self, frame: OutFrame) -> bool:
-        """Queue one frame without waiting; False if the socket is gone or was just dropped as slow."""
+        """Write one frame without waiting; False if the socket is gone or was just dropped as slow."""
         if self.closed:
             return False
         payload, raw = frame.for_subprotocol(self.subprotocol)
@@ -100,10 +135,14 @@ class Conn:
             proto = self._proto
             if proto.close_sent or proto.disconnected or self._transport.is_closing():
                 self.closed = True
+                self._corked = None
                 # A close that a stalled peer never reads would keep it (and its buffer) forever.
                 if not self._transport.is_closing() or self._transport.get_write_buffer_size() > self.cap:
                     asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._transport.abort)
                 return False
+            if self._corked:
+                raw = b"".join(self._corked) + raw  # corked replies first: order is kept
+                self._corked = None
             self._transport.write(raw)
         else:
             assert self._queue is not None and self._wakeup is not None
@@ -117,6 +156,26 @@ class Conn:
 
     def send_message(self, message: dict[str, Any]) -> bool:
         return self.send(OutFrame(message))
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """A reply to this socket alone (ack, error, pong), corked until the end of this loop
+        step: the acks of one debit batch leave in one write, not one syscall each."""
+        if self.closed:
+            return
+        if self._transport is None:
+            self.send_message(message)
+            return
+        _, raw = OutFrame(message).for_subprotocol(self.subprotocol)
+        if self._corked is None:
+            self._corked = [raw]
+            _Cork.add(self)
+        else:
+            self._corked.append(raw)
+
+    def uncork(self) -> None:
+        if self._corked and not self.closed:
+            corked, self._corked = self._corked, None
+            self.send(_Raw(b"".join(corked)))
 
     async def _drain(self) -> None:
         assert self._queue is not None and self._wakeup is not None
@@ -138,6 +197,9 @@ class Conn:
 
     def close_now(self, code: int, reason: str = "") -> None:
         """Close without waiting on the peer: used when its buffer is already full."""
+        if self.closed:
+            return
+        self.uncork()  # replies already made go out before the close frame
         if self.closed:
             return
         self.closed = True
