@@ -105,6 +105,11 @@ class Node:
         task.add_done_callback(self._tracked_done)
         return task
 
+    def track_future(self, future: asyncio.Future[Any]) -> None:
+        """A queued Lua call whose result nobody awaits (a room publish), finished before drain ends."""
+        self.inflight.add(future)  # type: ignore[arg-type]
+        future.add_done_callback(self._tracked_done)  # type: ignore[arg-type]
+
     def _tracked_done(self, task: asyncio.Task[Any]) -> None:
         self.inflight.discard(task)
         if not task.cancelled() and task.exception() is not None:

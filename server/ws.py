@@ -20,7 +20,7 @@ from server.rooms.hub import offset_after
 from server.rooms.state import RoomState
 from server.rooms.takeover import RoomProtocol, take_over
 from server.transport_probe import SCOPE_KEY
-from server.wallet.service import GiftOrder
+from server.wallet.service import Debit, GiftOrder
 
 log = logging.getLogger("giftstream.ws")
 
@@ -155,8 +155,7 @@ class Session:
             if self.gifts_in_flight >= MAX_INFLIGHT_GIFTS:
                 self.reply_error(Err.RATE_LIMITED, "too many gifts in flight; retry later", msg.id)
                 return
-            self.gifts_in_flight += 1
-            self._spawn(self.gift(msg))
+            self.gift(msg)
         elif isinstance(msg, protocol.Resume):
             # Resumes of one socket run one after another, in the order they came.
             self._resuming = self._spawn(self._resume_in_turn(msg, self._resuming))
@@ -186,43 +185,68 @@ class Session:
     def reply_error(self, code: Err, message: str, msg_id: str | None) -> None:
         self.conn.reply(protocol.error(code, message, msg_id))
 
-    async def gift(self, msg: protocol.Gift) -> None:
+    def gift(self, msg: protocol.Gift) -> None:
+        """Validate and queue the debit; no task per gift: the reply is sent from the debit's
+        future callback, in the same loop step as the pipeline's reply."""
+        node, conn, principal = self.node, self.conn, self.conn.principal
         try:
-            await self._gift(msg)
+            item = node.catalog.gift(msg.gift)
+            if not 1 <= msg.count <= node.settings.max_gift_count:
+                raise GiftstreamError(Err.BAD_COUNT, f"count must be 1 to {node.settings.max_gift_count}")
         except GiftstreamError as exc:
             self.reply_error(exc.code, exc.message, msg.id)
-        except Exception:
-            log.exception("gift %s failed", msg.id)
-            # Unknown outcome (e.g. Redis unreachable): retrying with the same id is safe.
-            self.reply_error(Err.UNAVAILABLE, "gift could not be confirmed; retry with the same id", msg.id)
-        finally:
-            # In the same step as the reply: a client that got its answer can send again.
-            self.gifts_in_flight -= 1
-
-    async def _gift(self, msg: protocol.Gift) -> None:
-        node, conn, principal = self.node, self.conn, self.conn.principal
-        item = node.catalog.gift(msg.gift)
-        if not 1 <= msg.count <= node.settings.max_gift_count:
-            raise GiftstreamError(Err.BAD_COUNT, f"count must be 1 to {node.settings.max_gift_count}")
+            return
         order = GiftOrder(msg.id, principal.user_id, principal.name, self.state.host_id, conn.room_id,
                           item.id, msg.count, item.coins)
         try:
             self._admit()
-        except GiftstreamError:
+        except GiftstreamError as refusal:
             # A retry of a gift that was already charged still learns its result, even when
-            # the room has ended or the socket is over its rate since.
-            debit = await node.wallet.replay(order)
-            if debit is None:
-                raise
+            # the room has ended or the socket is over its rate since (rare: a task is fine).
+            self.gifts_in_flight += 1
+            self._spawn(self._refused(msg, order, refusal))
+            return
+        self.gifts_in_flight += 1
+        node.wallet.debit(order).add_done_callback(lambda fut: self._debited(msg, order, fut))
+
+    def _debited(self, msg: protocol.Gift, order: GiftOrder, fut: asyncio.Future[Any]) -> None:
+        self.gifts_in_flight -= 1
+        try:
+            debit = self.node.wallet.debit_result(fut.result())
+        except GiftstreamError as exc:
+            self.reply_error(exc.code, exc.message, msg.id)
+            return
+        except Exception:
+            log.exception("gift %s failed", msg.id)
+            # Unknown outcome (e.g. Redis unreachable): retrying with the same id is safe.
+            self.reply_error(Err.UNAVAILABLE, "gift could not be confirmed; retry with the same id", msg.id)
+            return
+        self._acked(msg, order, debit)
+
+    async def _refused(self, msg: protocol.Gift, order: GiftOrder, refusal: GiftstreamError) -> None:
+        try:
+            debit = await self.node.wallet.replay(order)
+        except GiftstreamError as exc:
+            refusal = exc
+            debit = None
+        except Exception:
+            debit = None
+        finally:
+            self.gifts_in_flight -= 1
+        if debit is None:
+            self.reply_error(refusal.code, refusal.message, msg.id)
         else:
-            debit = await node.wallet.send_gift(order)
-        conn.reply({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
-                           "replayed": debit.replayed})
+            self._acked(msg, order, debit)
+
+    def _acked(self, msg: protocol.Gift, order: GiftOrder, debit: Debit) -> None:
+        principal = self.conn.principal
+        self.conn.reply({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
+                         "replayed": debit.replayed})
         if not debit.replayed:
             event = {"type": "gift", "gift_id": debit.gift_id,
                      "from": {"id": principal.user_id, "name": principal.name},
-                     "gift": item.id, "count": msg.count, "coins": order.coins, "ts": int(time.time() * 1000)}
-            node.track(node.rooms.publish_gift(conn.room_id, event))
+                     "gift": order.gift, "count": order.count, "coins": order.coins, "ts": int(time.time() * 1000)}
+            self.node.track_future(self.node.rooms.publish_gift_later(self.conn.room_id, event))
 
     def _admit(self) -> None:
         """Gateway checks before a debit; the sender's age comes before any balance check."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -74,13 +75,17 @@ class Rooms:
 
     async def publish_gift(self, room_id: str, event: dict[str, Any]) -> tuple[str | None, int]:
         """Append a gift event to the room stream and publish it; returns (offset, combo)."""
+        offset, combo = await self.publish_gift_later(room_id, event)
+        return (_s(offset) if offset else None), int(combo)
+
+    def publish_gift_later(self, room_id: str, event: dict[str, Any]) -> asyncio.Future[Any]:
+        """Queue the publish in this tick's pipeline (room_publish.lua's raw reply)."""
         k = RoomKeys(room_id)
         sender = event["from"]["id"]
         keys, args = self._publish_args(
             k, "gift", msgpack.packb(event), sender, event["from"]["name"], event["coins"],
             f"{sender}:{event['gift']}")
-        offset, combo = await self.batcher.call("room_publish", keys, args)
-        return (_s(offset) if offset else None), int(combo)
+        return self.batcher.call("room_publish", keys, args)
 
     async def end(self, room_id: str) -> str | None:
         k = RoomKeys(room_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass
@@ -71,15 +72,22 @@ class Wallet:
         return UserKeys(user_id, self.settings.partitions)
 
     async def send_gift(self, order: GiftOrder) -> Debit:
+        return self.debit_result(await self.debit(order))
+
+    def debit(self, order: GiftOrder) -> asyncio.Future[Any]:
+        """Queue the debit in this tick's pipeline; the future holds send_gift.lua's raw reply."""
         k = self.keys(order.sender_id)
         now = time.time()
-        result = await self.batcher.call(
+        return self.batcher.call(
             "send_gift",
             [k.wallet, k.idempotency(order.client_id), k.totals, k.outbox],
             [order.fingerprint, order.coins, month_of(now), self.settings.idempotency_ttl_s,
              k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id,
              order.gift, order.count, self.settings.host_share_bp, int(now * 1000), order.client_id],
         )
+
+    @staticmethod
+    def debit_result(result: Any) -> Debit:
         status = _text(result[0])
         if status != "ok":
             code = Err(_text(result[1]))
