@@ -235,3 +235,19 @@ async def test_healthz_and_catalog(server: ServerProc, api: Callable[..., Api]) 
     assert packages[65] == 99 and packages[6607] == 9999 and packages[16500] == 24999
     metrics = (await v.client.get("/metrics")).text
     assert "giftstream_outbox_entries" in metrics
+
+
+async def test_script_cache_flush_is_survived(server: ServerProc, api: Callable[..., Api], redis_url: str) -> None:
+    import redis as redis_sync
+
+    host, v = api("host9", "host"), api("flushy")
+    assert (await v.recharge(coins=30)).status_code == 201
+    room = await host.create_room()
+    async with join(server, room, v.token) as c:
+        await c.gift("f1")
+        assert (await c.reply("f1"))["type"] == "ack"
+        redis_sync.Redis.from_url(redis_url).script_flush()  # e.g. a failover to a fresh replica
+        await c.gift("f2")
+        reply = await c.reply("f2")
+        assert reply["type"] == "ack" and reply["balance"] == 28, reply
+        await c.wait_events(2)
