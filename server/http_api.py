@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -20,7 +19,6 @@ from server.store.models import UNITS_PER_DIAMOND, Room
 
 MAX_BODY = 16 * 1024
 
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 def node_of(request: Request) -> Node:
@@ -165,4 +163,8 @@ async def metrics(request: Request) -> Response:
     gauge("room_deliveries_total", node.hub.deliveries, "Event deliveries to sockets", "counter")
     gauge("debit_batches_total", node.batcher.batches, "Lua pipelines sent", "counter")
     gauge("debit_calls_total", node.batcher.calls, "Lua calls sent in pipelines", "counter")
+    gauge("bus_reconnects_total", node.bus.reconnects, "Room bus reconnections (each followed by a catch-up)",
+          "counter")
+    gauge("keepalive_dropped_total", node.keepalive.dropped, "Sockets dropped for not answering pings", "counter")
+    gauge("settler_degraded", int(node.settler.degraded), "1 while settlement is failing and retrying")
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

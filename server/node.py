@@ -14,7 +14,6 @@ from server import catalog as catalog_mod
 from server.batcher import ScriptBatcher
 from server.embedded import Embedded
 from server.fastpipe import FastPipe
-from server.keys import RoomKeys
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
 from server.rooms.bus import Bus
@@ -159,9 +158,9 @@ class Node:
         except Exception as exc:
             ok = False
             out["database"] = f"unreachable ({type(exc).__name__})"
+        if self.settings.settler:
+            out["settler"] = {"degraded": self.settler.degraded, "last_error": self.settler.last_error,
+                              "settled": self.settler.settled}
         out["status"] = "ok" if ok else "degraded"
         out["connections"] = self.hub.connections()
         return out
-
-    def room_keys(self, room_id: str) -> RoomKeys:
-        return RoomKeys(room_id)

@@ -113,10 +113,6 @@ class Conn:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
-    @property
-    def direct(self) -> bool:
-        return self._transport is not None
-
     def start(self) -> None:
         if self._transport is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
