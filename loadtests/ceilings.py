@@ -315,7 +315,7 @@ def measure(viewers: int, rate: float, duration: float = 8.0) -> dict[str, Any]:
     one = broadcast(viewers, "one", rate, duration)
     coalesced = broadcast(viewers, "coalesced", rate, duration)
     # A one-frame-per-event loop at the storm's own rate, only where it can keep up (quiet rooms).
-    paced = broadcast(viewers, "paced", rate, duration) if rate * viewers <= 0.5 * one["frames_per_s"] else None
+    paced = broadcast(viewers, "paced", rate, duration) if rate * viewers <= 0.8 * one["frames_per_s"] else None
     lua_always = lua(duration, "always")
     lua_off = lua(duration, "off")
     return {
