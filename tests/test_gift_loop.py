@@ -251,3 +251,23 @@ async def test_script_cache_flush_is_survived(server: ServerProc, api: Callable[
         reply = await c.reply("f2")
         assert reply["type"] == "ack" and reply["balance"] == 28, reply
         await c.wait_events(2)
+
+
+async def test_per_socket_rate_limit_admits_the_burst_exactly(server: ServerProc, api: Callable[..., Api]) -> None:
+    host, v = api("host10", "host"), api("bursty")
+    await v.recharge(coins=1000)
+    room = await host.create_room()
+    async with join(server, room, v.token) as c:
+        for i in range(80):  # far faster than 20/s: only the burst of 50 (plus a trickle) gets in
+            await c.gift(f"r{i}")
+        replies = [await c.reply(f"r{i}") for i in range(80)]
+        acked = [r for r in replies if r["type"] == "ack"]
+        limited = [r for r in replies if r["type"] == "error"]
+        assert 50 <= len(acked) <= 52 and all(r["code"] == "rate_limited" for r in limited)
+        # refused gifts cost nothing, and their ids can be retried once tokens come back
+        await asyncio.sleep(0.3)
+        retry_id = limited[0]["id"]
+        del c.replies[retry_id]
+        await c.gift(retry_id)
+        assert (await c.reply(retry_id))["type"] == "ack"
+    assert (await v.wallet())["coins"] == 1000 - len(acked) - 1
