@@ -222,7 +222,9 @@ class Client:
 async def join(server: ServerProc, room_id: str, user_token: str,
                subprotocol: str = "giftstream.msgpack") -> AsyncIterator[Client]:
     url = f"{server.ws_base}/v1/rooms/{room_id}/ws?token={user_token}"
-    async with websockets.connect(url, subprotocols=[subprotocol], max_size=None) as ws:  # type: ignore[list-item]
+    # max_queue=None: a test client always takes what the server sends, however slowly it looks
+    async with websockets.connect(url, subprotocols=[subprotocol], max_size=None,  # type: ignore[list-item]
+                                  max_queue=None) as ws:
         client = Client(ws, subprotocol)
         client.welcome = await client.recv()
         assert client.welcome["type"] == "welcome", client.welcome
