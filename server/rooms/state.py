@@ -73,11 +73,6 @@ class Rooms:
                 int(self.settings.combo_window_s * 1000), sender, coins, k.channel, name]
         return keys, args
 
-    async def publish_gift(self, room_id: str, event: dict[str, Any]) -> tuple[str | None, int]:
-        """Append a gift event to the room stream and publish it; returns (offset, combo)."""
-        offset, combo = await self.publish_gift_later(room_id, event)
-        return (_s(offset) if offset else None), int(combo)
-
     def publish_gift_later(self, room_id: str, event: dict[str, Any]) -> asyncio.Future[Any]:
         """Queue the publish in this tick's pipeline (room_publish.lua's raw reply)."""
         k = RoomKeys(room_id)

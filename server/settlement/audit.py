@@ -13,7 +13,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from server.keys import outbox_key, totals_key, user_from_wallet_key, wallet_pattern
+from server.keys import user_from_wallet_key, wallet_pattern
+from server.settlement.outbox import snapshot
 from server.store.base import Store
 
 
@@ -23,24 +24,9 @@ def _i(value: Any) -> int:
 
 async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int], list[str]]:
     failures: list[str] = []
-    pipe = redis.pipeline(transaction=True)
-    pipe.hgetall(totals_key(p))
-    pipe.xrevrange(outbox_key(p), count=1)
-    replies: Any = await pipe.execute()
-    totals, last = replies
+    totals, entries = await snapshot(redis, p)
     seq_max, credited, spent = _i(totals.get("seq")), _i(totals.get("credited")), _i(totals.get("spent"))
-    pending: dict[int, tuple[str, int]] = {}
-    if last:
-        start = "-"
-        end = last[0][0]
-        while True:
-            page: Any = await redis.xrange(outbox_key(p), min=start, max=end, count=5000)
-            for _mid, f in page:
-                if f:
-                    pending[int(f["seq"])] = (f["k"], int(f["c"]))
-            if len(page) < 5000:
-                break
-            start = "(" + page[-1][0]
+    pending = {int(f["seq"]): (f["k"], int(f["c"])) for f in entries}
     sql = await store.partition_totals(p, seq_max)
     already = await store.settled_seqs(p, sorted(pending))
     unsettled = {s: v for s, v in pending.items() if s not in already}

@@ -19,7 +19,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from server.keys import UserKeys, outbox_key, totals_key, user_from_wallet_key, wallet_pattern
+from server.keys import UserKeys, totals_key, user_from_wallet_key, wallet_pattern
+from server.settlement.outbox import snapshot
 from server.store.base import Store
 
 FIELDS = ("coins", "credited", "spent")
@@ -40,23 +41,10 @@ class _Partition:
 
 
 async def _snapshot(redis: Redis, p: int) -> _Partition:
-    # Totals and the outbox's last id in one transaction: every entry up to that id has a seq at
-    # or below the snapshot's, and the settler only deletes entries after they commit to SQL.
-    pipe = redis.pipeline(transaction=True)
-    pipe.hget(totals_key(p), "seq")
-    pipe.xrevrange(outbox_key(p), count=1)
-    seq, last = await pipe.execute()
-    part = _Partition(seq=int(seq or 0))
-    if last:
-        start, end = "-", last[0][0]
-        while True:
-            page: list[Any] = await redis.xrange(outbox_key(p), min=start, max=end, count=PAGE) or []
-            for _mid, f in page:
-                if f:
-                    part.pending[int(f["seq"])] = (f["k"], f["uid"], int(f["c"]))
-            if len(page) < PAGE:
-                break
-            start = "(" + page[-1][0]
+    totals, entries = await snapshot(redis, p)
+    part = _Partition(seq=int(totals.get("seq") or 0))
+    for f in entries:
+        part.pending[int(f["seq"])] = (f["k"], f["uid"], int(f["c"]))
     async for key in redis.scan_iter(match=wallet_pattern(p), count=1000):
         part.wallet_users.add(user_from_wallet_key(key))
     return part
