@@ -272,3 +272,29 @@ async def test_per_socket_rate_limit_admits_the_burst_exactly(server: ServerProc
         await c.gift(retry_id)
         assert (await c.reply(retry_id))["type"] == "ack"
     assert (await v.wallet())["coins"] == 1000 - len(acked) - 1
+
+
+async def test_concurrent_recharges_with_one_key_credit_once(server: ServerProc, api: Callable[..., Api]) -> None:
+    v = api("racer")
+    replies = await asyncio.gather(*(v.recharge(package_id="coins_330", key="one-key") for _ in range(20)))
+    assert {r.status_code for r in replies} == {201}
+    assert len({r.json()["order_id"] for r in replies}) == 1
+    assert (await v.wallet())["coins"] == 330
+
+
+async def test_monthly_budget_caps_spend_exactly_under_concurrency(server: ServerProc,
+                                                                   api: Callable[..., Api]) -> None:
+    host, v = api("host11", "host"), api("capped")
+    await v.recharge(coins=1000)
+    r = await v.client.put("/v1/wallet/budget", json={"monthly_cap": 37})
+    assert r.status_code == 200 and r.json()["monthly_budget"] == 37
+    room = await host.create_room()
+    async with contextlib.AsyncExitStack() as stack:
+        socks = [await stack.enter_async_context(join(server, room, v.token)) for _ in range(4)]
+        await asyncio.gather(*(socks[i % 4].gift(f"b{i}", "panda") for i in range(40)))  # 5 coins each
+        replies = [await socks[i % 4].reply(f"b{i}") for i in range(40)]
+    acked = [r for r in replies if r["type"] == "ack"]
+    assert len(acked) == 7  # 7 x 5 = 35 <= 37 < 40
+    assert {r["code"] for r in replies if r["type"] == "error"} == {"budget_exceeded"}
+    wallet = await v.wallet()
+    assert wallet["coins"] == 1000 - 35 and wallet["month_spent"] == 35
