@@ -302,7 +302,8 @@ class Session:
     async def finish(self) -> None:
         node, conn = self.node, self.conn
         if self.tasks:
-            # Let gifts already sent to Redis finish, so their ack bookkeeping completes.
+            # Resumes and replay lookups still running; debits need no wait: their callbacks publish
+            # the gift whether or not this socket is still open.
             with contextlib.suppress(Exception):
                 await asyncio.wait(list(self.tasks), timeout=10)
         conn.closed = True
