@@ -15,6 +15,7 @@ SCRIPTS = {
     "gift_replay": "server.wallet",
     "credit": "server.wallet",
     "room_publish": "server.rooms",
+    "room_tick": "server.rooms",
 }
 
 

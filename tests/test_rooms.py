@@ -181,6 +181,29 @@ async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
             again.welcome["offset"], " ".join(e["offset"][-3:] for e in got))
 
 
+async def test_leaderboard_ranks_gifters_by_coins_with_names(fast_server: ServerProc) -> None:
+    room = await _setup(fast_server, "lh", "la", "lb")
+    async with join(fast_server, room, token("la", name="Ada")) as a, \
+            join(fast_server, room, token("lb", name="Bo")) as b:
+        await _send_all(a, [f"a{i}" for i in range(3)], gift="perfume")  # 60 coins
+        await _send_all(b, [f"b{i}" for i in range(7)], gift="finger_heart")  # 35 coins
+        want = [{"id": "la", "name": "Ada", "coins": 60}, {"id": "lb", "name": "Bo", "coins": 35}]
+
+        async def pushed() -> bool:
+            with contextlib.suppress(TimeoutError):
+                await b.recv(0.2)
+            boards = [e["top"] for e in b.events if e["type"] == "leaderboard"]
+            return bool(boards) and boards[-1] == want
+
+        await wait_until(pushed, timeout=10)
+        info = (await Api(fast_server, token("lb")).client.get(f"/v1/rooms/{room}")).json()
+        assert info["top_gifters"] == want
+        # Pushed only when it changes: a quiet second adds no leaderboard event.
+        count = sum(e["type"] == "leaderboard" for e in b.events)
+        await b.drain(0.7)
+        assert sum(e["type"] == "leaderboard" for e in b.events) == count
+
+
 def _presence_seen(client, n: int):  # type: ignore[no-untyped-def]
     async def check() -> bool:
         try:

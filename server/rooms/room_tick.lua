@@ -1,0 +1,30 @@
+-- room_tick.lua: refresh this node's viewer count for a room, return the room's viewers and
+-- its top gifters, in one call per room per presence interval. All keys share {r:<room_id>}.
+-- KEYS[1] presence hash (node id -> "<count>:<expires ms>")
+-- KEYS[2] session leaderboard zset (user -> coins)   KEYS[3] display names (user -> name)
+-- ARGV[1] node id   ARGV[2] "<count>:<expires ms>", or "" to withdraw this node
+-- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)
+-- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local now = tonumber(ARGV[3])
+local viewers = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 2, #entries, 2 do
+  local count, expires = string.match(entries[i], '^(%d+):(%d+)$')
+  if expires and tonumber(expires) >= now then viewers = viewers + tonumber(count) end
+end
+local top = {}
+local n = tonumber(ARGV[4])
+if n > 0 then
+  local ranked = redis.call('ZREVRANGE', KEYS[2], 0, n - 1, 'WITHSCORES')
+  for i = 1, #ranked, 2 do
+    top[#top + 1] = ranked[i]
+    top[#top + 1] = ranked[i + 1]
+    top[#top + 1] = redis.call('HGET', KEYS[3], ranked[i]) or ranked[i]
+  end
+end
+return {viewers, top}
