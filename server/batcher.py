@@ -1,7 +1,10 @@
 """Group commit for Lua calls: calls made in the same loop tick go to Redis as one pipeline.
 
-One round trip carries many gifts. A flush runs as its own task, so a caller that is
-cancelled (its socket closed) never cancels the pipeline other callers wait on.
+One round trip carries many gifts. At most `max_inflight` pipelines are out at once; calls
+made while they are all out wait for the first to come back and leave together, so under
+load the batches grow, not the number of round trips (a quiet server still sends each call
+at once). A flush runs as its own task, so a caller that is cancelled (its socket closed)
+never cancels the pipeline other callers wait on.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ class _Call:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, scripts: Scripts, pipe: FastPipe | None = None, max_batch: int = 500) -> None:
+    def __init__(self, redis: Redis, scripts: Scripts, pipe: FastPipe | None = None, max_batch: int = 2000,
+                 max_inflight: int = 2) -> None:
         # redis-py only to (re)load scripts; batches go through the lean pipeline.
         self.redis = redis
         self.pipe = pipe or FastPipe.like(redis)
         self.scripts = scripts
         self.max_batch = max_batch
+        self.max_inflight = max(1, max_inflight)
         self._queue: list[_Call] = []
         self._scheduled = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -41,21 +46,24 @@ class ScriptBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Call(name, keys, args, future))
-        if len(self._queue) >= self.max_batch:
-            self._flush()
-        elif not self._scheduled:
+        if not self._scheduled and len(self._inflight) < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
         return future
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
         self._scheduled = False
-        if not self._queue:
-            return
-        batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        while self._queue and (force or len(self._inflight) < self.max_inflight):
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._queue and not self._scheduled:
+            # Everything queued while the pipelines were out leaves now, as one pipeline.
+            self._flush()
 
     async def _run(self, batch: list[_Call]) -> None:
         self.batches += 1
@@ -86,7 +94,7 @@ class ScriptBatcher:
 
     async def drain(self) -> None:
         """Send what is queued and wait for every pipeline in flight."""
-        self._flush()
+        self._flush(force=True)
         while self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 

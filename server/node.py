@@ -49,7 +49,7 @@ class Node:
         self.store: Store = open_store(settings.effective_database_url)
         self.scripts = Scripts()
         self.fastpipe = FastPipe(settings.redis_url)
-        self.batcher = ScriptBatcher(self.redis, self.scripts, self.fastpipe)
+        self.batcher = ScriptBatcher(self.redis, self.scripts, self.fastpipe, max_inflight=settings.redis_inflight)
         self.catalog = catalog_mod.load()
         self.wallet = Wallet(self.redis, self.batcher, settings)
         self.rooms = Rooms(self.redis_bin, self.batcher, settings)
