@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from server import embedded
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -62,7 +64,8 @@ def _start_valkey(workdir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], s
 
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    aof = ["--appendonly", "no"] if fsync == "no" else ["--appendonly", "yes", "--appendfsync", fsync]
+    aof = ["--appendonly", "no"] if fsync == "no" else [
+        "--appendonly", "yes", "--appendfsync", fsync, "--auto-aof-rewrite-min-size", embedded.AOF_REWRITE_MIN_SIZE]
     proc = subprocess.Popen([str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir",
                              str(workdir), "--save", "", *aof], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -47,6 +48,9 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await node.start()
+        # Everything made so far (modules, catalog, scripts) lives as long as the process:
+        # keep it out of the collector's full passes, which otherwise scan it every time.
+        gc.freeze()
         try:
             yield
         finally:
