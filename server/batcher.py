@@ -29,7 +29,7 @@ class _Call:
 
 class ScriptBatcher:
     def __init__(self, redis: Redis, scripts: Scripts, pipe: FastPipe | None = None, max_batch: int = 2000,
-                 max_inflight: int = 2) -> None:
+                 max_inflight: int = 1) -> None:
         # redis-py only to (re)load scripts; batches go through the lean pipeline.
         self.redis = redis
         self.pipe = pipe or FastPipe.like(redis)
