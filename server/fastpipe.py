@@ -49,9 +49,11 @@ def redis_address(url: str) -> Address:
 class _Conn:
     __slots__ = ("reader", "writer", "parser")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 encoding: str | None = None) -> None:
         self.reader, self.writer = reader, writer
-        self.parser = hiredis.Reader()
+        # With an encoding, bulk strings come back decoded (in C) instead of as bytes.
+        self.parser = hiredis.Reader(encoding=encoding) if encoding else hiredis.Reader()
 
     async def roundtrip(self, payload: bytes, n: int) -> list[Any]:
         self.writer.write(payload)
@@ -72,26 +74,29 @@ class _Conn:
 
 
 class FastPipe:
-    def __init__(self, url: str, max_connections: int = 8, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, max_connections: int = 8, timeout_s: float = 10.0,
+                 encoding: str | None = None) -> None:
         addr = redis_address(url)
         self.host, self.port, self.db = addr.host, addr.port, addr.db
         self.username, self.password = addr.username, addr.password
         self.timeout = timeout_s
+        self.encoding = encoding
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_connections)
 
     @classmethod
-    def like(cls, client: Any) -> FastPipe:
+    def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> FastPipe:
         """A pipeline to the same server as a redis-py client."""
         kw = client.connection_pool.connection_kwargs
         auth = ""
         if kw.get("password"):
             auth = f"{quote(kw.get('username') or '', safe='')}:{quote(kw['password'], safe='')}@"
-        return cls(f"redis://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}")
+        return cls(f"redis://{auth}{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}",
+                   max_connections=max_connections, encoding=encoding)
 
     async def _connect(self) -> _Conn:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
-        conn = _Conn(reader, writer)
+        conn = _Conn(reader, writer, self.encoding)
         hello: list[list[Arg]] = []
         if self.password is not None:
             hello.append(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password])

@@ -16,7 +16,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from server.fastpipe import FastPipe
 from server.keys import SETTLER_GROUP, outbox_key
+from server.settlement.consumer import Batch, GroupConsumer
 from server.store.base import Store
 from server.store.models import Movement
 
@@ -38,7 +40,7 @@ async def ensure_groups(redis: Redis, partitions: int) -> None:
 
 class Settler:
     def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
-                 max_batch: int = 2000, claim_idle_ms: int = 30_000) -> None:
+                 max_batch: int = 2000, claim_idle_ms: int = 30_000, pipe: FastPipe | None = None) -> None:
         self.redis = redis
         self.store = store
         self.partitions = partitions
@@ -46,6 +48,11 @@ class Settler:
         self.max_batch = max_batch
         self.claim_idle_ms = claim_idle_ms
         self.streams = [outbox_key(p) for p in range(partitions)]
+        # Reads and acks go through the lean pipeline (a read and an ack can be in flight at once);
+        # XAUTOCLAIM, rare, stays on redis-py.
+        self._own_pipe = pipe is None
+        self.pipe = pipe or FastPipe.like(redis, max_connections=2, encoding="utf-8")
+        self._group = GroupConsumer(self.pipe, self.streams, consumer)
         # XREADGROUP's COUNT is per stream: the per-stream share of the batch budget.
         self._per_stream_max = max(MIN_COUNT, max_batch // partitions)
         self._count = max(MIN_COUNT // 4, self._per_stream_max // 4)
@@ -75,6 +82,8 @@ class Settler:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and await self.settle_once(block_ms=None) > 0:
                 pass
+        if self._own_pipe:
+            await self.pipe.aclose()
 
     async def run(self) -> None:
         await ensure_groups(self.redis, self.partitions)
@@ -91,13 +100,12 @@ class Settler:
                             await committing
                             committing = None
                         await self.claim_abandoned()
-                    entries = await self._read(start_id=">", block_ms=200)
-                    movements = [Movement.from_fields(fields) for _, _, fields in entries]
+                    batch = await self._read(start_id=">", block_ms=200)
                     if committing is not None:
                         await committing
                         committing = None
-                    if entries:
-                        committing = asyncio.get_running_loop().create_task(self._settle(entries, movements))
+                    if batch.movements:
+                        committing = asyncio.get_running_loop().create_task(self._settle(batch))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # Redis gone: retry, never die
@@ -109,16 +117,16 @@ class Settler:
 
     async def _settle_backlog(self, start: str) -> None:
         while True:
-            entries = await self._read(start_id=start, block_ms=None)
-            if not entries:
+            batch = await self._read(start_id=start, block_ms=None)
+            if not batch.movements:
                 return
-            await self._settle(entries)
+            await self._settle(batch)
 
     async def settle_once(self, block_ms: int | None) -> int:
-        entries = await self._read(start_id=">", block_ms=block_ms)
-        if entries:
-            await self._settle(entries)
-        return len(entries)
+        batch = await self._read(start_id=">", block_ms=block_ms)
+        if batch.movements:
+            await self._settle(batch)
+        return len(batch.movements)
 
     async def claim_abandoned(self) -> int:
         """XAUTOCLAIM entries another settler took and never acknowledged (it died)."""
@@ -130,48 +138,32 @@ class Settler:
                                                     min_idle_time=self.claim_idle_ms,
                                                     start_id=cursor, count=self._count)
                 cursor, messages = reply[0], reply[1]
-                batch = [(stream, mid, fields) for mid, fields in messages if fields]
-                if batch:
+                batch = Batch()
+                for mid, fields in messages:
+                    if fields:
+                        batch.movements.append(Movement.from_fields(fields))
+                        batch.ids.setdefault(stream, []).append(mid)
+                if batch.movements:
                     await self._settle(batch)
-                    claimed += len(batch)
+                    claimed += len(batch.movements)
                 if cursor in ("0-0", b"0-0"):
                     break
         return claimed
 
-    async def _read(self, start_id: str, block_ms: int | None) -> list[tuple[str, str, dict[str, str]]]:
-        # One XREADGROUP per partition, pipelined: each is short inside valkey, so debits are
-        # served between them (one read over all streams held valkey for up to ~90 ms), and
-        # per-partition reads are what a cluster needs anyway. Block only when all are empty.
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in self.streams:
-            pipe.xreadgroup(SETTLER_GROUP, self.consumer, {stream: start_id}, count=self._count)
-        replies: Any = await pipe.execute()
-        reply: Any = [r[0] for r in replies if r]
-        if not reply and block_ms is not None:
-            reply = await self.redis.xreadgroup(SETTLER_GROUP, self.consumer, dict.fromkeys(self.streams, start_id),
-                                                count=self._count, block=block_ms)
-        out: list[tuple[str, str, dict[str, str]]] = []
-        full = False
-        for stream, messages in reply or []:
-            full = full or len(messages) >= self._count
-            for mid, fields in messages:
-                if fields:
-                    out.append((stream, mid, fields))
+    async def _read(self, start_id: str, block_ms: int | None) -> Batch:
+        batch = await self._group.read(start_id, self._count, block_ms)
         # Adapt batch size to the backlog: grow while reads come back full, shrink when idle.
-        if full:
+        if batch.full:
             self._count = min(self._per_stream_max, self._count * 2)
-        elif len(out) < self._count // 4:
+        elif len(batch.movements) < self._count // 4:
             self._count = max(MIN_COUNT // 4, self._count // 2)
-        return out
+        return batch
 
-    async def _settle(self, entries: list[tuple[str, str, dict[str, Any]]],
-                      movements: list[Movement] | None = None) -> None:
-        if movements is None:
-            movements = [Movement.from_fields(fields) for _, _, fields in entries]
+    async def _settle(self, batch: Batch) -> None:
         delay = BACKOFF_MIN_S
         while True:
             try:
-                result = await self.store.settle(movements)
+                result = await self.store.settle(batch.movements)
                 break
             except Exception as exc:  # database down: the outbox keeps every movement meanwhile
                 self.failures += 1
@@ -183,14 +175,7 @@ class Settler:
         self.degraded = False
         # Acknowledge only after commit; a crash before this line re-delivers, and the keyed writes
         # make the re-delivery a no-op.
-        pipe = self.redis.pipeline(transaction=False)
-        by_stream: dict[str, list[str]] = {}
-        for stream, mid, _ in entries:
-            by_stream.setdefault(stream, []).append(mid)
-        for stream, ids in by_stream.items():
-            pipe.xack(stream, SETTLER_GROUP, *ids)
-            pipe.xdel(stream, *ids)
-        await asyncio.shield(pipe.execute())
+        await asyncio.shield(self._group.ack(batch.ids))
         self.settled += result.movements
         self.duplicates += result.duplicates
         self.batches += 1

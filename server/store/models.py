@@ -76,14 +76,15 @@ class Movement:
 
     @classmethod
     def from_fields(cls, f: dict[str, str]) -> Movement:
+        # Positional, in field order: a settler builds one per outbox entry, and keyword
+        # arguments gathered in a dict cost a third more.
         kind = f["k"]
-        common = dict(partition=int(f["p"]), seq=int(f["seq"]), kind=kind, user_id=f["uid"],
-                      coins=int(f["c"]), ts_ms=int(f["ts"]))
         if kind == "c":
-            return cls(**common, order_id=f["order"], credit_kind=f.get("kind", "recharge"))  # type: ignore[arg-type]
-        return cls(**common, gift_id=f["id"], sender_name=f.get("name", ""), host_id=f["host"],  # type: ignore[arg-type]
-                   room_id=f["room"], gift=f["gift"], count=int(f["n"]), share_bp=int(f["bp"]),
-                   client_id=f.get("cid", ""))
+            return cls(int(f["p"]), int(f["seq"]), kind, f["uid"], int(f["c"]), int(f["ts"]),
+                       f["order"], f.get("kind", "recharge"))
+        return cls(int(f["p"]), int(f["seq"]), kind, f["uid"], int(f["c"]), int(f["ts"]), "", "",
+                   f["id"], f.get("name", ""), f["host"], f["room"], f["gift"], int(f["n"]), int(f["bp"]),
+                   f.get("cid", ""))
 
 
 UNITS_PER_DIAMOND = 10_000
