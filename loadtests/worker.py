@@ -80,9 +80,9 @@ class Worker:
         info = await self.connect_all()
         self.pipe.send(("ready", info))
         _, t0, duration, stall_after = await self.recv()
-        # The generator must not put its own pauses into the latencies it measures: a full
-        # collection over the records of a storm held this loop for ~0.2 s. A storm is bounded
-        # and nearly all it allocates is freed by reference counting; collect afterwards.
+        # The generator must not put its own pauses into the latencies it measures, and a full
+        # collection walks every record the storm has kept so far. A storm is bounded and nearly
+        # all it allocates is freed by reference counting: collect afterwards.
         gc.freeze()
         gc.disable()
         try:
