@@ -267,6 +267,24 @@ async def test_a_mixed_redelivery_settles_only_the_new_movements(backend: Backen
     assert (await backend.store.diamond_figures())["unbalanced_units"] == 0
 
 
+async def test_sqlite_stages_batches_of_any_size_under_an_old_variable_limit(tmp_path: Path) -> None:
+    """SQLite before 3.32 allows 999 variables per statement: the stage must still take any batch."""
+    store = SQLiteStore(tmp_path / "ledger.sqlite3")
+    try:
+        await store.migrate()
+        await store._run(lambda c: c.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999))
+        seq = 0
+        for size in (1, 63, 64, 65, 1000, 2049):
+            batch = [gift(0, s) for s in range(seq + 1, seq + size + 1)]
+            seq += size
+            result = await store.settle(batch + batch[-2:])  # with two delivered twice
+            assert (result.movements, result.duplicates) == (size, min(2, size))
+        assert await store.earnings("host-1") == (seq * 5000, seq)
+        assert await store.partition_totals(0, seq) == PartitionTotals(seq, 0, seq)
+    finally:
+        await store.close()
+
+
 async def test_a_thousand_one_coin_gifts_at_half_share_make_500_diamonds(backend: Backend) -> None:
     gifts = [gift(i % 4, i // 4 + 1, user=f"viewer-{i % 7}") for i in range(1000)]
     for start, size in ((0, 1), (1, 99), (100, 400), (500, 500)):  # batch size must not matter

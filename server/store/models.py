@@ -14,14 +14,16 @@ ORDER_DECLINED = "declined"
 PAYMENTS_ACCOUNT = "platform:payments"  # coins issued against money received
 GIFT_REVENUE_ACCOUNT = "platform:gifts"  # coins spent on gifts
 DIAMOND_POOL_ACCOUNT = "platform:diamonds"  # diamonds owed to hosts
+USER_ACCOUNT_PREFIX = "user:"
+HOST_ACCOUNT_PREFIX = "host:"
 
 
 def user_account(user_id: str) -> str:
-    return f"user:{user_id}"
+    return USER_ACCOUNT_PREFIX + user_id
 
 
 def host_account(host_id: str) -> str:
-    return f"host:{host_id}"
+    return HOST_ACCOUNT_PREFIX + host_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,9 @@
-"""Rows a settled batch writes, built once for every backend from movements not seen before."""
+"""Rows a settled batch writes, built from movements not seen before.
+
+PostgreSQL COPYs these. SQLite derives the same rows in SQL from staged movements
+(sqlite_settle.py), so that its thread binds few values; tests/test_store.py pins the rows
+of both backends column by column, so the two derivations cannot drift apart.
+"""
 
 from __future__ import annotations
 

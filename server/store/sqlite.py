@@ -13,12 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.store import rows as rowbuild
+from server.store import sqlite_settle
 from server.store.migrations import migrations, statements
 from server.store.models import (
-    ORDER_CREDITED,
-    ORDER_PAID,
-    ORDER_PENDING,
     Movement,
     Order,
     PartitionTotals,
@@ -47,6 +44,7 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA cache_size=-131072")  # 128 MiB of page cache: settlement batches
+            conn.execute("PRAGMA temp_store=MEMORY")  # the settlement stage (a temp table) never touches disk
             self._conn = conn
         return self._conn
 
@@ -150,7 +148,7 @@ class SQLiteStore:
         return Room(*row) if row else None
 
     async def settle(self, movements: list[Movement]) -> SettleResult:
-        return await self._run(lambda c: _settle(c, movements))
+        return await self._run(lambda c: sqlite_settle.settle(c, movements))
 
     async def earnings(self, host_id: str) -> tuple[int, int]:
         row = await self._run(lambda c: c.execute(
@@ -224,46 +222,3 @@ def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
 
 def _order(row: Any) -> Order:
     return Order(*row)
-
-
-def _settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        seen: set[tuple[int, int]] = set()
-        by_part: dict[int, list[int]] = {}
-        for m in movements:
-            by_part.setdefault(m.partition, []).append(m.seq)
-        for part, seqs in by_part.items():
-            for i in range(0, len(seqs), _CHUNK):
-                chunk = seqs[i : i + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                seen.update((part, r[0]) for r in conn.execute(
-                    f"SELECT seq FROM movements WHERE part = ? AND seq IN ({marks})", (part, *chunk)))
-        fresh: list[Movement] = []
-        for m in movements:
-            key = (m.partition, m.seq)
-            if key not in seen:
-                seen.add(key)  # a movement delivered twice in one batch counts once
-                fresh.append(m)
-        b = rowbuild.build(fresh, time.time())
-        conn.executemany("INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
-                         " VALUES (?,?,?,?,?,?,?)", b.movements)
-        conn.executemany("INSERT INTO gifts (id, part, seq, sender_id, sender_name, host_id, room_id, gift, count,"
-                         " coins, share_bp, diamond_units, client_id, sent_at, settled_at)"
-                         " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", b.gifts)
-        conn.executemany("INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)", b.ledger)
-        conn.executemany(
-            "INSERT INTO host_earnings (host_id, diamond_units, gifts_received) VALUES (?,?,?)"
-            " ON CONFLICT (host_id) DO UPDATE SET diamond_units = diamond_units + excluded.diamond_units,"
-            " gifts_received = gifts_received + excluded.gifts_received",
-            [(h, v[0], v[1]) for h, v in b.hosts.items()])
-        now = time.time()
-        conn.executemany(
-            f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = ? WHERE id = ?"
-            f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')",
-            [(now, o) for o in b.credited_orders])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return SettleResult(len(fresh), len(b.gifts), len(b.credited_orders), len(movements) - len(fresh))
