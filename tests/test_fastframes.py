@@ -122,7 +122,7 @@ def test_small_frames_skip_the_full_parser_once_it_is_known_to_sit_between_frame
         parsed.append(data)
         full(data)
 
-    room.ws.receive_data = counted  # type: ignore[method-assign]
+    room.ws.receive_data = counted
     room.data_received(_wire(Opcode.TEXT, b"a") + _wire(Opcode.BINARY, b"b"))
     assert got == ["first", "a", b"b"] and parsed == []
     room.data_received(_wire(Opcode.TEXT, b"c") + _wire(Opcode.PING, b""))
