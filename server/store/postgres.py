@@ -197,53 +197,48 @@ class PostgresStore:
 
     async def settle(self, movements: list[Movement]) -> SettleResult:
         distinct = _distinct(movements)
-        now = time.time()
-        # Rows are built before we know which movements are new: nearly always all of them are,
-        # and rows.py then also gives the movement rows, so both backends write the same ones.
-        b = rowbuild.build(distinct, now)
-        fresh = distinct
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
-            inserted = await self._insert_movements(conn, b.movements)
-            if inserted is not None and len(inserted) < len(distinct):
-                # Some were settled before: rows for the new ones only.
-                fresh = [m for m in distinct if (m.partition, m.seq) in inserted]
-                b = rowbuild.build(fresh, now)
-            await self._insert_rows(conn, b)
-        return SettleResult(len(fresh), len(b.gifts), len(b.credited_orders), len(movements) - len(fresh))
+            fresh = await self._insert_movements(conn, distinct)
+            gifts = [m for m in fresh if m.kind != "c"]
+            await self._insert_rows(conn, fresh, gifts)
+        return SettleResult(len(fresh), len(gifts), len(fresh) - len(gifts), len(movements) - len(fresh))
 
     @staticmethod
-    async def _insert_movements(conn: asyncpg.Connection,
-                                rows: list[rowbuild.MovementRow]) -> set[tuple[int, int]] | None:
-        """Insert every movement not settled before: None when that was all of them, else the
-        (partition, seq) of those inserted."""
-        if not rows:
-            return None
+    async def _insert_movements(conn: asyncpg.Connection, movements: list[Movement]) -> list[Movement]:
+        """Insert every movement not settled before; those are returned."""
+        if not movements:
+            return movements
         # Fast path, the usual case: plain COPY, about twice as fast as the keyed insert below.
         # A movement settled before (a redelivery) fails it on the primary key; the savepoint
         # undoes the COPY alone and the keyed insert skips what is already there.
         try:
             async with conn.transaction():
-                await conn.copy_records_to_table("movements", records=rows, columns=_MOVEMENT_COLUMNS)
-            return None
+                await conn.copy_records_to_table("movements", records=rowbuild.movement_rows(movements),
+                                                 columns=_MOVEMENT_COLUMNS)
+            return movements
         except asyncpg.UniqueViolationError:
             pass
-        columns = list(zip(*rows, strict=True))
-        return {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *columns)}
+        columns = list(zip(*rowbuild.movement_rows(movements), strict=True))
+        inserted = {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *columns)}
+        return [m for m in movements if (m.partition, m.seq) in inserted]
 
     @staticmethod
-    async def _insert_rows(conn: asyncpg.Connection, b: rowbuild.BatchRows) -> None:
+    async def _insert_rows(conn: asyncpg.Connection, fresh: list[Movement], gifts: list[Movement]) -> None:
         """Gifts, ledger, host credit and credited orders for movements inserted just now."""
-        if b.gifts:
-            await conn.copy_records_to_table("gifts", records=b.gifts, columns=_GIFT_COLUMNS)
-        if b.ledger:
-            await conn.copy_records_to_table("ledger", records=b.ledger, columns=_LEDGER_COLUMNS)
-        if b.hosts:
-            hosts = sorted(b.hosts)  # one lock order for every settler
-            units, gifts = [b.hosts[h][0] for h in hosts], [b.hosts[h][1] for h in hosts]
-            await conn.execute(_UPSERT_HOSTS, hosts, units, gifts)
-        if b.credited_orders:
-            await conn.execute(_CREDIT_ORDERS, time.time(), sorted(b.credited_orders))
+        if gifts:
+            await conn.copy_records_to_table("gifts", records=rowbuild.gift_rows(gifts, time.time()),
+                                             columns=_GIFT_COLUMNS)
+        if fresh:
+            await conn.copy_records_to_table("ledger", records=rowbuild.ledger_rows(fresh), columns=_LEDGER_COLUMNS)
+        credit = rowbuild.host_credit(gifts)
+        if credit:
+            hosts = sorted(credit)  # one lock order for every settler
+            units, received = [credit[h][0] for h in hosts], [credit[h][1] for h in hosts]
+            await conn.execute(_UPSERT_HOSTS, hosts, units, received)
+        orders = rowbuild.credited_orders(fresh)
+        if orders:
+            await conn.execute(_CREDIT_ORDERS, time.time(), sorted(orders))
 
     async def earnings(self, host_id: str) -> tuple[int, int]:
         row = await self._fetchrow(

@@ -3,20 +3,23 @@
 PostgreSQL COPYs these. SQLite derives the same rows in SQL from staged movements
 (sqlite_settle.py), so that its thread binds few values; tests/test_store.py pins the rows
 of both backends column by column, so the two derivations cannot drift apart.
+
+The row functions are generators: COPY encodes each row as it is made and drops it, so a
+batch's six rows per gift never all exist at once (they were most of the settler's
+garbage-collector work when built as lists).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 from server.store.models import (
     DIAMOND_POOL_ACCOUNT,
     GIFT_REVENUE_ACCOUNT,
+    HOST_ACCOUNT_PREFIX,
     PAYMENTS_ACCOUNT,
+    USER_ACCOUNT_PREFIX,
     Movement,
-    host_account,
-    user_account,
 )
 
 MovementRow = tuple[int, int, str, str, int, str, float]
@@ -24,35 +27,51 @@ GiftRow = tuple[str, int, int, str, str, str, str, str, int, int, int, int, str,
 LedgerRow = tuple[int, int, int, str, str, int]
 
 
-@dataclass
-class BatchRows:
-    movements: list[MovementRow] = field(default_factory=list)
-    gifts: list[GiftRow] = field(default_factory=list)
-    ledger: list[LedgerRow] = field(default_factory=list)
-    credited_orders: list[str] = field(default_factory=list)
-    # host -> (diamond units, gifts)
-    hosts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
-
-
-def build(movements: list[Movement], now: float) -> BatchRows:
-    rows = BatchRows()
+def movement_rows(movements: list[Movement]) -> Iterator[MovementRow]:
     for m in movements:
-        at = m.ts_ms / 1000.0
         if m.kind == "c":
-            rows.movements.append((m.partition, m.seq, "credit", m.user_id, m.coins, m.order_id, at))
-            rows.ledger.append((m.partition, m.seq, 0, PAYMENTS_ACCOUNT, "coin", -m.coins))
-            rows.ledger.append((m.partition, m.seq, 1, user_account(m.user_id), "coin", m.coins))
-            rows.credited_orders.append(m.order_id)
+            yield m.partition, m.seq, "credit", m.user_id, m.coins, m.order_id, m.ts_ms / 1000.0
+        else:
+            yield m.partition, m.seq, "gift", m.user_id, m.coins, m.gift_id, m.ts_ms / 1000.0
+
+
+def gift_rows(movements: list[Movement], now: float) -> Iterator[GiftRow]:
+    for m in movements:
+        if m.kind != "c":
+            yield (m.gift_id, m.partition, m.seq, m.user_id, m.sender_name, m.host_id, m.room_id, m.gift, m.count,
+                   m.coins, m.share_bp, m.coins * m.share_bp, m.client_id, m.ts_ms / 1000.0, now)
+
+
+def ledger_rows(movements: list[Movement]) -> Iterator[LedgerRow]:
+    """Double entry: each movement's legs sum to zero per unit."""
+    for m in movements:
+        p, s, coins = m.partition, m.seq, m.coins
+        if m.kind == "c":  # coins from payments to the user
+            yield p, s, 0, PAYMENTS_ACCOUNT, "coin", -coins
+            yield p, s, 1, USER_ACCOUNT_PREFIX + m.user_id, "coin", coins
             continue
-        units = m.diamond_units
-        rows.movements.append((m.partition, m.seq, "gift", m.user_id, m.coins, m.gift_id, at))
-        rows.gifts.append((m.gift_id, m.partition, m.seq, m.user_id, m.sender_name, m.host_id, m.room_id,
-                           m.gift, m.count, m.coins, m.share_bp, units, m.client_id, at, now))
-        rows.ledger.append((m.partition, m.seq, 0, user_account(m.user_id), "coin", -m.coins))
-        rows.ledger.append((m.partition, m.seq, 1, GIFT_REVENUE_ACCOUNT, "coin", m.coins))
-        rows.ledger.append((m.partition, m.seq, 2, DIAMOND_POOL_ACCOUNT, "diamond_unit", -units))
-        rows.ledger.append((m.partition, m.seq, 3, host_account(m.host_id), "diamond_unit", units))
-        host = rows.hosts[m.host_id]
-        host[0] += units
-        host[1] += 1
-    return rows
+        # a gift: coins from the user to gift revenue, diamond units from the pool to the host
+        units = coins * m.share_bp
+        yield p, s, 0, USER_ACCOUNT_PREFIX + m.user_id, "coin", -coins
+        yield p, s, 1, GIFT_REVENUE_ACCOUNT, "coin", coins
+        yield p, s, 2, DIAMOND_POOL_ACCOUNT, "diamond_unit", -units
+        yield p, s, 3, HOST_ACCOUNT_PREFIX + m.host_id, "diamond_unit", units
+
+
+def host_credit(movements: list[Movement]) -> dict[str, list[int]]:
+    """host -> [diamond units, gifts received] from the batch's gifts."""
+    hosts: dict[str, list[int]] = {}
+    for m in movements:
+        if m.kind != "c":
+            units = m.coins * m.share_bp
+            host = hosts.get(m.host_id)
+            if host is None:
+                hosts[m.host_id] = [units, 1]
+            else:
+                host[0] += units
+                host[1] += 1
+    return hosts
+
+
+def credited_orders(movements: list[Movement]) -> list[str]:
+    return [m.order_id for m in movements if m.kind == "c"]

@@ -5,7 +5,7 @@ executemany() over built rows (six per gift: movement, gift, four ledger legs) b
 values and took the GIL back six times per gift, so the settler's event loop and this thread
 mostly took turns. Here Python binds the 14 staged columns of each movement in multi-row
 INSERTs, and SQLite derives movements, gifts, ledger legs, host credit and credited orders
-from the stage in one statement each, without the GIL. The rows are the ones rows.build()
+from the stage in one statement each, without the GIL. The rows are the ones rows.py
 gives (PostgreSQL COPYs those); tests/test_store.py pins them column by column on both.
 """
 
