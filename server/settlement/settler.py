@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from typing import Any
 
 from redis.asyncio import Redis
@@ -40,18 +41,20 @@ async def ensure_groups(redis: Redis, partitions: int) -> None:
 
 class Settler:
     def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
-                 max_batch: int = 2000, claim_idle_ms: int = 30_000, pipe: FastPipe | None = None) -> None:
+                 max_batch: int = 2000, claim_idle_ms: int = 30_000, commits: int = 2,
+                 pipe: FastPipe | None = None) -> None:
         self.redis = redis
         self.store = store
         self.partitions = partitions
         self.consumer = consumer
         self.max_batch = max_batch
         self.claim_idle_ms = claim_idle_ms
+        self.commits = max(1, commits)
         self.streams = [outbox_key(p) for p in range(partitions)]
-        # Reads and acks go through the lean pipeline (a read and an ack can be in flight at once);
-        # XAUTOCLAIM, rare, stays on redis-py.
+        # Reads and acks go through the lean pipeline (a read and every batch's ack can be in
+        # flight at once); XAUTOCLAIM, rare, stays on redis-py.
         self._own_pipe = pipe is None
-        self.pipe = pipe or FastPipe.like(redis, max_connections=2, encoding="utf-8")
+        self.pipe = pipe or FastPipe.like(redis, max_connections=1 + self.commits, encoding="utf-8")
         self._group = GroupConsumer(self.pipe, self.streams, consumer)
         # XREADGROUP's COUNT is per stream: the per-stream share of the batch budget.
         self._per_stream_max = max(MIN_COUNT, max_batch // partitions)
@@ -89,31 +92,30 @@ class Settler:
         await ensure_groups(self.redis, self.partitions)
         await self._settle_backlog("0")  # our own pending entries from before a restart
         last_claim = 0.0
-        # One batch commits while the next is read and parsed: two stages, commits in order.
-        committing: asyncio.Task[None] | None = None
+        # Batches commit while the next one is read and parsed; up to `commits` of them at once,
+        # each in its own transaction (as separate settlers' batches are), so the database works
+        # on one batch while this loop feeds it the next.
+        committing: deque[asyncio.Task[None]] = deque()
         try:
             while not self._stopping.is_set():
                 try:
                     if time.monotonic() - last_claim > max(1.0, self.claim_idle_ms / 3000):
                         last_claim = time.monotonic()
-                        if committing is not None:
-                            await committing
-                            committing = None
+                        while committing:  # claimed entries may be in a batch still committing
+                            await committing.popleft()
                         await self.claim_abandoned()
                     batch = await self._read(start_id=">", block_ms=200)
-                    if committing is not None:
-                        await committing
-                        committing = None
+                    while committing and (committing[0].done() or len(committing) >= self.commits):
+                        await committing.popleft()
                     if batch.movements:
-                        committing = asyncio.get_running_loop().create_task(self._settle(batch))
+                        committing.append(asyncio.get_running_loop().create_task(self._settle(batch)))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # Redis gone: retry, never die
-                    committing = None
                     await self._backoff(exc)
         finally:
-            if committing is not None:
-                await asyncio.shield(committing)
+            if committing:
+                await asyncio.shield(asyncio.gather(*committing, return_exceptions=True))
 
     async def _settle_backlog(self, start: str) -> None:
         while True:
