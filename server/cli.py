@@ -251,7 +251,8 @@ def cmd_settle(args: argparse.Namespace) -> int:
     async def settle(redis: Any, store: Any) -> int:
         settler = Settler(redis, store, partitions=settings.partitions,
                           consumer=args.consumer or f"{socket.gethostname()}:settle:{os.getpid()}",
-                          max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms)
+                          max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms,
+                          linger_ms=settings.settle_linger_ms)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

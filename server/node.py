@@ -65,7 +65,8 @@ class Node:
         if settings.workers > 1:
             consumer += f":{os.getpid()}"
         self.settler = Settler(self.redis, self.store, partitions=settings.partitions, consumer=consumer,
-                               max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms)
+                               max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms,
+                               linger_ms=settings.settle_linger_ms)
         # Room sockets taken over from uvicorn, for the node-wide keepalive.
         self.sockets: set[RoomProtocol] = set()
         self.keepalive = Keepalive(lambda: self.sockets, settings.ping_interval_s, settings.ping_timeout_s)

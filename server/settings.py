@@ -59,6 +59,8 @@ class Settings:
     redis_inflight: int = 1
     settler: bool = True
     settle_batch: int = 8000
+    # A settler that read less than a full batch waits this long before reading again.
+    settle_linger_ms: float = 50.0
     # Pending outbox entries idle this long are claimed from a dead settler.
     settle_claim_idle_ms: int = 30_000
     migrate_on_start: bool = True
@@ -83,7 +85,7 @@ _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
         "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
-          "presence_interval_s"}
+          "presence_interval_s", "settle_linger_ms"}
 _BOOL = {"settler", "migrate_on_start", "takeover"}
 
 

@@ -8,6 +8,7 @@ Delivery is at-least-once; effects are exactly-once because every write is keyed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -42,7 +43,7 @@ async def ensure_groups(redis: Redis, partitions: int) -> None:
 class Settler:
     def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
                  max_batch: int = 2000, claim_idle_ms: int = 30_000, commits: int = 2,
-                 pipe: FastPipe | None = None) -> None:
+                 linger_ms: float = 50.0, pipe: FastPipe | None = None) -> None:
         self.redis = redis
         self.store = store
         self.partitions = partitions
@@ -50,6 +51,10 @@ class Settler:
         self.max_batch = max_batch
         self.claim_idle_ms = claim_idle_ms
         self.commits = max(1, commits)
+        # After a read that came back short, wait this long before the next: in a steady storm
+        # the outbox fills a batch meanwhile, so reads and commits go from thousands a second
+        # to tens, for at most this much more settlement lag. A backlog reads back to back.
+        self.linger_s = max(0.0, linger_ms / 1000)
         self.streams = [outbox_key(p) for p in range(partitions)]
         # Reads and acks go through the lean pipeline (a read and every batch's ack can be in
         # flight at once); XAUTOCLAIM, rare, stays on redis-py.
@@ -109,6 +114,9 @@ class Settler:
                         await committing.popleft()
                     if batch.movements:
                         committing.append(asyncio.get_running_loop().create_task(self._settle(batch)))
+                        if not batch.full and self.linger_s:
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self._stopping.wait(), self.linger_s)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # Redis gone: retry, never die
