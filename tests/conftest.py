@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 import redis
@@ -13,6 +14,14 @@ from tests.support import Api, ServerProc, ValkeyProc, token
 
 # PostgreSQL tests read their URL from here and skip when it is unset (.ci/run sets it).
 PG_ENV = "GIFTSTREAM_TEST_DATABASE_URL"
+
+
+class TokenClaims(TypedDict, total=False):
+    """The optional keywords of `tests.support.token`, so `api(...)` can pass them through typed."""
+
+    name: str | None
+    birthdate: str
+    ttl_s: int
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +71,7 @@ def server(make_server: Callable[..., ServerProc], redis_url: str) -> ServerProc
 async def api(server: ServerProc) -> AsyncIterator[Callable[..., Api]]:
     clients: list[Api] = []
 
-    def make(user_id: str, role: str = "viewer", **kw: str) -> Api:
+    def make(user_id: str, role: str = "viewer", **kw: Unpack[TokenClaims]) -> Api:
         client = Api(server, token(user_id, role, **kw))
         clients.append(client)
         return client

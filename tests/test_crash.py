@@ -33,7 +33,8 @@ async def test_restart_keeps_balances_and_settles_leftover_outbox(make_server: C
         acks = [await c.reply(f"r{i}") for i in range(40)]
     assert all(a["type"] == "ack" for a in acks)
     assert (await host.earnings())["gifts_received"] == 0
-    await host.close(), await v.close()
+    await host.close()
+    await v.close()
     assert first.terminate() in (0, -signal.SIGTERM)
     assert not (data / "valkey.json").exists(), "serve must stop its embedded valkey on SIGTERM"
 
@@ -42,13 +43,15 @@ async def test_restart_keeps_balances_and_settles_leftover_outbox(make_server: C
     assert (await v.wallet())["coins"] == 300
     await wait_until(lambda: _received(host, 40), timeout=20)
     assert (await host.earnings())["diamond_units"] == 40 * 5 * 5000
-    await host.close(), await v.close()
+    await host.close()
+    await v.close()
     result = run_cli("audit", "--data-dir", str(data))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def _received(host: Api, n: int) -> bool:
-    return (await host.earnings())["gifts_received"] >= n
+    received: int = (await host.earnings())["gifts_received"]
+    return received >= n
 
 
 async def test_kill9_mid_storm_then_retry_charges_exactly_once(make_server: Callable[..., ServerProc],
@@ -142,7 +145,8 @@ async def test_sigterm_drains_and_closes_sockets_with_1001(make_server: Callable
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert closed.value.rcvd.reason.startswith("server restarting, reconnect; retry_ms=")
     assert server.proc.wait(30) in (0, -signal.SIGTERM)  # type: ignore[union-attr]
-    await host.close(), await v.close()
+    await host.close()
+    await v.close()
     # Everything acknowledged before the drain was settled by the drain itself.
     import sqlite3
 

@@ -39,7 +39,8 @@ async def test_round_trip_recharge_gift_fanout_settle(server: ServerProc, api: C
 
 
 async def _gifts_received(host: Api, n: int) -> bool:
-    return (await host.earnings())["gifts_received"] >= n
+    received: int = (await host.earnings())["gifts_received"]
+    return received >= n
 
 
 async def test_no_overdraft_under_concurrency(server: ServerProc, api: Callable[..., Api]) -> None:

@@ -9,13 +9,15 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
 import pytest
 import websockets
 
-from tests.support import Api, ServerProc, join, token, wait_until
+from tests.support import Api, Client, ServerProc, join, token, wait_until
 
 # Slices of 2 sockets: every multi-socket room here is written in several steps per frame.
 FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000",
@@ -38,9 +40,9 @@ async def _setup(server: ServerProc, host_id: str, *senders: str, coins: int = 5
     return room
 
 
-async def _send_all(client, ids: list[str], gift: str = "rose") -> list[dict]:  # type: ignore[no-untyped-def]
+async def _send_all(client: Client, ids: list[str], gift: str = "rose") -> list[dict[str, Any]]:
     """Send in windows of 200 (a socket may have 256 gifts in flight); all must be acked."""
-    replies = []
+    replies: list[dict[str, Any]] = []
     for i in range(0, len(ids), 200):
         window = ids[i : i + 200]
         for gid in window:
@@ -86,7 +88,8 @@ async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable
     info = Api(server, token("ow"))
 
     async def all_published() -> bool:
-        return (await info.client.get(f"/v1/rooms/{room}")).json()["coins_total"] == 400
+        coins_total: int = (await info.client.get(f"/v1/rooms/{room}")).json()["coins_total"]
+        return coins_total == 400
 
     await wait_until(all_published)
     await info.close()
@@ -102,7 +105,7 @@ async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable
         assert event["offset"] > failed["offset"]
 
 
-async def _next_of(client, kind: str) -> dict:  # type: ignore[no-untyped-def]
+async def _next_of(client: Client, kind: str) -> dict[str, Any]:
     while True:
         msg = await client.recv()
         if msg["type"] == kind:
@@ -151,7 +154,7 @@ async def test_combo_resets_after_window(make_server: Callable[..., ServerProc],
 
 
 async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
-        make_server: Callable[..., ServerProc], redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        make_server: Callable[..., ServerProc], redis_url: str, tmp_path: Path) -> None:
     node_a = make_server(tmp_path / "a", redis_url=redis_url, env=FAST).start()
     node_b = make_server(tmp_path / "b", redis_url=redis_url, env=FAST,
                          database_url=f"sqlite:///{tmp_path / 'a' / 'giftstream.sqlite3'}").start()
@@ -288,7 +291,8 @@ async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Calla
             info = Api(server, token("alive"))
 
             async def dead_dropped() -> bool:
-                return (await info.client.get(f"/v1/rooms/{room}")).json()["viewers"] == 1
+                viewers: int = (await info.client.get(f"/v1/rooms/{room}")).json()["viewers"]
+                return viewers == 1
 
             await wait_until(dead_dropped, timeout=15, interval=0.3)
             await info.close()
@@ -354,7 +358,7 @@ async def test_gifts_sent_before_the_welcome_are_not_lost(fast_server: ServerPro
         # Pipelined right after the handshake, before the welcome can have arrived.
         for i in range(5):
             await ws.send(msgpack.packb({"type": "gift", "id": f"early{i}", "gift": "rose", "count": 1}))
-        acks = set()
+        acks: set[str] = set()
         while len(acks) < 5:
             msg = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10))
             if msg["type"] == "ack":

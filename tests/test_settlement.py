@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support import ROOT, SECRET, Api, ServerProc, join, run_cli, token, wait_until
 
@@ -39,7 +40,7 @@ async def _storm(server: ServerProc, room: str, senders: list[str], per_sender: 
     return sum(await asyncio.gather(*(one(s) for s in senders)))
 
 
-async def _earnings(server: ServerProc, host: str) -> dict:  # type: ignore[type-arg]
+async def _earnings(server: ServerProc, host: str) -> dict[str, Any]:
     api = Api(server, token(host, "host"))
     try:
         return await api.earnings()
@@ -85,7 +86,7 @@ async def test_killed_settler_loses_and_duplicates_nothing(make_server: Callable
 
 
 async def _received_between(server: ServerProc, lo: int, hi: int) -> bool:
-    n = (await _earnings(server, "sh"))["gifts_received"]
+    n: int = (await _earnings(server, "sh"))["gifts_received"]
     return lo <= n <= hi
 
 
@@ -102,7 +103,8 @@ async def test_metrics_expose_outbox_lag_and_settle_rate(make_server: Callable[.
     assert "giftstream_outbox_entries 41" in text  # 1 credit + 40 gifts, none settled
     health = (await api.client.get("/healthz")).json()
     assert health["outbox_entries"] == 41 and health["outbox_lag_ms"] > 0
-    await api.close(), await host.close()
+    await api.close()
+    await host.close()
 
 
 async def test_rebuild_wallets_reproduces_live_balances(make_server: Callable[..., ServerProc], redis_url: str,
