@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -258,6 +259,7 @@ def cmd_settle(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         settler.start()
+        gc.freeze()  # as `serve` does: what start-up made stays out of full collections
         print(f"settler {settler.consumer} running", flush=True)
         await stop.wait()
         await settler.stop(flush=False)
