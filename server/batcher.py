@@ -93,9 +93,10 @@ class ScriptBatcher:
                 raise
 
     async def drain(self) -> None:
-        """Send what is queued and wait for every pipeline in flight."""
-        self._flush(force=True)
-        while self._inflight:
+        """Send what is queued and wait for every pipeline in flight, including those of calls made
+        while waiting (a debit's reply queues its room publish)."""
+        while self._queue or self._inflight:
+            self._flush(force=True)
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
 

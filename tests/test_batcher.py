@@ -74,3 +74,15 @@ async def test_a_lost_script_cache_is_reloaded_and_nothing_runs_twice(batcher: S
     replies = await asyncio.gather(*(_credit(batcher, "s", f"o{i}", 1) for i in range(50)))
     assert [int(r[1]) for r in replies] == list(range(1, 51))  # type: ignore[index]
     assert int(await batcher.redis.hget(UserKeys("s", 16).wallet, "coins")) == 50  # type: ignore[arg-type]
+
+
+async def test_drain_sends_calls_made_while_it_waits(batcher: ScriptBatcher) -> None:
+    follow_ups: list[asyncio.Future[object]] = []
+
+    def chain(_: asyncio.Future[object]) -> None:  # as a debit's reply queues its room publish
+        follow_ups.append(_credit(batcher, "d", "second", 2))
+
+    _credit(batcher, "d", "first", 1).add_done_callback(chain)
+    await batcher.drain()
+    assert len(follow_ups) == 1 and follow_ups[0].done()
+    assert int(await batcher.redis.hget(UserKeys("d", 16).wallet, "coins")) == 3  # type: ignore[arg-type]
