@@ -19,9 +19,15 @@ if ARGV[1] == 'gift' then
     if tonumber(at) >= now - tonumber(ARGV[7]) then combo = tonumber(n) + 1 end
   end
   redis.call('HSET', KEYS[4], ARGV[6], combo .. ':' .. now)
-  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]) * 4)
+  -- Writes reach the AOF: refresh the combos' expiry only once it is below two windows, and a
+  -- sender's display name only when it changed. Either way a streak outlives its window.
+  if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[7]) * 2 then
+    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]) * 4)
+  end
   redis.call('ZINCRBY', KEYS[3], ARGV[9], ARGV[8])
-  redis.call('HSET', KEYS[5], ARGV[8], ARGV[11])
+  if redis.call('HGET', KEYS[5], ARGV[8]) ~= ARGV[11] then
+    redis.call('HSET', KEYS[5], ARGV[8], ARGV[11])
+  end
   redis.call('HINCRBY', KEYS[1], 'coins_total', ARGV[9])
   redis.call('HINCRBY', KEYS[1], 'gifts_total', 1)
 elseif ARGV[1] == 'ended' then
