@@ -59,8 +59,10 @@ class Settings:
     redis_inflight: int = 1
     settler: bool = True
     settle_batch: int = 8000
-    # A settler that read less than a full batch waits this long before reading again.
-    settle_linger_ms: float = 50.0
+    # A settler that read less than a full batch waits this long before reading again. At 6,000
+    # gifts/s, 150 rather than 50 took the settler from ~35% to ~22% of a core, for ~130 ms more
+    # settlement lag (p99 ~250 ms).
+    settle_linger_ms: float = 150.0
     # Pending outbox entries idle this long are claimed from a dead settler.
     settle_claim_idle_ms: int = 30_000
     migrate_on_start: bool = True

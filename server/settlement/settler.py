@@ -43,7 +43,7 @@ async def ensure_groups(redis: Redis, partitions: int) -> None:
 class Settler:
     def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
                  max_batch: int = 2000, claim_idle_ms: int = 30_000, commits: int = 2,
-                 linger_ms: float = 50.0, pipe: FastPipe | None = None) -> None:
+                 linger_ms: float = 150.0, pipe: FastPipe | None = None) -> None:
         self.redis = redis
         self.store = store
         self.partitions = partitions
@@ -53,7 +53,7 @@ class Settler:
         self.commits = max(1, commits)
         # After a read that came back short, wait this long before the next: in a steady storm
         # the outbox fills a batch meanwhile, so reads and commits go from thousands a second
-        # to tens, for at most this much more settlement lag. A backlog reads back to back.
+        # to a few, for at most this much more settlement lag. A backlog reads back to back.
         self.linger_s = max(0.0, linger_ms / 1000)
         self.streams = [outbox_key(p) for p in range(partitions)]
         # Reads and acks go through the lean pipeline (a read and every batch's ack can be in
