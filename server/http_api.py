@@ -112,11 +112,12 @@ async def room_info(request: Request) -> Response:
     state = await node.rooms.get(room_id)
     if state is None:
         raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    viewers, top = await node.presence.room_view(room_id)
     return JSONResponse({
         "room_id": room_id, "title": state.title, "host": {"id": state.host_id, "name": state.host_name},
-        "live": state.live, "viewers": await node.presence.viewers(room_id),
+        "live": state.live, "viewers": viewers,
         "coins_total": state.coins_total, "gifts_total": state.gifts_total,
-        "top_gifters": await node.rooms.leaderboard(room_id), "epoch": state.epoch,
+        "top_gifters": top, "epoch": state.epoch,
     })
 
 

@@ -276,12 +276,11 @@ class Session:
                     conn.room_id, msg.since, node.settings.resume_max_events)
             if not complete:
                 offset = await node.rooms.current_offset(conn.room_id)
+                viewers, top = await node.presence.room_view(conn.room_id)
                 conn.send_message({
                     "type": "resume_failed", "reason": "epoch_changed" if not epoch_ok else "too_old",
                     "room": conn.room_id, "offset": offset, "epoch": state.epoch if state else None,
-                    "viewers": await node.presence.viewers(conn.room_id),
-                    "coins_total": state.coins_total if state else 0,
-                    "top_gifters": await node.rooms.leaderboard(conn.room_id),
+                    "viewers": viewers, "coins_total": state.coins_total if state else 0, "top_gifters": top,
                 })
                 node.hub.release(conn, after=offset)
                 return

@@ -98,6 +98,8 @@ async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable
         failed = await _next_of(w, "resume_failed")
         assert failed["reason"] == "too_old" and failed["coins_total"] == 400
         assert failed["top_gifters"][0]["id"] == "oa"
+        assert failed["top_gifters"] == [{"id": "oa", "name": "oa", "coins": 400}]
+        assert failed["viewers"] == 1  # the resuming socket itself, read with the leaderboard in one call
         # live events keep flowing after a failed resume
         async with join(server, room, token("oa")) as sender:
             await _send_all(sender, ["live-1"])

@@ -29,15 +29,6 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def sum_presence(raw: dict[Any, Any], now_ms: int) -> int:
-    total = 0
-    for value in raw.values():
-        count, _, expires = _s(value).partition(":")
-        if expires and int(expires) >= now_ms:
-            total += int(count)
-    return total
-
-
 class Presence:
     def __init__(self, redis: Redis, hub: Hub, rooms: Rooms, node_id: str, interval_s: float) -> None:
         self.redis = redis
@@ -60,9 +51,12 @@ class Presence:
         except Exception:
             pass
 
-    async def viewers(self, room_id: str) -> int:
-        raw = await self.redis.hgetall(RoomKeys(room_id).presence)
-        return sum_presence(raw, int(time.time() * 1000))
+    async def room_view(self, room_id: str) -> tuple[int, list[dict[str, Any]]]:
+        """The room's viewers across nodes and its top gifters, read in one call, writing nothing."""
+        k = RoomKeys(room_id)
+        viewers, top = await self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names],
+                                                     ["", "", int(time.time() * 1000), LEADERBOARD_SIZE])
+        return int(viewers), leaderboard_from(top)
 
     async def announce(self, room_id: str) -> int:
         """Write this node's count for one room now (on join/leave) and return the room total."""

@@ -1,11 +1,14 @@
 -- room_tick.lua: refresh this node's viewer count for a room, return the room's viewers and
--- its top gifters, in one call per room per presence interval. All keys share {r:<room_id>}.
+-- its top gifters, in one call per room per presence interval; with no node id, only read
+-- them (GET /v1/rooms/{id}, resume_failed). All keys share {r:<room_id>}.
 -- KEYS[1] presence hash (node id -> "<count>:<expires ms>")
 -- KEYS[2] session leaderboard zset (user -> coins)   KEYS[3] display names (user -> name)
--- ARGV[1] node id   ARGV[2] "<count>:<expires ms>", or "" to withdraw this node
+-- ARGV[1] node id, or "" to write nothing   ARGV[2] "<count>:<expires ms>", or "" to withdraw
 -- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)
 -- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
-if ARGV[2] == '' then
+if ARGV[1] == '' then
+  -- read only
+elseif ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

@@ -120,16 +120,6 @@ class Rooms:
             start = "(" + _s(page[-1][0])
         return out, len(out) <= limit
 
-    async def leaderboard(self, room_id: str, n: int = 10) -> list[dict[str, Any]]:
-        k = RoomKeys(room_id)
-        top: Any = await self.redis.zrevrange(k.leaderboard, 0, n - 1, withscores=True)
-        if not top:
-            return []
-        ids = [_s(m) for m, _ in top]
-        names = await self.redis.hmget(k.names, ids)
-        return [{"id": uid, "name": _s(name) if name else uid, "coins": int(score)}
-                for uid, (_, score), name in zip(ids, top, names, strict=True)]
-
 
 def _key(offset: str) -> tuple[int, int]:
     ms, _, seq = offset.partition("-")
