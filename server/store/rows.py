@@ -39,7 +39,7 @@ def gift_rows(movements: list[Movement], now: float) -> Iterator[GiftRow]:
     for m in movements:
         if m.kind != "c":
             yield (m.gift_id, m.partition, m.seq, m.user_id, m.sender_name, m.host_id, m.room_id, m.gift, m.count,
-                   m.coins, m.share_bp, m.coins * m.share_bp, m.client_id, m.ts_ms / 1000.0, now)
+                   m.coins, m.share_bp, m.diamond_units, m.client_id, m.ts_ms / 1000.0, now)
 
 
 def ledger_rows(movements: list[Movement]) -> Iterator[LedgerRow]:
@@ -51,7 +51,7 @@ def ledger_rows(movements: list[Movement]) -> Iterator[LedgerRow]:
             yield p, s, 1, USER_ACCOUNT_PREFIX + m.user_id, "coin", coins
             continue
         # a gift: coins from the user to gift revenue, diamond units from the pool to the host
-        units = coins * m.share_bp
+        units = m.diamond_units
         yield p, s, 0, USER_ACCOUNT_PREFIX + m.user_id, "coin", -coins
         yield p, s, 1, GIFT_REVENUE_ACCOUNT, "coin", coins
         yield p, s, 2, DIAMOND_POOL_ACCOUNT, "diamond_unit", -units
@@ -63,7 +63,7 @@ def host_credit(movements: list[Movement]) -> dict[str, list[int]]:
     hosts: dict[str, list[int]] = {}
     for m in movements:
         if m.kind != "c":
-            units = m.coins * m.share_bp
+            units = m.diamond_units
             host = hosts.get(m.host_id)
             if host is None:
                 hosts[m.host_id] = [units, 1]
