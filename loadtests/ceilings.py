@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadtests.stats import Hist
 from loadtests.target import free_port, raise_fd_limit
 
 TICK_S = 0.02
@@ -119,7 +120,7 @@ async def _clients(port: int, viewers: int, timeout: float) -> dict[str, Any]:
     from loadtests.wsclient import connect
 
     st = {"first": 0.0, "last": 0.0, "frames": 0, "events": 0, "ended": 0}
-    latencies: list[float] = []
+    latency = Hist()  # binned as the storm's own latencies are, so the two compare bin for bin
     done = asyncio.Event()
 
     def on_message(payload: bytes, now: float) -> None:
@@ -136,7 +137,7 @@ async def _clients(port: int, viewers: int, timeout: float) -> dict[str, Any]:
             st["events"] += n
             st["last"] = now
             if born:
-                latencies.append(now - born)
+                latency.add((now - born) * 1000)
 
     sem = asyncio.Semaphore(200)
 
@@ -150,12 +151,11 @@ async def _clients(port: int, viewers: int, timeout: float) -> dict[str, Any]:
     for s in socks:
         s.close()
     span = max(1e-9, st["last"] - st["first"] - WARMUP_S)
-    out = {"frames_per_s": round(st["frames"] / span), "events_per_s": round(st["events"] / span),
+    out: dict[str, Any] = {"frames_per_s": round(st["frames"] / span), "events_per_s": round(st["events"] / span),
            "window_s": round(span, 2), "ended": st["ended"]}
-    if latencies:
-        latencies.sort()
-        out["latency_p50_ms"] = round(latencies[len(latencies) // 2] * 1000, 2)
-        out["latency_p99_ms"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2)
+    if latency.n:
+        summary = latency.summary()
+        out["latency_p50_ms"], out["latency_p99_ms"] = summary["p50_ms"], summary["p99_ms"]
     return out
 
 
