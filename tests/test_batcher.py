@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -12,6 +13,8 @@ from redis.exceptions import ResponseError
 from server.batcher import ScriptBatcher
 from server.keys import UserKeys
 from server.scripts import Scripts
+from server.settings import Settings
+from server.wallet.service import Wallet
 
 
 @pytest.fixture
@@ -26,10 +29,8 @@ async def batcher(redis_url: str) -> AsyncIterator[ScriptBatcher]:
     await redis.aclose()
 
 
-def _credit(b: ScriptBatcher, user: str, order: str, coins: int) -> asyncio.Future[object]:
-    k = UserKeys(user, 16)
-    return b.call("credit", [k.wallet, k.orders, k.totals, k.outbox],
-                  [order, coins, "recharge", k.partition, user, 0])
+def _credit(b: ScriptBatcher, user: str, order: str, coins: int) -> asyncio.Future[Any]:
+    return Wallet(b.redis, b, Settings(partitions=16)).credit_later(user, order, coins)
 
 
 async def test_calls_of_one_tick_share_a_pipeline_and_each_gets_its_own_reply(batcher: ScriptBatcher) -> None:
@@ -41,13 +42,13 @@ async def test_calls_of_one_tick_share_a_pipeline_and_each_gets_its_own_reply(ba
     for i, reply in enumerate(replies):
         user = f"u{i % 7}"
         balances[user] = balances.get(user, 0) + i + 1
-        assert int(reply[1]) == balances[user]  # type: ignore[index]  # the running balance, in call order
+        assert int(reply[1]) == balances[user]  # the running balance, in call order
 
 
 async def test_calls_made_while_a_pipeline_is_out_leave_together_when_it_returns(batcher: ScriptBatcher) -> None:
     first = _credit(batcher, "a", "first", 1)
     await asyncio.sleep(0)  # the first pipeline is sent
-    later: list[asyncio.Future[object]] = []
+    later: list[asyncio.Future[Any]] = []
     while not first.done():  # one call per loop step while it is out
         later.append(_credit(batcher, "b", f"later{len(later)}", 1))
         await asyncio.sleep(0)
@@ -65,21 +66,21 @@ async def test_an_error_reply_fails_only_its_own_call(batcher: ScriptBatcher) ->
     also_good = _credit(batcher, "g", "o2", 5)
     with pytest.raises(ResponseError):
         await bad
-    assert int((await good)[1]) == 5  # type: ignore[index]
-    assert int((await also_good)[1]) == 10  # type: ignore[index]
+    assert int((await good)[1]) == 5
+    assert int((await also_good)[1]) == 10
 
 
 async def test_a_lost_script_cache_is_reloaded_and_nothing_runs_twice(batcher: ScriptBatcher) -> None:
     await batcher.redis.script_flush()
     replies = await asyncio.gather(*(_credit(batcher, "s", f"o{i}", 1) for i in range(50)))
-    assert [int(r[1]) for r in replies] == list(range(1, 51))  # type: ignore[index]
+    assert [int(r[1]) for r in replies] == list(range(1, 51))
     assert int(await batcher.redis.hget(UserKeys("s", 16).wallet, "coins")) == 50  # type: ignore[arg-type]
 
 
 async def test_drain_sends_calls_made_while_it_waits(batcher: ScriptBatcher) -> None:
-    follow_ups: list[asyncio.Future[object]] = []
+    follow_ups: list[asyncio.Future[Any]] = []
 
-    def chain(_: asyncio.Future[object]) -> None:  # as a debit's reply queues its room publish
+    def chain(_: asyncio.Future[Any]) -> None:  # as a debit's reply queues its room publish
         follow_ups.append(_credit(batcher, "d", "second", 2))
 
     _credit(batcher, "d", "first", 1).add_done_callback(chain)

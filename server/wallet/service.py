@@ -114,13 +114,16 @@ class Wallet:
 
     async def credit(self, user_id: str, order_id: str, coins: int, kind: str = "recharge") -> int:
         """Credit a paid order exactly once; returns the balance after it."""
+        return int((await self.credit_later(user_id, order_id, coins, kind))[1])
+
+    def credit_later(self, user_id: str, order_id: str, coins: int, kind: str = "recharge") -> asyncio.Future[Any]:
+        """Queue the credit in this tick's pipeline; the future holds credit.lua's raw reply."""
         k = self.keys(user_id)
-        result = await self.batcher.call(
+        return self.batcher.call(
             "credit",
             [k.wallet, k.orders, k.totals, k.outbox],
             [order_id, coins, kind, k.partition, user_id, int(time.time() * 1000)],
         )
-        return int(result[1])
 
     async def balance(self, user_id: str) -> dict[str, int]:
         k = self.keys(user_id)
