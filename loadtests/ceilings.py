@@ -186,6 +186,8 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
 
     from redis.asyncio import Redis
 
+    from server.store.models import gift_entry
+
     redis = Redis.from_url(url, decode_responses=True)
     script = resources.files("server.wallet").joinpath("send_gift.lua").read_text()
     sha = await redis.script_load(script)
@@ -208,8 +210,9 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
                 tag = "{p" + str(u % 16) + "}"
                 now = int(time.time() * 1000)
                 pipe.evalsha(sha, 4, f"gs:{tag}:u:u{u}", f"gs:{tag}:idem:u{u}:c{seq}", f"gs:{tag}:totals",
-                             f"gs:{tag}:outbox", "room|rose|1", 1, "2026-11", 86400, u % 16, f"u{u}",
-                             f"user {u}", "host", "room", "rose", 1, 5000, now, f"c{seq}")
+                             f"gs:{tag}:outbox", "room|rose|1", 1, "2026-11", 86400, u % 16,
+                             gift_entry(u % 16, f"u{u}", f"user {u}", "host", "room", "rose", 1, 1, 5000, now,
+                                        f"c{seq}"))
             await pipe.execute()
             calls += pipeline
 

@@ -44,6 +44,7 @@ from server.settlement.audit import run_audit
 from server.settlement.settler import Settler, ensure_groups, outbox_lag
 from server.store import open_store
 from server.store.base import Store
+from server.store.models import gift_entry
 from server.wallet.service import GiftOrder, Wallet
 
 # Gifts in flight while filling: enough for the batcher to send pipelines of hundreds.
@@ -179,10 +180,9 @@ async def _fill_xadd(redis: Redis, args: argparse.Namespace, traffic: Traffic) -
         k = UserKeys(g.sender_id, args.partitions)
         seqs[k.partition] += 1
         seq = seqs[k.partition]
-        pipe.xadd(outbox_key(k.partition), {
-            "k": "g", "p": k.partition, "seq": seq, "uid": g.sender_id, "name": g.sender_name,
-            "host": g.host_id, "room": g.room_id, "gift": g.gift, "n": g.count, "c": g.coins, "bp": share_bp,
-            "ts": int(time.time() * 1000), "cid": g.client_id, "id": f"g{k.partition}-{seq}"})
+        pipe.xadd(outbox_key(k.partition), {"k": "g", "seq": seq, "j": gift_entry(
+            k.partition, g.sender_id, g.sender_name, g.host_id, g.room_id, g.gift, g.count, g.coins, share_bp,
+            int(time.time() * 1000), g.client_id)})
         if len(pipe) >= 1000:
             await pipe.execute()
     await pipe.execute()

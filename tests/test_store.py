@@ -589,8 +589,8 @@ async def test_settler_redelivery_after_a_crash_between_commit_and_ack_changes_n
     await _make_traffic(wallet, users, gifts=500)
     pending: list[Movement] = []
     for p in range(PARTITIONS):
-        _totals, fields = await snapshot(redis, p)
-        pending += [Movement.from_fields(f) for f in fields]
+        _totals, movements = await snapshot(redis, p)
+        pending += movements
     committed = pending[::3]  # every third movement, across partitions and kinds
     assert (await backend.store.settle(committed)).movements == len(committed)
 
@@ -690,3 +690,25 @@ async def test_rebuild_reports_partition_totals_behind_the_ledger(backend: Backe
     assert not report["ok"]
     assert report["totals_behind"] == [{"partition": part, "redis_seq": 0, "settled_movements": 1}]
     assert await redis.hget(UserKeys("alice", PARTITIONS).wallet, "coins") == "100"
+
+
+async def test_outbox_entries_old_and_new_read_back_as_the_same_movement(redis: Redis, wallet: Wallet) -> None:
+    """send_gift.lua writes a gift as one JSON field; entries of the field-per-attribute format
+    it wrote before are still in outboxes after an upgrade and must settle the same."""
+    await wallet.credit("zoe", "order-zoe", 50_000)
+    order = GiftOrder(client_id="c-ünï", sender_id="zoe", sender_name="Zoë 🌹 \"quoted\"", host_id="hal",
+                      room_id="r|1", gift="universe", count=1, unit_coins=44_999)
+    before = int(time.time() * 1000)
+    debit = await wallet.send_gift(order)
+    part = UserKeys("zoe", PARTITIONS).partition
+    _totals, movements = await snapshot(redis, part)
+    [m] = [m for m in movements if m.kind == "g" and m.user_id == "zoe"]
+    assert before <= m.ts_ms <= int(time.time() * 1000)
+    assert m == Movement(part, m.seq, "g", "zoe", 44_999, m.ts_ms, gift_id=debit.gift_id, sender_name=order.sender_name,
+                         host_id="hal", room_id="r|1", gift="universe", count=1, share_bp=5000, client_id="c-ünï")
+    assert debit.gift_id == f"g{part}-{m.seq}"
+    old_format = {"k": "g", "p": str(part), "seq": str(m.seq), "uid": "zoe", "name": order.sender_name, "host": "hal",
+                  "room": "r|1", "gift": "universe", "n": "1", "c": "44999", "bp": "5000", "ts": str(m.ts_ms),
+                  "cid": "c-ünï", "id": debit.gift_id}
+    assert Movement.from_fields(old_format) == m
+    assert (await wallet.balance("zoe"))["coins"] == 50_000 - 44_999

@@ -28,8 +28,10 @@ if ARGV[1] == 'gift' then
   if redis.call('HGET', KEYS[5], ARGV[8]) ~= ARGV[11] then
     redis.call('HSET', KEYS[5], ARGV[8], ARGV[11])
   end
-  redis.call('HINCRBY', KEYS[1], 'coins_total', ARGV[9])
-  redis.call('HINCRBY', KEYS[1], 'gifts_total', 1)
+  -- One HSET for both totals: each write is a command in the AOF.
+  local totals = redis.call('HMGET', KEYS[1], 'coins_total', 'gifts_total')
+  redis.call('HSET', KEYS[1], 'coins_total', string.format('%d', tonumber(totals[1] or '0') + tonumber(ARGV[9])),
+    'gifts_total', string.format('%d', tonumber(totals[2] or '0') + 1))
 elseif ARGV[1] == 'ended' then
   if redis.call('HGET', KEYS[1], 'live') == '0' then return {false, 0} end
   redis.call('HSET', KEYS[1], 'live', '0', 'ended_at', ARGV[3])

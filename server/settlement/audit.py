@@ -26,7 +26,7 @@ async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int]
     failures: list[str] = []
     totals, entries = await snapshot(redis, p)
     seq_max, credited, spent = _i(totals.get("seq")), _i(totals.get("credited")), _i(totals.get("spent"))
-    pending = {int(f["seq"]): (f["k"], int(f["c"])) for f in entries}
+    pending = {m.seq: (m.kind, m.coins) for m in entries}
     sql = await store.partition_totals(p, seq_max)
     already = await store.settled_seqs(p, sorted(pending))
     unsettled = {s: v for s, v in pending.items() if s not in already}

@@ -7,12 +7,13 @@ from typing import Any
 from redis.asyncio import Redis
 
 from server.keys import outbox_key, totals_key
+from server.store.models import Movement
 
 PAGE = 5000
 
 
-async def snapshot(redis: Redis, p: int) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """The partition's totals hash and every outbox entry up to the same instant.
+async def snapshot(redis: Redis, p: int) -> tuple[dict[str, str], list[Movement]]:
+    """The partition's totals hash and every outbox movement up to the same instant.
 
     Totals and the outbox's last id are read in one transaction: every entry up to that id has a
     seq at or below the snapshot's, and the settler deletes entries only after they commit to SQL,
@@ -23,12 +24,12 @@ async def snapshot(redis: Redis, p: int) -> tuple[dict[str, str], list[dict[str,
     pipe.xrevrange(outbox_key(p), count=1)
     replies: Any = await pipe.execute()
     totals, last = replies
-    entries: list[dict[str, str]] = []
+    entries: list[Movement] = []
     if last:
         start, end = "-", last[0][0]
         while True:
             page: Any = await redis.xrange(outbox_key(p), min=start, max=end, count=PAGE) or []
-            entries.extend(f for _mid, f in page if f)
+            entries.extend(Movement.from_fields(f) for _mid, f in page if f)
             if len(page) < PAGE:
                 break
             start = "(" + page[-1][0]

@@ -43,8 +43,8 @@ class _Partition:
 async def _snapshot(redis: Redis, p: int) -> _Partition:
     totals, entries = await snapshot(redis, p)
     part = _Partition(seq=int(totals.get("seq") or 0))
-    for f in entries:
-        part.pending[int(f["seq"])] = (f["k"], f["uid"], int(f["c"]))
+    for m in entries:
+        part.pending[m.seq] = (m.kind, m.user_id, m.coins)
     async for key in redis.scan_iter(match=wallet_pattern(p), count=1000):
         part.wallet_users.add(user_from_wallet_key(key))
     return part

@@ -14,6 +14,7 @@ from server.batcher import ScriptBatcher
 from server.codes import Err, GiftstreamError
 from server.keys import UserKeys
 from server.settings import Settings
+from server.store.models import gift_entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +79,13 @@ class Wallet:
         """Queue the debit in this tick's pipeline; the future holds send_gift.lua's raw reply."""
         k = self.keys(order.sender_id)
         now = time.time()
+        coins, share_bp = order.coins, self.settings.host_share_bp
         return self.batcher.call(
             "send_gift",
             [k.wallet, k.idempotency(order.client_id), k.totals, k.outbox],
-            [order.fingerprint, order.coins, month_of(now), self.settings.idempotency_ttl_s,
-             k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id,
-             order.gift, order.count, self.settings.host_share_bp, int(now * 1000), order.client_id],
+            [order.fingerprint, coins, month_of(now), self.settings.idempotency_ttl_s, k.partition,
+             gift_entry(k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id, order.gift,
+                        order.count, coins, share_bp, int(now * 1000), order.client_id)],
         )
 
     @staticmethod
