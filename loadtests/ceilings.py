@@ -212,7 +212,7 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
                 pipe.evalsha(sha, 4, f"gs:{tag}:u:u{u}", f"gs:{tag}:idem:u{u}:c{seq}", f"gs:{tag}:totals",
                              f"gs:{tag}:outbox", "room|rose|1", 1, "2026-11", 86400, u % 16,
                              gift_entry(u % 16, f"u{u}", f"user {u}", "host", "room", "rose", 1, 1, 5000, now,
-                                        f"c{seq}"))
+                                        f"c{seq}"), now)
             await pipe.execute()
             calls += pipeline
 

@@ -67,6 +67,10 @@ class RoomKeys:
         self.channel = f"{PREFIX}:{self.tag}:ch"
         self.names = f"{PREFIX}:{self.tag}:names"
 
+    def published(self, debit_ms: int) -> str:
+        """Gift ids published to the room, one hash per minute of their debit (room_publish.lua)."""
+        return f"{PREFIX}:{self.tag}:pub:{debit_ms // 60_000}"
+
 
 def room_id_from_channel(channel: str) -> str:
     return channel[len(PREFIX) + 4 : channel.index("}")]

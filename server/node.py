@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -105,10 +106,38 @@ class Node:
         task.add_done_callback(self._tracked_done)
         return task
 
-    def track_future(self, future: asyncio.Future[Any]) -> None:
-        """A queued Lua call whose result nobody awaits (a room publish), finished before drain ends."""
+    def publish_gift(self, room_id: str, event: dict[str, Any], debit_ms: int) -> None:
+        """Publish a charged gift to its room, in this tick's pipeline. room_publish.lua publishes
+        a gift once, so after a Redis error it is sent again (in the background, with backoff)
+        until Redis answers, the republish window passes or this node drains; the sender's retry
+        with the same id publishes it too."""
+        future = self.rooms.publish_gift_later(room_id, event, debit_ms)
         self.inflight.add(future)  # type: ignore[arg-type]
-        future.add_done_callback(self._tracked_done)  # type: ignore[arg-type]
+        future.add_done_callback(lambda f: self._gift_published(f, room_id, event, debit_ms))
+
+    def _gift_published(self, future: asyncio.Future[Any], room_id: str, event: dict[str, Any],
+                        debit_ms: int) -> None:
+        self.inflight.discard(future)
+        exc = None if future.cancelled() else future.exception()
+        if exc is None:
+            return
+        if not isinstance(exc, OSError | TimeoutError):
+            log.error("gift %s not published", event["gift_id"], exc_info=exc)
+            return
+        self.track(self._publish_again(room_id, event, debit_ms))
+
+    async def _publish_again(self, room_id: str, event: dict[str, Any], debit_ms: int) -> None:
+        deadline_ms = debit_ms + self.settings.republish_window_s * 1000 - 60_000
+        delay = 0.2
+        while not self.draining and time.time() * 1000 < deadline_ms:
+            await asyncio.sleep(delay)
+            try:
+                await self.rooms.publish_gift_later(room_id, event, debit_ms)
+                log.info("gift %s published after a Redis error", event["gift_id"])
+                return
+            except (OSError, TimeoutError):
+                delay = min(delay * 2, 5.0)
+        log.warning("gift %s not published (Redis unreachable); the sender's retry publishes it", event["gift_id"])
 
     def _tracked_done(self, task: asyncio.Task[Any]) -> None:
         self.inflight.discard(task)

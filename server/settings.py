@@ -38,6 +38,10 @@ class Settings:
     combo_window_s: float = 3.0
     resume_max_events: int = 10_000
     resume_max_age_s: int = 120
+    # A charged gift is published to its room once, however often it is asked; asked again
+    # (the sender's retry after a gateway died before publishing it, or a publish retried after
+    # a Redis error) up to this long after its debit. Older ones are not published late.
+    republish_window_s: int = 600
     # Unsent bytes a socket may hold before it is closed as a slow consumer.
     send_buffer_cap: int = 1 << 20
     # Kernel send buffer per room socket (SO_SNDBUF); 0 keeps the kernel's autotuning. A small
@@ -85,7 +89,8 @@ class Settings:
 
 _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
-        "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight"}
+        "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight",
+        "republish_window_s"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s", "settle_linger_ms"}
 _BOOL = {"settler", "migrate_on_start", "takeover"}

@@ -242,11 +242,13 @@ class Session:
         principal = self.conn.principal
         self.conn.reply({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
                          "replayed": debit.replayed})
-        if not debit.replayed:
+        # A replayed debit is published too: the gateway that charged it may have died before
+        # publishing it. room_publish.lua shows a gift once however often it is asked.
+        if debit.debit_ms:
             event = {"type": "gift", "gift_id": debit.gift_id,
                      "from": {"id": principal.user_id, "name": principal.name},
-                     "gift": order.gift, "count": order.count, "coins": order.coins, "ts": int(time.time() * 1000)}
-            self.node.track_future(self.node.rooms.publish_gift_later(self.conn.room_id, event))
+                     "gift": order.gift, "count": order.count, "coins": order.coins, "ts": debit.debit_ms}
+            self.node.publish_gift(self.conn.room_id, event, debit.debit_ms)
 
     def _admit(self) -> None:
         """Gateway checks before a debit; the sender's age comes before any balance check."""

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
+from redis.asyncio import Redis
 
-from tests.support import Api, ServerProc, join, run_cli, token, wait_until
+from server.batcher import ScriptBatcher
+from server.keys import RoomKeys
+from server.rooms.state import Rooms
+from server.scripts import Scripts
+from server.settings import Settings
+from server.wallet.service import GiftOrder, Wallet
+from tests.support import Api, Client, ServerProc, join, run_cli, token, wait_until
 
 
 def _valkey_pid(data_dir: Path) -> int:
@@ -152,3 +162,77 @@ async def test_sigterm_drains_and_closes_sockets_with_1001(make_server: Callable
 
     db = sqlite3.connect(server.data_dir / "giftstream.sqlite3")
     assert db.execute("SELECT COUNT(*) FROM gifts WHERE sender_id = 'dv'").fetchone()[0] == 20
+
+
+async def test_a_gift_charged_by_a_gateway_that_died_before_publishing_is_shown_once_on_retry(
+        make_server: Callable[..., ServerProc], redis_url: str, tmp_path: Path) -> None:
+    """The debit and the room publish are two Lua calls (two cluster slots). A gateway that died
+    between them charged a gift nobody saw. The sender's retry with the same id must show it,
+    once, and count it once in the room's totals and leaderboard; retrying again changes nothing."""
+    server = make_server(tmp_path / "var", redis_url=redis_url).start()
+    host, v = Api(server, token("dh", "host")), Api(server, token("dv", name="Dee"))
+    await v.recharge(coins=100)
+    room = await host.create_room()
+    # What the dead gateway did: the debit, through the real script, and nothing after it.
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    scripts = Scripts()
+    await scripts.load(redis)
+    wallet = Wallet(redis, ScriptBatcher(redis, scripts), Settings())
+    charged = await wallet.send_gift(GiftOrder("lost-1", "dv", "Dee", "dh", room, "panda", 2, 5))
+    await redis.aclose()
+    async with join(server, room, token("dw")) as watcher, join(server, room, v.token) as sender:
+        for attempt in range(3):
+            sender.replies.pop("lost-1", None)
+            await sender.gift("lost-1", "panda", 2)
+            ack = await sender.reply("lost-1")
+            assert (ack["type"], ack["gift_id"], ack["balance"], ack["replayed"]) == (
+                "ack", charged.gift_id, 90, True), (attempt, ack)
+            await wait_until(lambda: _shown(watcher, charged.gift_id), timeout=10)
+        await watcher.drain(0.5)
+        assert _gift_events(watcher, charged.gift_id) == 1
+        [event] = [e for e in watcher.events if e.get("gift_id") == charged.gift_id]
+        assert (event["from"], event["coins"], event["ts"]) == ({"id": "dv", "name": "Dee"}, 10, charged.debit_ms)
+        info = (await v.client.get(f"/v1/rooms/{room}")).json()
+        assert info["coins_total"] == 10 and info["gifts_total"] == 1, info
+        assert info["top_gifters"] == [{"id": "dv", "name": "Dee", "coins": 10}]
+    await wait_until(lambda: _received(host, 1), timeout=20)
+    assert (await v.wallet())["coins"] == 90
+    await host.close()
+    await v.close()
+
+
+async def _shown(client: Client, gift_id: str) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await client.recv(0.2)
+    return _gift_events(client, gift_id) >= 1
+
+
+def _gift_events(client: Client, gift_id: str) -> int:
+    return sum(e.get("type") == "gift" and e.get("gift_id") == gift_id for e in client.events)
+
+
+async def test_room_publish_shows_a_gift_once_and_not_past_the_republish_window(redis_url: str) -> None:
+    """room_publish.lua, called as retries call it: the first call publishes, a repeat answers the
+    same offset and writes nothing, and a gift debited before the window is not published late."""
+    redis = Redis.from_url(redis_url)
+    scripts = Scripts()
+    await scripts.load(redis)
+    rooms = Rooms(redis, ScriptBatcher(redis, scripts), Settings(republish_window_s=60))
+    room = "pubonce-" + os.urandom(4).hex()
+    await rooms.create(room, "host", "Host", "t")
+    now = int(time.time() * 1000)
+
+    def event(gift_id: str, at: int) -> dict[str, Any]:
+        return {"type": "gift", "gift_id": gift_id, "from": {"id": "u", "name": "U"}, "gift": "rose", "count": 1,
+                "coins": 1, "ts": at}
+
+    first = await rooms.publish_gift_later(room, event("g1-1", now), now)
+    again = await asyncio.gather(*(rooms.publish_gift_later(room, event("g1-1", now), now) for _ in range(3)))
+    assert first[2] == 0 and all(a == [first[0], first[1], 1] for a in again), (first, again)
+    stale = now - 61_000
+    assert await rooms.publish_gift_later(room, event("g1-2", stale), stale) == [None, 0, 2]
+    state = await rooms.get(room)
+    assert state is not None and (state.coins_total, state.gifts_total) == (1, 1)
+    assert await redis.xlen(RoomKeys(room).events) == 1
+    assert 0 < await redis.pttl(RoomKeys(room).published(now)) <= (60 + 120) * 1000
+    await redis.aclose()

@@ -64,29 +64,32 @@ class Rooms:
                          h.get("live") == "1", h.get("epoch", ""), int(h.get("coins_total", 0)),
                          int(h.get("gifts_total", 0)))
 
-    def _publish_args(self, k: RoomKeys, kind: str, payload: bytes, sender: str = "", name: str = "",
-                      coins: int = 0, combo_field: str = "") -> tuple[list[str], list[Any]]:
-        now = int(time.time() * 1000)
-        keys = [k.state, k.events, k.leaderboard, k.combos, k.names]
+    def _publish_args(self, k: RoomKeys, kind: str, payload: bytes, now: int, sender: str = "", name: str = "",
+                      coins: int = 0, combo_field: str = "", gift_id: str = "",
+                      debit_ms: int = 0) -> tuple[list[str], list[Any]]:
+        keys = [k.state, k.events, k.leaderboard, k.combos, k.names, k.published(debit_ms or now)]
         args = [kind, payload, now, self.settings.resume_max_events,
                 now - self.settings.resume_max_age_s * 1000, combo_field,
-                int(self.settings.combo_window_s * 1000), sender, coins, k.channel, name]
+                int(self.settings.combo_window_s * 1000), sender, coins, k.channel, name,
+                gift_id, debit_ms, self.settings.republish_window_s * 1000]
         return keys, args
 
-    def publish_gift_later(self, room_id: str, event: dict[str, Any]) -> asyncio.Future[Any]:
-        """Queue the publish in this tick's pipeline (room_publish.lua's raw reply)."""
+    def publish_gift_later(self, room_id: str, event: dict[str, Any], debit_ms: int) -> asyncio.Future[Any]:
+        """Queue the publish in this tick's pipeline (room_publish.lua's raw reply). A gift is
+        published once: asked again, it answers the first offset and writes nothing."""
         k = RoomKeys(room_id)
         sender = event["from"]["id"]
         keys, args = self._publish_args(
-            k, "gift", msgpack.packb(event), sender, event["from"]["name"], event["coins"],
-            f"{sender}:{event['gift']}")
+            k, "gift", msgpack.packb(event), int(time.time() * 1000), sender, event["from"]["name"],
+            event["coins"], f"{sender}:{event['gift']}", event["gift_id"], debit_ms)
         return self.batcher.call("room_publish", keys, args)
 
     async def end(self, room_id: str) -> str | None:
         k = RoomKeys(room_id)
-        event = {"type": "room_ended", "room": room_id, "ts": int(time.time() * 1000)}
-        keys, args = self._publish_args(k, "ended", msgpack.packb(event))
-        offset, _ = await self.batcher.call("room_publish", keys, args)
+        now = int(time.time() * 1000)
+        event = {"type": "room_ended", "room": room_id, "ts": now}
+        keys, args = self._publish_args(k, "ended", msgpack.packb(event), now)
+        offset, _combo, _again = await self.batcher.call("room_publish", keys, args)
         return _s(offset) if offset else None
 
     async def current_offset(self, room_id: str) -> str:

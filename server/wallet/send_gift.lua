@@ -1,14 +1,16 @@
 -- send_gift.lua: debit a gift from the sender's wallet, exactly once per client id.
 -- All keys share the sender's partition tag {p<k>}.
 -- KEYS[1] wallet hash      (coins, credited, spent, gifts, restricted, budget, m:<YYYY-MM>)
--- KEYS[2] idempotency key  ("<fingerprint>\n<gift_id>\n<balance>", expires after ARGV[4] s)
+-- KEYS[2] idempotency key  ("<fingerprint>\n<gift_id>\n<balance>\n<debit ms>", expires after ARGV[4] s)
 -- KEYS[3] partition totals (seq, credited, spent)
 -- KEYS[4] partition outbox stream
 -- ARGV[1] fingerprint (room|gift|count)   ARGV[2] coins to debit   ARGV[3] month YYYY-MM
 -- ARGV[4] idempotency ttl s   ARGV[5] partition
 -- ARGV[6] the gift as the settler reads it: JSON [partition, sender id, sender name, host id,
 --         room id, gift, count, coins, host share bp, now ms, client id] (models.gift_entry)
--- Returns {"ok", gift_id, balance, replayed 0|1} or {"err", code}. Every check precedes the first write.
+-- ARGV[7] now ms (the debit's time: a replay returns the first one's, to publish it late)
+-- Returns {"ok", gift_id, balance, replayed 0|1, debit ms} or {"err", code}. Every check
+-- precedes the first write. A record from before the debit time was kept gives debit ms 0.
 --
 -- Each write reaches the AOF (appendfsync always) as its own command, so the counters are
 -- read once and written back with one HSET per hash rather than one HINCRBY per field, and
@@ -16,9 +18,9 @@
 -- bytes per gift of the first version.
 local seen = redis.call('GET', KEYS[2])
 if seen then
-  local fp, gift_id, balance = string.match(seen, '^(.-)\n(.-)\n(.-)$')
+  local fp, gift_id, balance, at = string.match(seen, '^(.-)\n(.-)\n([^\n]*)\n?(%d*)$')
   if fp ~= ARGV[1] then return {'err', 'idempotency_conflict'} end
-  return {'ok', gift_id, tonumber(balance), 1}
+  return {'ok', gift_id, tonumber(balance), 1, tonumber(at) or 0}
 end
 local month = 'm:' .. ARGV[3]
 local w = redis.call('HMGET', KEYS[1], 'coins', 'restricted', 'budget', month, 'spent', 'gifts')
@@ -40,5 +42,5 @@ local seq = int(tonumber(t[1] or '0') + 1)
 redis.call('HSET', KEYS[3], 'seq', seq, 'spent', int(tonumber(t[2] or '0') + cost))
 local gift_id = 'g' .. ARGV[5] .. '-' .. seq
 redis.call('XADD', KEYS[4], '*', 'k', 'g', 'seq', seq, 'j', ARGV[6])
-redis.call('SET', KEYS[2], ARGV[1] .. '\n' .. gift_id .. '\n' .. int(balance), 'EX', ARGV[4])
-return {'ok', gift_id, balance, 0}
+redis.call('SET', KEYS[2], ARGV[1] .. '\n' .. gift_id .. '\n' .. int(balance) .. '\n' .. ARGV[7], 'EX', ARGV[4])
+return {'ok', gift_id, balance, 0, tonumber(ARGV[7])}

@@ -22,6 +22,8 @@ class Debit:
     gift_id: str
     balance: int
     replayed: bool
+    # When the gift was first charged (ms); 0 for a charge recorded before this was kept.
+    debit_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +81,13 @@ class Wallet:
         """Queue the debit in this tick's pipeline; the future holds send_gift.lua's raw reply."""
         k = self.keys(order.sender_id)
         now = time.time()
-        coins, share_bp = order.coins, self.settings.host_share_bp
+        coins, share_bp, now_ms = order.coins, self.settings.host_share_bp, int(now * 1000)
         return self.batcher.call(
             "send_gift",
             [k.wallet, k.idempotency(order.client_id), k.totals, k.outbox],
             [order.fingerprint, coins, month_of(now), self.settings.idempotency_ttl_s, k.partition,
              gift_entry(k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id, order.gift,
-                        order.count, coins, share_bp, int(now * 1000), order.client_id)],
+                        order.count, coins, share_bp, now_ms, order.client_id), now_ms],
         )
 
     @staticmethod
@@ -94,7 +96,7 @@ class Wallet:
         if status != "ok":
             code = Err(_text(result[1]))
             raise GiftstreamError(code, _GIFT_MESSAGES.get(code))
-        return Debit(_text(result[1]), int(result[2]), bool(int(result[3])))
+        return Debit(_text(result[1]), int(result[2]), bool(int(result[3])), int(result[4]))
 
     async def replay(self, order: GiftOrder) -> Debit | None:
         """The first result of this client id, if it was already charged (read-only)."""
@@ -104,7 +106,7 @@ class Wallet:
             return None
         if _text(result[0]) != "ok":
             raise GiftstreamError(Err.IDEMPOTENCY_CONFLICT, _GIFT_MESSAGES[Err.IDEMPOTENCY_CONFLICT])
-        return Debit(_text(result[1]), int(result[2]), True)
+        return Debit(_text(result[1]), int(result[2]), True, int(result[4]))
 
     async def set_budget(self, user_id: str, monthly_cap: int | None) -> None:
         """A user's own monthly spending cap; send_gift.lua refuses gifts past it."""
