@@ -286,6 +286,21 @@ def code_version() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
+def cpu_per_gift(samples: list[dict[str, Any]], t0: float, duration: float, acked: int) -> dict[str, float]:
+    """Microseconds of CPU per acked gift, per process and in total, from the samples that fall
+    inside the gifting window (each sample's percentage covers the interval before it)."""
+    window = [s for s in samples if t0 < s["at"] <= t0 + duration]
+    if len(window) < 2 or not acked:
+        return {}
+    rate = acked / duration
+    out: dict[str, float] = {}
+    for key in sorted({k for s in window[1:] for k in s if k.startswith("cpu_")}):
+        busy = sum(s.get(key, 0.0) for s in window[1:]) / (len(window) - 1) / 100  # cores, averaged
+        out[key.removeprefix("cpu_")] = round(busy / rate * 1e6, 1)
+    out["total"] = round(sum(out.values()), 1)
+    return out
+
+
 def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict[str, Any],
           deliveries: dict[str, Any], settlement: dict[str, Any], audit: dict[str, Any], connect: dict[str, Any],
           samples: list[dict[str, Any]], failures: list[str], rss_before: int | None, rss_connected: int | None,
@@ -296,6 +311,7 @@ def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict
     if rss_before is not None and rss_connected is not None and conns:
         per_conn = round((rss_connected - rss_before) / conns, 2)
     run_samples = [s for s in samples if s["at"] >= t0]
+    per_gift = cpu_per_gift(samples, t0, args.duration, acks["acks_in_window"])
     for s in samples:
         s["t"] = round(s.pop("at") - t0, 2)
     cpu = {k: round(sum(s[k] for s in run_samples if k in s) / max(1, len(run_samples)), 1)
@@ -326,6 +342,9 @@ def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict
         "connections": connect,
         "server": {"pid": t.server_pid, "rss_kib_before_sockets": rss_before, "rss_kib_connected": rss_connected,
                    "rss_kib_peak": peak_rss, "avg_cpu_percent": cpu},
+        # CPU each process spent per acked gift while gifting (not joining, draining or checking):
+        # what a gift costs the machine, the figure capacity is planned with.
+        "cpu_us_per_gift": per_gift,
         "series": {"acks": acks["series"], "deliveries": deliveries["series"], "samples": samples},
     }
 

@@ -56,3 +56,8 @@ def test_storm_starts_its_own_server(tmp_path: Path) -> None:
     # the stalled viewer is left out of the exactly-once check, and reported on its own
     assert len(report["deliveries"]["stalled"]) == 1
     assert report["deliveries"]["counts"]["members_checked"] == 42
+    # what a gift cost each process of the machine while gifting, in microseconds of CPU
+    per_gift = report["cpu_us_per_gift"]
+    assert {"server", "valkey", "worker0", "total"} <= set(per_gift), per_gift
+    assert all(v > 0 for v in per_gift.values()), per_gift
+    assert per_gift["total"] == pytest.approx(sum(v for k, v in per_gift.items() if k != "total"), abs=0.5)
