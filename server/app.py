@@ -17,6 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 from server import http_api
 from server.codes import Err, GiftstreamError
 from server.embedded import Embedded
+from server.fastpipe import UNREACHABLE
 from server.node import Node
 from server.settings import Settings, from_env
 from server.transport_probe import TransportProbe
@@ -34,6 +35,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: Err.NOT_FOUND, 405: Err.BAD_REQUEST}.get(exc.status_code, Err.BAD_REQUEST)
     return JSONResponse({"code": code.value, "message": str(exc.detail)}, status_code=exc.status_code)
+
+
+async def _unreachable(request: Request, exc: Exception) -> Response:
+    # Redis (or the database) could not be reached or did not answer in time: the outage is
+    # logged once by the parts that keep connections (bus, settler, debit batcher), and the
+    # request is safe to repeat as it was (idempotency keys).
+    return http_api.error_response(GiftstreamError(Err.UNAVAILABLE, "temporarily unavailable; retry"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -74,7 +82,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         lifespan=lifespan,
         middleware=[Middleware(TransportProbe)],
         exception_handlers={GiftstreamError: _giftstream_error, HTTPException: _http_error,
-                            Exception: _unexpected},
+                            **dict.fromkeys(UNREACHABLE, _unreachable), Exception: _unexpected},
     )
     app.state.node = node
     return app

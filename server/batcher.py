@@ -10,6 +10,8 @@ never cancels the pipeline other callers wait on.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import hiredis
@@ -18,6 +20,8 @@ from redis.exceptions import ResponseError
 
 from server.fastpipe import FastPipe, is_noscript
 from server.scripts import Scripts
+
+log = logging.getLogger("giftstream.batcher")
 
 
 class _Call:
@@ -41,6 +45,8 @@ class ScriptBatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.calls = 0
+        # Since when pipelines fail (Redis unreachable): an outage is logged once, not per batch.
+        self.failing_since: float | None = None
 
     def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -72,6 +78,9 @@ class ScriptBatcher:
         try:
             for _attempt in range(2):
                 results = await self.pipe.execute([self.scripts.command(c.name, c.keys, c.args) for c in pending])
+                if self.failing_since is not None:
+                    log.info("Redis pipelines get through again after %.1fs", time.monotonic() - self.failing_since)
+                    self.failing_since = None
                 retry: list[_Call] = []
                 for c, result in zip(pending, results, strict=True):
                     if is_noscript(result):
@@ -87,6 +96,9 @@ class ScriptBatcher:
             for c in pending:
                 _settle(c.future, exc=RuntimeError("scripts could not be loaded"))
         except BaseException as exc:
+            if isinstance(exc, Exception) and self.failing_since is None:
+                self.failing_since = time.monotonic()
+                log.warning("Redis pipeline failed (%s); its calls fail until Redis is back", type(exc).__name__)
             for c in pending:
                 _settle(c.future, exc=exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
             if not isinstance(exc, Exception):

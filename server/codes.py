@@ -63,6 +63,8 @@ class Close(IntEnum):
     MESSAGE_TOO_BIG = 1009
     # Unexpected server error; the text never reaches the peer.
     INTERNAL_ERROR = 1011
+    # Redis unreachable while joining: reconnect after the advised delay, then resume.
+    TRY_AGAIN_LATER = 1013
     # Unsent bytes passed send_buffer_cap: reconnect and resume from the last offset.
     SLOW_CONSUMER = 4008
     # Too many malformed frames in a row.

@@ -16,8 +16,14 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = bytes | str | int | float
+
+# What Redis being unreachable or silent raises: the builtin errors of this pipeline and of the
+# room bus's connection, and redis-py's own. Callers answer `unavailable`, never a 500.
+UNREACHABLE: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError)
 
 
 def pack(command: Sequence[Arg]) -> bytes:

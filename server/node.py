@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from server import catalog as catalog_mod
 from server.batcher import ScriptBatcher
@@ -34,8 +36,15 @@ log = logging.getLogger("giftstream.node")
 
 def redis_client(url: str, *, decode: bool) -> Redis:
     # A blocking pool: a burst of joins waits for a connection instead of failing.
+    # One retry on a fresh connection: after an outage the pool still holds connections made
+    # before it, and a request should not fail on one of those. Safe because everything this
+    # client sends is idempotent (reads, HSET of given values, XGROUP CREATE, XAUTOCLAIM);
+    # coin movements are Lua calls on the lean pipeline, never sent here.
+    # Socket timeouts: a peer that went silent (half-open connection) fails a request, not hangs it.
     pool = BlockingConnectionPool.from_url(url, decode_responses=decode, health_check_interval=30,
-                                           socket_keepalive=True, max_connections=64, timeout=20)
+                                           socket_keepalive=True, max_connections=64, timeout=20,
+                                           socket_connect_timeout=10, socket_timeout=10,
+                                           retry=Retry(NoBackoff(), 1))
     return Redis(connection_pool=pool)
 
 

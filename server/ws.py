@@ -13,6 +13,7 @@ from starlette.websockets import WebSocket
 
 from server import auth, protocol
 from server.codes import Close, Err, GiftstreamError, reconnect_reason
+from server.fastpipe import UNREACHABLE
 from server.node import Node
 from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
@@ -44,7 +45,11 @@ async def room_socket(websocket: WebSocket) -> None:
     if node.draining:
         await websocket.close(Close.GOING_AWAY, reconnect_reason("server restarting, reconnect"))
         return
-    state = await node.rooms.get(room_id)
+    try:
+        state = await node.rooms.get(room_id)
+    except UNREACHABLE:
+        await websocket.close(Close.TRY_AGAIN_LATER, reconnect_reason("service unavailable, reconnect"))
+        return
     if state is None or not state.live:
         await websocket.close(Close.ROOM_NOT_FOUND, "room not found or not live")
         return
@@ -59,6 +64,9 @@ async def room_socket(websocket: WebSocket) -> None:
             if session.take_over():
                 return  # the socket now lives on without this coroutine (see rooms/takeover.py)
             await session.receive_loop()
+    except UNREACHABLE:
+        # Redis went away while joining: the client comes back later and resumes.
+        conn.close_now(Close.TRY_AGAIN_LATER, reconnect_reason("service unavailable, reconnect"))
     except Exception:
         # Unexpected: close with 1011 and never tell the peer why.
         log.exception("room socket failed")
@@ -216,9 +224,10 @@ class Session:
         except GiftstreamError as exc:
             self.reply_error(exc.code, exc.message, msg.id)
             return
-        except Exception:
-            log.exception("gift %s failed", msg.id)
-            # Unknown outcome (e.g. Redis unreachable): retrying with the same id is safe.
+        except Exception as exc:
+            if not isinstance(exc, UNREACHABLE):  # the batcher logs an outage, once
+                log.exception("gift %s failed", msg.id)
+            # Unknown outcome: retrying with the same id is safe.
             self.reply_error(Err.UNAVAILABLE, "gift could not be confirmed; retry with the same id", msg.id)
             return
         self._acked(msg, order, debit)

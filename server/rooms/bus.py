@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
 import msgpack
 
-from server.fastpipe import pack, redis_address
+from server.fastpipe import UNREACHABLE, pack, redis_address
 from server.keys import RoomKeys, room_id_from_channel
 
 log = logging.getLogger("giftstream.bus")
@@ -81,7 +82,8 @@ class Bus:
 
     async def _run(self) -> None:
         delay = 0.1
-        first = True
+        # Since when the bus is away: an outage is logged once, and ends with a catch-up.
+        down_since: float | None = None
         while True:
             try:
                 reader, self._writer = await asyncio.open_connection(self.address.host, self.address.port)
@@ -93,15 +95,19 @@ class Bus:
                     if isinstance(reply, hiredis.ReplyError):
                         raise ConnectionError(f"bus AUTH refused: {reply}")
                 channels = list(self.channels)
-                if channels:
-                    self._writer.write(pack(["SUBSCRIBE", *channels]))
+                early = await self._resubscribe(reader, parser, channels)
+                if down_since is not None:
+                    # Live events wait in the socket until the room streams filled the gap: a room's
+                    # last offset must not pass the gap before the catch-up reads from it.
+                    for channel in channels:
+                        await self._catch_up(room_id_from_channel(channel))
+                    self.reconnects += 1
+                    log.info("room bus reconnected after %.1fs", time.monotonic() - down_since)
+                    down_since = None
+                for msg in early:
+                    self._dispatch(msg)
                 self._connected.set()
                 delay = 0.1
-                if not first:
-                    self.reconnects += 1
-                    if self.catch_up is not None:
-                        await self._catch_up_later(channels)
-                first = False
                 await self._read(reader, parser)
                 raise ConnectionError("Redis closed the bus connection")
             except asyncio.CancelledError:
@@ -110,33 +116,52 @@ class Bus:
                 self._connected.clear()
                 if self._writer is not None:
                     self._writer.close()
-                log.warning("room bus lost its connection (%s); reconnecting", type(exc).__name__)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("room bus lost its connection (%s); reconnecting", type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 
-    async def _catch_up_later(self, channels: list[str]) -> None:
-        """Fill what was published while the bus was away, once the resubscription is confirmed."""
-        assert self.catch_up is not None
-        catch_up = self.catch_up
+    async def _resubscribe(self, reader: asyncio.StreamReader, parser: Any, channels: list[str]) -> list[Any]:
+        """Subscribe to `channels` and wait for Redis to answer a PING behind them, so the connection
+        is known to work; messages that arrived meanwhile come back undispatched."""
+        assert self._writer is not None
+        self._writer.write((pack(["SUBSCRIBE", *channels]) if channels else b"") + pack(["PING"]))
+        early: list[Any] = []
+        while True:
+            data = await asyncio.wait_for(reader.read(1 << 18), 10)
+            if not data:
+                raise ConnectionError("Redis closed the bus connection")
+            parser.feed(data)
+            while (msg := parser.gets()) is not False:
+                if isinstance(msg, hiredis.ReplyError):
+                    raise ConnectionError(f"bus subscription refused: {msg}")
+                # PONG, or ["pong", ""] once subscribed
+                if msg == b"PONG" or (isinstance(msg, list) and msg and msg[0] == b"pong"):
+                    return early
+                if isinstance(msg, list) and msg and msg[0] == b"message":
+                    early.append(msg)
+                else:
+                    self._dispatch(msg)  # subscription confirmations
 
-        async def run() -> None:
-            await asyncio.sleep(0.05)
-            for channel in channels:
-                try:
-                    await catch_up(room_id_from_channel(channel))
-                except Exception:
-                    log.warning("catch-up of %s failed", channel, exc_info=True)
-
-        asyncio.get_running_loop().create_task(run())
+    async def _catch_up(self, room_id: str) -> None:
+        if self.catch_up is None:
+            return
+        try:
+            await self.catch_up(room_id)
+        except UNREACHABLE:
+            raise  # Redis away again: reconnect, and catch up from the same offset then
+        except Exception:
+            log.exception("catch-up of room %s failed", room_id)
 
     async def _read(self, reader: asyncio.StreamReader, parser: Any) -> None:
         while True:
+            while (msg := parser.gets()) is not False:  # the PING's reply may have come with messages
+                self._dispatch(msg)
             data = await reader.read(1 << 18)
             if not data:
                 return
             parser.feed(data)
-            while (msg := parser.gets()) is not False:
-                self._dispatch(msg)
 
     def _dispatch(self, msg: Any) -> None:
         if not isinstance(msg, list) or len(msg) < 3:

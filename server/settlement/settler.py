@@ -74,28 +74,40 @@ class Settler:
         self.last_error: str | None = None
         self.degraded = False
         self.last_batch_at = 0.0
+        # Since when the loop keeps failing (Redis unreachable), and the wait before its next try.
+        self._down_since: float | None = None
+        self._delay = BACKOFF_MIN_S
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="giftstream-settler")
 
     async def stop(self, flush: bool = True, timeout: float = 30.0) -> None:
-        """Stop; with flush, first settle everything the outbox holds now."""
+        """Stop; with flush, first settle what the outbox holds now. Never raises: whatever is not
+        settled (Redis or the database away) stays in the outbox for the next start."""
         self._stopping.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout)
             except TimeoutError:
-                self._task.cancel()
+                pass  # wait_for cancelled it; its batches were shielded
         if flush:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and await self.settle_once(block_ms=None) > 0:
-                pass
+            try:
+                await asyncio.wait_for(self._flush(), timeout)
+            except Exception as exc:
+                log.warning("settler stopped with the outbox not flushed (%s); it is settled on the next start",
+                            type(exc).__name__)
         if self._own_pipe:
             await self.pipe.aclose()
 
+    async def _flush(self) -> None:
+        while await self.settle_once(block_ms=None) > 0:
+            pass
+
     async def run(self) -> None:
-        await ensure_groups(self.redis, self.partitions)
-        await self._settle_backlog("0")  # our own pending entries from before a restart
+        # Our own pending entries are settled first (from id 0): at start, for entries read before a
+        # restart, and after every error: a read whose reply was lost left entries pending to us, an
+        # ack that failed left a committed batch pending; unread, they would wait for XAUTOCLAIM.
+        recover = True
         last_claim = 0.0
         # Batches commit while the next one is read and parsed; up to `commits` of them at once,
         # each in its own transaction (as separate settlers' batches are), so the database works
@@ -104,6 +116,14 @@ class Settler:
         try:
             while not self._stopping.is_set():
                 try:
+                    if recover:
+                        # Batches still committing hold some of our pending entries: let them end first.
+                        await asyncio.gather(*committing, return_exceptions=True)
+                        committing.clear()
+                        await ensure_groups(self.redis, self.partitions)
+                        await self._settle_backlog("0")
+                        recover = False
+                        self._reconnected()
                     if time.monotonic() - last_claim > max(1.0, self.claim_idle_ms / 3000):
                         last_claim = time.monotonic()
                         while committing:  # claimed entries may be in a batch still committing
@@ -120,6 +140,7 @@ class Settler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # Redis gone: retry, never die
+                    recover = True
                     await self._backoff(exc)
         finally:
             if committing:
@@ -192,10 +213,24 @@ class Settler:
         self.last_batch_at = time.time()
 
     async def _backoff(self, exc: Exception) -> None:
+        """Wait longer after each failure in a row; an outage is logged once, not per retry."""
         self.failures += 1
+        self.degraded = True
         self.last_error = type(exc).__name__
-        log.warning("settler loop error: %s", type(exc).__name__)
-        await asyncio.sleep(BACKOFF_MIN_S * (1 + random.random()) * 5)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._delay = BACKOFF_MIN_S
+            log.warning("settler loop failed (%s); retrying with backoff, the outbox keeps every movement",
+                        type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self._delay * (0.5 + random.random()))
+        self._delay = min(BACKOFF_MAX_S, self._delay * 2)
+
+    def _reconnected(self) -> None:
+        if self._down_since is not None:
+            log.info("settler running again after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
+            self.degraded = False
 
 
 async def outbox_lag(redis: Redis, partitions: int) -> dict[str, float]:
