@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from server import catalog as catalog_mod
 from server.batcher import ScriptBatcher
 from server.embedded import Embedded
-from server.fastpipe import FastPipe
+from server.fastpipe import UNREACHABLE, FastPipe
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
 from server.rooms.bus import Bus
@@ -130,7 +130,7 @@ class Node:
         exc = None if future.cancelled() else future.exception()
         if exc is None:
             return
-        if not isinstance(exc, OSError | TimeoutError):
+        if not isinstance(exc, UNREACHABLE):
             log.error("gift %s not published", event["gift_id"], exc_info=exc)
             return
         self.track(self._publish_again(room_id, event, debit_ms))
@@ -144,7 +144,7 @@ class Node:
                 await self.rooms.publish_gift_later(room_id, event, debit_ms)
                 log.info("gift %s published after a Redis error", event["gift_id"])
                 return
-            except (OSError, TimeoutError):
+            except UNREACHABLE:
                 delay = min(delay * 2, 5.0)
         log.warning("gift %s not published (Redis unreachable); the sender's retry publishes it", event["gift_id"])
 
