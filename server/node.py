@@ -115,12 +115,12 @@ class Node:
         task.add_done_callback(self._tracked_done)
         return task
 
-    def publish_gift(self, room_id: str, event: dict[str, Any], debit_ms: int) -> None:
+    def publish_gift(self, room_id: str, event: dict[str, Any], debit_ms: int, record_name: bool = True) -> None:
         """Publish a charged gift to its room, in this tick's pipeline. room_publish.lua publishes
         a gift once, so after a Redis error it is sent again (in the background, with backoff)
         until Redis answers, the republish window passes or this node drains; the sender's retry
         with the same id publishes it too."""
-        future = self.rooms.publish_gift_later(room_id, event, debit_ms)
+        future = self.rooms.publish_gift_later(room_id, event, debit_ms, record_name)
         self.inflight.add(future)  # type: ignore[arg-type]
         future.add_done_callback(lambda f: self._gift_published(f, room_id, event, debit_ms))
 
@@ -136,12 +136,12 @@ class Node:
         self.track(self._publish_again(room_id, event, debit_ms))
 
     async def _publish_again(self, room_id: str, event: dict[str, Any], debit_ms: int) -> None:
-        deadline_ms = debit_ms + self.settings.republish_window_s * 1000 - 60_000
+        deadline_ms = debit_ms + self.settings.republish_window_s * 1000 - 5_000
         delay = 0.2
         while not self.draining and time.time() * 1000 < deadline_ms:
             await asyncio.sleep(delay)
             try:
-                await self.rooms.publish_gift_later(room_id, event, debit_ms)
+                await self.rooms.publish_gift_later(room_id, event, debit_ms, again=True)
                 log.info("gift %s published after a Redis error", event["gift_id"])
                 return
             except UNREACHABLE:

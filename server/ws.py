@@ -92,6 +92,8 @@ class Session:
         self.room: RoomProtocol | None = None
         self.bad_frames = 0
         self.gifts_in_flight = 0
+        # The sender's display name goes to the room's leaderboard names with its first gift.
+        self.name_recorded = False
         self._resuming: asyncio.Task[None] | None = None
 
     async def join(self) -> bool:
@@ -257,7 +259,8 @@ class Session:
             event = {"type": "gift", "gift_id": debit.gift_id,
                      "from": {"id": principal.user_id, "name": principal.name},
                      "gift": order.gift, "count": order.count, "coins": order.coins, "ts": debit.debit_ms}
-            self.node.publish_gift(self.conn.room_id, event, debit.debit_ms)
+            self.node.publish_gift(self.conn.room_id, event, debit.debit_ms, record_name=not self.name_recorded)
+            self.name_recorded = True
 
     def _admit(self) -> None:
         """Gateway checks before a debit; the sender's age comes before any balance check."""

@@ -73,6 +73,45 @@ async def test_resume_returns_exactly_the_missed_events_in_order(fast_server: Se
     assert len(set(offsets)) == 30 and events
 
 
+async def test_events_older_than_the_resume_age_are_trimmed_while_viewers_watch(
+        make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    """The room stream keeps about resume_max_age_s of events: room_tick.lua trims it by age once a
+    presence tick, so a resume from before that fails as too old, and one from after it works."""
+    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_RESUME_MAX_AGE_S": "1"}).start()
+    room = await _setup(server, "th", "ta")
+    async with join(server, room, token("ta")) as sender:
+        start, epoch = sender.welcome["offset"], sender.welcome["epoch"]
+        # 600 events, several stream nodes (trimming by age drops whole nodes only)
+        await _send_all(sender, [f"t{i}" for i in range(600)])
+        redis = __import__("redis").Redis.from_url(redis_url)
+        events = f"gs:{{r:{room}}}:events"
+        assert redis.xlen(events) >= 600
+
+        async def trimmed() -> bool:
+            await asyncio.sleep(0.2)
+            return int(redis.xlen(events)) < 100
+
+        await wait_until(trimmed, timeout=10)
+        redis.close()
+        [late_ack] = await _send_all(sender, ["t-late"])
+        await wait_until(lambda: _saw(sender, late_ack["gift_id"]))
+        late = next(e["offset"] for e in sender.events if e.get("gift_id") == late_ack["gift_id"])
+        [after_ack] = await _send_all(sender, ["t-after"])
+    async with join(server, room, token("tw")) as w:
+        await w.send({"type": "resume", "since": start, "epoch": epoch})
+        assert (await _next_of(w, "resume_failed"))["reason"] == "too_old"
+    async with join(server, room, token("tw")) as w:
+        await w.send({"type": "resume", "since": late, "epoch": epoch})
+        await wait_until(lambda: _saw(w, after_ack["gift_id"]))
+        assert [e["gift_id"] for e in w.events if e["type"] == "gift"] == [after_ack["gift_id"]]
+
+
+async def _saw(client: Client, gift_id: str) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await client.recv(0.2)
+    return any(e.get("gift_id") == gift_id for e in client.events)
+
+
 async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable[..., ServerProc],
                                                            redis_url: str) -> None:
     server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_RESUME_MAX_EVENTS": "20"}).start()

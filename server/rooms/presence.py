@@ -54,8 +54,8 @@ class Presence:
     async def room_view(self, room_id: str) -> tuple[int, list[dict[str, Any]]]:
         """The room's viewers across nodes and its top gifters, read in one call, writing nothing."""
         k = RoomKeys(room_id)
-        viewers, top = await self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names],
-                                                     ["", "", int(time.time() * 1000), LEADERBOARD_SIZE])
+        viewers, top = await self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names, k.events],
+                                                     ["", "", int(time.time() * 1000), LEADERBOARD_SIZE, 0])
         return int(viewers), leaderboard_from(top)
 
     async def announce(self, room_id: str) -> int:
@@ -74,8 +74,9 @@ class Presence:
             self._published.discard(room_id)
         k = RoomKeys(room_id)
         entry = f"{count}:{now_ms + int(self.interval * 3000)}" if count else ""
-        return self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names],
-                                       [self.node_id, entry, now_ms, top])
+        oldest_kept = now_ms - self.rooms.settings.resume_max_age_s * 1000
+        return self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names, k.events],
+                                       [self.node_id, entry, now_ms, top, oldest_kept])
 
     async def withdraw_all(self) -> None:
         pipe = self.redis.pipeline(transaction=False)

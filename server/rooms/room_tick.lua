@@ -3,15 +3,18 @@
 -- them (GET /v1/rooms/{id}, resume_failed). All keys share {r:<room_id>}.
 -- KEYS[1] presence hash (node id -> "<count>:<expires ms>")
 -- KEYS[2] session leaderboard zset (user -> coins)   KEYS[3] display names (user -> name)
+-- KEYS[4] room event stream
 -- ARGV[1] node id, or "" to write nothing   ARGV[2] "<count>:<expires ms>", or "" to withdraw
--- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)
+-- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)   ARGV[5] oldest stream id to keep (ms)
 -- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
+-- The event stream is trimmed by age here, once per tick, rather than on every publish.
 if ARGV[1] == '' then
   -- read only
 elseif ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XTRIM', KEYS[4], 'MINID', '~', ARGV[5])
 end
 local now = tonumber(ARGV[3])
 local viewers = 0

@@ -40,6 +40,8 @@ class Rooms:
         self.redis = redis
         self.batcher = batcher
         self.settings = settings
+        # Minutes' published-gift records this gateway has set an expiry on (room_publish.lua).
+        self._minutes: set[str] = set()
 
     @staticmethod
     def new_id() -> str:
@@ -64,31 +66,36 @@ class Rooms:
                          h.get("live") == "1", h.get("epoch", ""), int(h.get("coins_total", 0)),
                          int(h.get("gifts_total", 0)))
 
-    def _publish_args(self, k: RoomKeys, kind: str, payload: bytes, now: int, sender: str = "", name: str = "",
-                      coins: int = 0, combo_field: str = "", gift_id: str = "",
-                      debit_ms: int = 0) -> tuple[list[str], list[Any]]:
-        keys = [k.state, k.events, k.leaderboard, k.combos, k.names, k.published(debit_ms or now)]
-        args = [kind, payload, now, self.settings.resume_max_events,
-                now - self.settings.resume_max_age_s * 1000, combo_field,
-                int(self.settings.combo_window_s * 1000), sender, coins, k.channel, name,
-                gift_id, debit_ms, self.settings.republish_window_s * 1000]
-        return keys, args
-
-    def publish_gift_later(self, room_id: str, event: dict[str, Any], debit_ms: int) -> asyncio.Future[Any]:
+    def publish_gift_later(self, room_id: str, event: dict[str, Any], debit_ms: int,
+                           record_name: bool = True, again: bool = False) -> asyncio.Future[Any]:
         """Queue the publish in this tick's pipeline (room_publish.lua's raw reply). A gift is
-        published once: asked again, it answers the first offset and writes nothing."""
+        published once: asked again, it writes nothing. `record_name`: write the sender's display
+        name for the leaderboard (once per socket is enough). `again`: a retry after a failed
+        call, which may not have run: it writes the name and the minute's expiry again."""
         k = RoomKeys(room_id)
+        now = int(time.time() * 1000)
         sender = event["from"]["id"]
-        keys, args = self._publish_args(
-            k, "gift", msgpack.packb(event), int(time.time() * 1000), sender, event["from"]["name"],
-            event["coins"], f"{sender}:{event['gift']}", event["gift_id"], debit_ms)
+        published = k.published(debit_ms)
+        # The minute's record gets its expiry from the first gift of it this gateway publishes.
+        first_of_minute = again or published not in self._minutes
+        if first_of_minute:
+            if len(self._minutes) > 10_000:
+                self._minutes.clear()
+            self._minutes.add(published)
+        window_ms = self.settings.republish_window_s * 1000
+        keys = [k.state, k.events, k.leaderboard, k.combos, k.names, published]
+        args = ["gift", msgpack.packb(event), now, self.settings.resume_max_events, k.channel,
+                f"{sender}:{event['gift']}", int(self.settings.combo_window_s * 1000), sender, event["coins"],
+                event["from"]["name"] if record_name or again else "", event["gift_id"], debit_ms, window_ms,
+                "1" if first_of_minute else ""]
         return self.batcher.call("room_publish", keys, args)
 
     async def end(self, room_id: str) -> str | None:
         k = RoomKeys(room_id)
         now = int(time.time() * 1000)
         event = {"type": "room_ended", "room": room_id, "ts": now}
-        keys, args = self._publish_args(k, "ended", msgpack.packb(event), now)
+        keys = [k.state, k.events, k.leaderboard, k.combos, k.names, k.published(now)]
+        args = ["ended", msgpack.packb(event), now, self.settings.resume_max_events, k.channel]
         offset, _combo, _again = await self.batcher.call("room_publish", keys, args)
         return _s(offset) if offset else None
 
