@@ -100,11 +100,13 @@ class Node:
         await self.presence.announce(room_id)
 
     async def catch_up(self, room_id: str) -> None:
-        """After a bus outage: deliver what the room stream holds past the last event we saw."""
+        """After a bus outage: deliver what the room stream holds past the last event we saw (past
+        the earliest local join, when no event came yet)."""
         room = self.hub.rooms.get(room_id)
-        if room is None or room.last_offset is None:
+        since = None if room is None else room.last_offset or room.joined_from
+        if since is None:
             return
-        events, _complete = await self.rooms.events_after(room_id, room.last_offset, 10_000)
+        events, _complete = await self.rooms.events_after(room_id, since, 10_000)
         for event in events:
             self.hub.deliver(room_id, event)
 

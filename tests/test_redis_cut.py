@@ -181,3 +181,43 @@ async def test_redis_cut_during_storm(make_server: Callable[..., ServerProc], re
         if server is not None and server.running():
             server.terminate(timeout=15)  # before the proxy goes: it is the server's Redis
         proxy.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_quiet_room_gets_the_gifts_sent_while_its_node_lost_redis(
+        make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    """A viewer that has had no event yet, on a node whose Redis connections drop: gifts sent
+    through another node meanwhile reach it once the node's room bus is back (the catch-up starts
+    from the offset the viewer joined at, there being no event seen to start from)."""
+    upstream = urlsplit(redis_url)
+    proxy = TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379)
+    cut_node: ServerProc | None = None
+    try:
+        cut_node = make_server(redis_url=f"redis://127.0.0.1:{proxy.port}/0", env=FAST).start()
+        other = make_server(redis_url=redis_url, env=FAST).start()
+        room = await Api(other, token("qh", "host")).create_room()
+        sender = Api(other, token("qs"))
+        assert (await sender.recharge(coins=100)).status_code == 201
+        async with join(cut_node, room, token("qv")) as viewer, join(other, room, token("qs")) as gifter:
+            proxy.cut()
+            await asyncio.sleep(0.5)
+            for i in range(5):
+                await gifter.gift(f"q{i}")
+            acks = [await gifter.reply(f"q{i}") for i in range(5)]
+            assert all(a["type"] == "ack" for a in acks), acks
+            proxy.restore()
+            want = {a["gift_id"] for a in acks}
+
+            async def all_seen() -> bool:
+                with contextlib.suppress(TimeoutError):
+                    await viewer.recv(0.2)
+                return want <= {e.get("gift_id") for e in viewer.events}
+
+            await wait_until(all_seen, timeout=20)
+            await viewer.drain(0.5)
+            got = [e["gift_id"] for e in viewer.events if e["type"] == "gift"]
+            assert sorted(got) == sorted(want), got  # each once
+    finally:
+        if cut_node is not None:
+            cut_node.terminate(timeout=15)
+        proxy.close()

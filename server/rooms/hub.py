@@ -34,7 +34,7 @@ class _Pass:
 
 
 class LocalRoom:
-    __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "ended",
+    __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "joined_from", "ended",
                  "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing")
 
     def __init__(self, room_id: str) -> None:
@@ -45,6 +45,8 @@ class LocalRoom:
         self.last_flush = 0.0
         # Offset of the newest event seen from the bus: where a catch-up after a bus outage starts.
         self.last_offset: str | None = None
+        # The earliest offset a local socket joined at: where a catch-up starts before any event.
+        self.joined_from: str | None = None
         self.ended = False
         self.presence_sent: int | None = None
         self.leaderboard_sent: list[Any] | None = None
