@@ -10,6 +10,7 @@ from typing import Final
 import jwt
 
 from server.codes import Err, GiftstreamError
+from server.protocol import plain
 
 ROLES: Final = ("viewer", "host", "admin")
 ADULT_AGE: Final = 18
@@ -76,7 +77,8 @@ def verify(secret: str, token: str | None) -> Principal:
     except jwt.PyJWTError:
         raise GiftstreamError(Err.UNAUTHORIZED, "invalid token") from None
     sub, role, name = claims.get("sub"), claims.get("role", "viewer"), claims.get("name")
-    if not isinstance(sub, str) or not 0 < len(sub) <= 64 or ":" in sub or "{" in sub or "}" in sub:
+    if (not isinstance(sub, str) or not 0 < len(sub) <= 64 or ":" in sub or "{" in sub or "}" in sub
+            or not sub.isprintable()):
         raise GiftstreamError(Err.UNAUTHORIZED, "invalid subject")
     if role not in ROLES:
         raise GiftstreamError(Err.UNAUTHORIZED, "invalid role")
@@ -87,7 +89,8 @@ def verify(secret: str, token: str | None) -> Principal:
             birthdate = dt.date.fromisoformat(str(raw_birth))
         except ValueError:
             raise GiftstreamError(Err.UNAUTHORIZED, "invalid birthdate") from None
-    display = name if isinstance(name, str) and name else sub
+    display = plain(name) if isinstance(name, str) else ""
+    display = display or sub
     return Principal(sub, display[:64], role, birthdate)
 
 

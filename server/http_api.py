@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from server import auth
 from server.codes import Err, GiftstreamError
 from server.node import Node
+from server.protocol import plain
 from server.store.models import UNITS_PER_DIAMOND, Room
 
 MAX_BODY = 16 * 1024
@@ -84,6 +85,7 @@ async def create_room(request: Request) -> Response:
     title = body.get("title", f"{p.name}'s LIVE")
     if not isinstance(title, str) or len(title) > 200:
         raise GiftstreamError(Err.BAD_REQUEST, "title must be a string of at most 200 characters")
+    title = plain(title)
     room_id = node.rooms.new_id()
     await node.store.upsert_user(p.user_id, p.name)
     await node.store.create_room(Room(room_id, p.user_id, title, time.time(), None))

@@ -77,9 +77,19 @@ def _str(obj: dict[str, Any], name: str, limit: int, msg_id: str | None, require
     value = obj.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise ProtocolError(f"'{name}' must be a non-empty string of at most {limit} characters", msg_id)
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        raise ProtocolError(f"'{name}' must be a non-empty string of at most {limit} printable characters", msg_id)
     return value
+
+
+# C0 controls, DEL and C1 controls.
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)])
+
+
+def plain(text: str) -> str:
+    """`text` without control characters. Display names and titles are stored in SQL (PostgreSQL
+    text cannot hold NUL) and shown on every viewer's screen."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
 
 
 def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
@@ -87,7 +97,7 @@ def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
     if not isinstance(obj, dict):
         raise ProtocolError("a message is a map with a 'type'")
     raw_id = obj.get("id")
-    msg_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LEN else None
+    msg_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LEN and raw_id.isprintable() else None
     kind = obj.get("type")
     if kind == "gift":
         gid = _str(obj, "id", MAX_ID_LEN, None)

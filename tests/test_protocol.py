@@ -30,6 +30,9 @@ def test_same_maps_on_both_subprotocols(sub: str) -> None:
     (msgpack.packb({"id": "a"}), "no type"),
     (msgpack.packb({"type": "gift", "id": "a", "gift": "rose", "count": 1.5}), "float count"),
     (msgpack.packb({"type": "gift", "id": "", "gift": "rose"}), "empty id"),
+    (msgpack.packb({"type": "gift", "id": "a\x00b", "gift": "rose"}), "NUL in id"),
+    (msgpack.packb({"type": "gift", "id": "a\nb", "gift": "rose"}), "newline in id"),
+    (msgpack.packb({"type": "gift", "id": "a", "gift": "ro\x7fse"}), "DEL in gift"),
     (msgpack.packb({"type": "gift", "id": "a", "gift": b"rose"}), "bytes gift"),
     (msgpack.packb({"type": "resume", "since": "abc"}), "bad offset"),
     (msgpack.packb({"type": "resume", "since": "99999999999999999999-0"}), "offset beyond 64 bits"),
@@ -91,3 +94,8 @@ def test_out_frame_encodes_once_per_subprotocol() -> None:
 def test_offsets_order_numerically() -> None:
     assert protocol.parse_offset("10-0") > protocol.parse_offset("9-99")
     assert protocol.parse_offset("5") == (5, 0)
+
+
+def test_plain_drops_control_characters_only() -> None:
+    assert protocol.plain("Zoë\x00 🌹\x07\x9b\u200b") == "Zoë 🌹\u200b"
+    assert protocol.plain("plain") == "plain"

@@ -143,3 +143,44 @@ async def test_rebuild_wallets_reproduces_live_balances(make_server: Callable[..
     audit = run_cli("audit", *args)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     await host.close()
+
+
+async def test_control_characters_from_a_client_or_a_token_never_stop_settlement(
+        make_server: Callable[..., ServerProc], redis_url: str, database_url: str) -> None:
+    """PostgreSQL text cannot hold NUL: a gift id or a display name carrying one must not reach the
+    ledger, where its batch would fail forever and hold every later gift back. The id is refused
+    at the socket; the name is cleaned when the token is read."""
+    server = make_server(redis_url=redis_url, database_url=database_url).start()
+    host = Api(server, token("nh", "host"))
+    sender_token = token("ns", name="Nul\x00 and\x07 bell\u200b")
+    sender = Api(server, sender_token)
+    assert (await sender.recharge(coins=100)).status_code == 201
+    room = await host.create_room()
+    async with join(server, room, sender_token) as c:
+        await c.send({"type": "gift", "id": "bad\x00id", "gift": "rose", "count": 1})
+        refused = await c.recv()
+        while refused["type"] not in ("error", "ack"):
+            refused = await c.recv()
+        assert (refused["type"], refused.get("code")) == ("error", "bad_request"), refused
+        await c.gift("good-1")
+        ack = await c.reply("good-1")
+        assert ack["type"] == "ack", ack
+        events = [e async for e in _events_until(c, ack["gift_id"])]
+        assert events[-1]["from"] == {"id": "ns", "name": "Nul and bell\u200b"}
+    await wait_until(lambda: _received_one(host), timeout=20)
+    assert (await sender.wallet())["coins"] == 99
+    await host.close()
+    await sender.close()
+
+
+async def _events_until(client: Any, gift_id: str) -> Any:
+    while True:
+        await client.recv()
+        for e in client.events:
+            if e.get("gift_id") == gift_id:
+                yield e
+                return
+
+
+async def _received_one(host: Api) -> bool:
+    return bool((await host.earnings())["gifts_received"] == 1)

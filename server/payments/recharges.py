@@ -36,8 +36,8 @@ class Recharges:
         if not principal.is_adult():
             raise GiftstreamError(Err.AGE_RESTRICTED, "you must be 18 or older to buy coins")
         key = body.get("idempotency_key")
-        if not isinstance(key, str) or not 0 < len(key) <= 128:
-            raise GiftstreamError(Err.BAD_REQUEST, "idempotency_key must be a string of 1 to 128 characters")
+        if not isinstance(key, str) or not 0 < len(key) <= 128 or not key.isprintable():
+            raise GiftstreamError(Err.BAD_REQUEST, "idempotency_key must be a string of 1 to 128 printable characters")
         method = body.get("payment_method")
         if method not in self.provider.methods:
             raise GiftstreamError(Err.UNSUPPORTED_PAYMENT_METHOD,
