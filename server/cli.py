@@ -250,6 +250,12 @@ def cmd_settle(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def settle(redis: Any, store: Any) -> int:
+        if args.requeue:
+            from server.settlement.outbox import requeue
+
+            moved = await requeue(redis, settings.partitions)
+            print(f"moved {moved} quarantined movements back to the outbox", flush=True)
+            return 0
         settler = Settler(redis, store, partitions=settings.partitions,
                           consumer=args.consumer or f"{socket.gethostname()}:settle:{os.getpid()}",
                           max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms,
@@ -299,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     settle = sub.add_parser("settle", help="run a standalone settler")
     _common(settle)
     settle.add_argument("--consumer", help="consumer name in the settlers group")
+    settle.add_argument("--requeue", action="store_true",
+                        help="move movements set aside after a permanent settlement error back to the outbox, "
+                             "then exit")
     settle.set_defaults(fn=cmd_settle)
 
     rebuild = sub.add_parser("rebuild-wallets",

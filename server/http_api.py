@@ -153,6 +153,7 @@ async def metrics(request: Request) -> Response:
         lag = await outbox_lag(node.redis, node.settings.partitions)
         gauge("outbox_entries", lag["outbox_entries"], "Coin movements acknowledged but not yet settled")
         gauge("outbox_lag_seconds", lag["outbox_lag_ms"] / 1000, "Age of the oldest unsettled movement")
+        gauge("quarantined", lag["quarantined"], "Movements set aside after a permanent settlement error")
     except Exception:
         gauge("redis_up", 0, "Redis reachable")
     s = node.settler

@@ -45,6 +45,11 @@ def outbox_key(partition: int) -> str:
     return f"{PREFIX}:{partition_tag(partition)}:outbox"
 
 
+def quarantine_key(partition: int) -> str:
+    """Outbox entries the settler set aside after a permanent SQL error (settler.py)."""
+    return f"{PREFIX}:{partition_tag(partition)}:quarantine"
+
+
 def wallet_pattern(partition: int) -> str:
     return f"{PREFIX}:{partition_tag(partition)}:u:*"
 

@@ -184,3 +184,9 @@ async def _events_until(client: Any, gift_id: str) -> Any:
 
 async def _received_one(host: Api) -> bool:
     return bool((await host.earnings())["gifts_received"] == 1)
+
+
+def test_settle_requeue_runs_once_and_exits(redis_url: str, tmp_path: Path) -> None:
+    result = run_cli("settle", "--requeue", "--redis-url", redis_url, "--data-dir", str(tmp_path / "var"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "moved 0 quarantined movements back to the outbox" in result.stdout

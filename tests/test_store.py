@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from server.batcher import ScriptBatcher
-from server.keys import UserKeys, outbox_key, totals_key
+from server.keys import UserKeys, outbox_key, quarantine_key, totals_key
 from server.scripts import Scripts
 from server.settings import Settings
 from server.settlement.audit import run_audit
-from server.settlement.outbox import snapshot
+from server.settlement.outbox import requeue, snapshot
 from server.settlement.rebuild import _write_partition, rebuild_wallets
 from server.settlement.settler import Settler, ensure_groups, outbox_lag
 from server.store import open_store
@@ -712,3 +712,37 @@ async def test_outbox_entries_old_and_new_read_back_as_the_same_movement(redis: 
                   "cid": "c-ünï", "id": debit.gift_id}
     assert Movement.from_fields(old_format) == m
     assert (await wallet.balance("zoe"))["coins"] == 50_000 - 44_999
+
+
+async def test_a_movement_the_ledger_refuses_is_set_aside_and_holds_nothing_back(
+        backend: Backend, redis: Redis, wallet: Wallet) -> None:
+    """A movement that fails on its data (here a gift without a room, as a bug upstream would
+    write it) fails every retry. The settler settles the rest of its batch, sets it aside in the
+    partition's quarantine with the error, and the audit names it until it is requeued."""
+    users = [f"qu-{i}" for i in range(6)]
+    await _make_traffic(wallet, users, gifts=300)
+    poison = await wallet.send_gift(GiftOrder("poison-1", users[0], users[0], "host-0", None,  # type: ignore[arg-type]
+                                              "rose", 1, 3))
+    await _make_traffic(wallet, [f"qv-{i}" for i in range(3)], gifts=100)
+    entries = (await outbox_lag(redis, PARTITIONS))["outbox_entries"]
+    settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="q", max_batch=4000)
+    await _drain(settler, redis)
+    assert (settler.settled, settler.quarantined) == (entries - 1, 1)
+    part = UserKeys(users[0], PARTITIONS).partition
+    [(_, held)] = await redis.xrange(quarantine_key(part))
+    assert Movement.from_fields(held).gift_id == poison.gift_id
+    assert "room_id" in held["error"] or "NULL" in held["error"].upper(), held["error"]
+    assert (await outbox_lag(redis, PARTITIONS))["quarantined"] == 1
+    report = await run_audit(redis, backend.store, PARTITIONS)
+    assert not report["ok"]
+    assert [f for f in report["failures"] if "set aside" in f] == report["failures"], report["failures"]
+    assert len(report["failures"]) == 1 and f"partition {part}: 1 movements" in report["failures"][0]
+
+    # Requeued with its cause not fixed: it is set aside again, and nothing is settled twice.
+    assert await requeue(redis, PARTITIONS) == 1
+    assert await redis.xlen(quarantine_key(part)) == 0
+    again = Settler(redis, backend.store, partitions=PARTITIONS, consumer="q2")
+    await _drain(again, redis)
+    assert (again.settled, again.quarantined) == (0, 1)
+    assert await redis.xlen(quarantine_key(part)) == 1
+    await redis.delete(quarantine_key(part))  # leave the shared valkey as the other tests expect it

@@ -13,8 +13,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from server.keys import user_from_wallet_key, wallet_pattern
-from server.settlement.outbox import snapshot
+from server.keys import quarantine_key, user_from_wallet_key, wallet_pattern
+from server.settlement.outbox import quarantined, snapshot
 from server.store.base import Store
 
 
@@ -25,11 +25,17 @@ def _i(value: Any) -> int:
 async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int], list[str]]:
     failures: list[str] = []
     totals, entries = await snapshot(redis, p)
+    held = {m.seq: (m.kind, m.coins) for m in await quarantined(redis, p)}
     seq_max, credited, spent = _i(totals.get("seq")), _i(totals.get("credited")), _i(totals.get("spent"))
-    pending = {m.seq: (m.kind, m.coins) for m in entries}
+    pending = {m.seq: (m.kind, m.coins) for m in entries} | held
     sql = await store.partition_totals(p, seq_max)
     already = await store.settled_seqs(p, sorted(pending))
     unsettled = {s: v for s, v in pending.items() if s not in already}
+    set_aside = [s for s in held if s not in already]
+    if set_aside:
+        failures.append(f"partition {p}: {len(set_aside)} movements set aside after a permanent settlement error "
+                        f"(stream {quarantine_key(p)}, with the error); fix the cause, then `giftstream settle "
+                        f"--requeue`")
     count = sql.count + len(unsettled)
     c_sum = sql.credited + sum(c for k, c in unsettled.values() if k == "c")
     s_sum = sql.spent + sum(c for k, c in unsettled.values() if k == "g")

@@ -1,4 +1,5 @@
-"""Reading a partition's outbox consistently with its totals (for audit and rebuild)."""
+"""Reading a partition's outbox consistently with its totals (for audit and rebuild), and its
+quarantine: movements the settler set aside after a permanent SQL error."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from server.keys import outbox_key, totals_key
+from server.keys import outbox_key, quarantine_key, totals_key
 from server.store.models import Movement
 
 PAGE = 5000
@@ -34,3 +35,36 @@ async def snapshot(redis: Redis, p: int) -> tuple[dict[str, str], list[Movement]
                 break
             start = "(" + page[-1][0]
     return totals, entries
+
+
+async def quarantined(redis: Redis, p: int) -> list[Movement]:
+    """Every movement in the partition's quarantine. Read after `snapshot`: the settler writes an
+    entry here before it deletes it from the outbox, so each is seen in one or both."""
+    out: list[Movement] = []
+    start = "-"
+    while True:
+        page: Any = await redis.xrange(quarantine_key(p), min=start, max="+", count=PAGE) or []
+        out.extend(Movement.from_fields(f) for _mid, f in page if f)
+        if len(page) < PAGE:
+            return out
+        start = "(" + page[-1][0]
+
+
+async def requeue(redis: Redis, partitions: int) -> int:
+    """Move quarantined movements back to their outbox for the settler to try again (after the
+    cause was fixed); each move is one transaction. Settling is keyed, so a movement already
+    settled by then changes nothing."""
+    moved = 0
+    for p in range(partitions):
+        while True:
+            page: Any = await redis.xrange(quarantine_key(p), count=PAGE) or []
+            for mid, fields in page:
+                entry = {k: v for k, v in fields.items() if k not in ("error", "at")}
+                tx = redis.pipeline(transaction=True)
+                tx.xadd(outbox_key(p), entry)
+                tx.xdel(quarantine_key(p), mid)
+                await tx.execute()
+                moved += 1
+            if len(page) < PAGE:
+                break
+    return moved

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from server.keys import UserKeys, totals_key, user_from_wallet_key, wallet_pattern
-from server.settlement.outbox import snapshot
+from server.settlement.outbox import quarantined, snapshot
 from server.store.base import Store
 
 FIELDS = ("coins", "credited", "spent")
@@ -42,6 +42,7 @@ class _Partition:
 
 async def _snapshot(redis: Redis, p: int) -> _Partition:
     totals, entries = await snapshot(redis, p)
+    entries += await quarantined(redis, p)  # charged in Redis, not in the ledger: as the outbox
     part = _Partition(seq=int(totals.get("seq") or 0))
     for m in entries:
         part.pending[m.seq] = (m.kind, m.user_id, m.coins)

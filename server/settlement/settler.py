@@ -18,11 +18,11 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.fastpipe import FastPipe
-from server.keys import SETTLER_GROUP, outbox_key
+from server.fastpipe import Arg, FastPipe
+from server.keys import SETTLER_GROUP, outbox_key, quarantine_key
 from server.settlement.consumer import Batch, GroupConsumer
 from server.store.base import Store
-from server.store.models import Movement
+from server.store.models import Movement, SettleResult, outbox_fields
 
 log = logging.getLogger("giftstream.settler")
 
@@ -38,6 +38,10 @@ async def ensure_groups(redis: Redis, partitions: int) -> None:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+
+class _Permanent(Exception):
+    """The store refused the movements themselves (see Store.is_permanent)."""
 
 
 class Settler:
@@ -71,6 +75,7 @@ class Settler:
         self.duplicates = 0
         self.batches = 0
         self.failures = 0
+        self.quarantined = 0
         self.last_error: str | None = None
         self.degraded = False
         self.last_batch_at = 0.0
@@ -191,18 +196,10 @@ class Settler:
         return batch
 
     async def _settle(self, batch: Batch) -> None:
-        delay = BACKOFF_MIN_S
-        while True:
-            try:
-                result = await self.store.settle(batch.movements)
-                break
-            except Exception as exc:  # database down: the outbox keeps every movement meanwhile
-                self.failures += 1
-                self.degraded = True
-                self.last_error = type(exc).__name__
-                log.warning("settlement failed (%s), retrying in %.1fs", type(exc).__name__, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(BACKOFF_MAX_S, delay * 2)
+        try:
+            result = await self._commit(batch.movements)
+        except _Permanent:
+            result = await self._set_aside(batch.movements)
         self.degraded = False
         # Acknowledge only after commit; a crash before this line re-delivers, and the keyed writes
         # make the re-delivery a no-op.
@@ -211,6 +208,68 @@ class Settler:
         self.duplicates += result.duplicates
         self.batches += 1
         self.last_batch_at = time.time()
+
+    async def _commit(self, movements: list[Movement]) -> SettleResult:
+        """One transaction, retried while the database is away (the outbox keeps every movement
+        meanwhile); _Permanent when it failed on the movements themselves."""
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                return await self.store.settle(movements)
+            except Exception as exc:
+                if self.store.is_permanent(exc):
+                    raise _Permanent(exc) from exc
+                self.failures += 1
+                self.degraded = True
+                self.last_error = type(exc).__name__
+                log.warning("settlement failed (%s), retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(BACKOFF_MAX_S, delay * 2)
+
+    async def _set_aside(self, movements: list[Movement]) -> SettleResult:
+        """A batch failed on its data: settle it in halves, down to single movements, and put the
+        ones that still fail in their partition's quarantine stream, with the error. One bad
+        movement costs about log2(batch) transactions and holds nothing else back."""
+        settled = [0, 0, 0, 0]
+        bad: list[tuple[Movement, _Permanent]] = []
+        pending = [movements]
+        while pending:
+            part = pending.pop()
+            if len(part) > 1:
+                mid = len(part) // 2
+                halves = [part[mid:], part[:mid]]
+            else:
+                halves = []
+            if part is movements and halves:  # known to fail whole
+                pending += halves
+                continue
+            try:
+                r = await self._commit(part)
+                settled = [settled[0] + r.movements, settled[1] + r.gifts, settled[2] + r.credits,
+                           settled[3] + r.duplicates]
+            except _Permanent as exc:
+                if halves:
+                    pending += halves
+                else:
+                    bad.append((part[0], exc))
+        await self._quarantine(bad)
+        return SettleResult(*settled)
+
+    async def _quarantine(self, bad: list[tuple[Movement, _Permanent]]) -> None:
+        if not bad:
+            return
+        now_ms = int(time.time() * 1000)
+        commands: list[list[Arg]] = []
+        for m, exc in bad:
+            error = f"{type(exc.__cause__).__name__}: {exc.__cause__}"[:500]
+            log.error("movement %s-%s (%s of %s) set aside: %s; `giftstream settle --requeue` retries it once "
+                      "the cause is fixed", m.partition, m.seq, m.kind, m.user_id, error)
+            fields = [x for kv in outbox_fields(m).items() for x in kv]
+            commands.append(["XADD", quarantine_key(m.partition), "*", *fields, "error", error, "at", now_ms])
+        for reply in await self.pipe.execute(commands):
+            if isinstance(reply, Exception):
+                raise reply
+        self.quarantined += len(bad)
 
     async def _backoff(self, exc: Exception) -> None:
         """Wait longer after each failure in a row; an outage is logged once, not per retry."""
@@ -239,15 +298,17 @@ async def outbox_lag(redis: Redis, partitions: int) -> dict[str, float]:
     for p in range(partitions):
         pipe.xlen(outbox_key(p))
         pipe.xrange(outbox_key(p), count=1)
+        pipe.xlen(quarantine_key(p))
     replies = await pipe.execute()
-    backlog = 0
+    backlog = quarantined = 0
     oldest_ms = 0.0
     now_ms = time.time() * 1000
     for i in range(partitions):
-        backlog += int(replies[2 * i])
-        first = replies[2 * i + 1]
+        backlog += int(replies[3 * i])
+        quarantined += int(replies[3 * i + 2])
+        first = replies[3 * i + 1]
         if first:
             mid = first[0][0]
             mid = mid.decode() if isinstance(mid, bytes) else mid
             oldest_ms = max(oldest_ms, now_ms - int(mid.split("-")[0]))
-    return {"outbox_entries": backlog, "outbox_lag_ms": oldest_ms}
+    return {"outbox_entries": backlog, "outbox_lag_ms": oldest_ms, "quarantined": quarantined}

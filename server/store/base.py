@@ -33,6 +33,12 @@ class Store(Protocol):
         idempotent on (partition, seq): a movement seen before changes nothing."""
         ...
 
+    def is_permanent(self, exc: BaseException) -> bool:
+        """True when `settle` failed on the data itself (a constraint, a value the column cannot
+        hold): retrying the same movements fails the same way. False for the database being away
+        or busy, which a retry outlasts."""
+        ...
+
     async def earnings(self, host_id: str) -> tuple[int, int]:
         """(diamond units, gifts received) for a host."""
         ...

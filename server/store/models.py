@@ -96,6 +96,15 @@ class Movement:
                    f.get("cid", ""))
 
 
+def outbox_fields(m: Movement) -> dict[str, str | int]:
+    """The outbox fields `m` was read from (Movement.from_fields reads them back)."""
+    if m.kind == "c":
+        return {"k": "c", "p": m.partition, "seq": m.seq, "uid": m.user_id, "c": m.coins, "kind": m.credit_kind,
+                "order": m.order_id, "ts": m.ts_ms}
+    return {"k": m.kind, "seq": m.seq, "j": gift_entry(m.partition, m.user_id, m.sender_name, m.host_id, m.room_id,
+                                                       m.gift, m.count, m.coins, m.share_bp, m.ts_ms, m.client_id)}
+
+
 def gift_entry(partition: int, sender_id: str, sender_name: str, host_id: str, room_id: str, gift: str,
                count: int, coins: int, share_bp: int, ts_ms: int, client_id: str) -> str:
     """A gift as send_gift.lua appends it to the outbox (its 'j' field), beside its seq; the

@@ -82,6 +82,12 @@ def _distinct(movements: list[Movement]) -> list[Movement]:
 class PostgresStore:
     kind = "postgres"
 
+    def is_permanent(self, exc: BaseException) -> bool:
+        # Class 22 (data) and 23 (integrity), and values asyncpg cannot encode; connection
+        # errors, timeouts and the server shutting down pass.
+        return isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError | ValueError
+                          | TypeError | OverflowError)
+
     def __init__(self, url: str, *, min_size: int = POOL_MIN, max_size: int = POOL_MAX) -> None:
         self.url = url
         self.min_size = min_size

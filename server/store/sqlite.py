@@ -30,6 +30,11 @@ _CHUNK = 400  # host parameters per IN (...) query, under SQLite's limit
 class SQLiteStore:
     kind = "sqlite"
 
+    def is_permanent(self, exc: BaseException) -> bool:
+        # OperationalError (locked, disk full, I/O) passes; the rest is about the rows themselves.
+        return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError
+                          | sqlite3.ProgrammingError | ValueError | TypeError | OverflowError)
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="giftstream-sqlite")
