@@ -86,6 +86,7 @@ class Presence:
         await pipe.execute()
 
     async def _loop(self) -> None:
+        failing = False  # an outage is logged once, and its end once
         while True:
             await asyncio.sleep(self.interval)
             try:
@@ -93,7 +94,13 @@ class Presence:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("presence tick failed: %s", type(exc).__name__)
+                if not failing:
+                    log.warning("presence ticks failing (%s); viewer counts and leaderboards wait", type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("presence ticks running again")
+                failing = False
 
     async def tick(self) -> None:
         """One room_tick.lua per room, all in one pipeline: about 1 µs of Redis per room."""
