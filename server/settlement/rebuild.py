@@ -147,14 +147,23 @@ async def _rebuild_partition(redis: Redis, p: int, part: _Partition, expected: d
         report["skipped_partitions"].append(p)
 
 
-async def _totals_behind(store: Store, p: int, part: _Partition) -> dict[str, int] | None:
-    """A partition whose Redis sequence is below what SQL settled would reuse settled numbers:
-    the settler would drop those new movements as duplicates. Rebuilding wallets cannot fix
-    that, so say so loudly."""
+async def _totals_behind(redis: Redis, store: Store, p: int, part: _Partition, settled_seqs: set[int],
+                         dry_run: bool) -> dict[str, Any] | None:
+    """A partition whose Redis sequence is below what SQL settled (Redis lost its totals) would
+    reuse settled numbers, and the settler would drop the new movements as duplicates. Its totals
+    are restored from the ledger and the unsettled outbox (unless it moved meanwhile, or on a dry
+    run); movements made before that under reused numbers cannot be told apart, so this is
+    reported loudly either way."""
     settled = await store.partition_totals(p, 2**62)
-    if settled.count > part.seq:
-        return {"partition": p, "redis_seq": part.seq, "settled_movements": settled.count}
-    return None
+    if settled.count <= part.seq:
+        return None
+    unsettled = [v for seq, v in part.pending.items() if seq not in settled_seqs]
+    restored = {"seq": max([settled.count, *part.pending]),
+                "credited": settled.credited + sum(c for k, _u, c in unsettled if k == "c"),
+                "spent": settled.spent + sum(c for k, _u, c in unsettled if k == "g")}
+    done = not dry_run and await _write_partition(redis, p, part.seq, {totals_key(p): restored})
+    return {"partition": p, "redis_seq": part.seq, "settled_movements": settled.count,
+            "restored": restored if done else None}
 
 
 async def rebuild_wallets(redis: Redis, store: Store, partitions: int, *,
@@ -176,7 +185,7 @@ async def rebuild_wallets(redis: Redis, store: Store, partitions: int, *,
     }
     for p, part in parts.items():
         await _rebuild_partition(redis, p, part, expected.get(p, {}), partitions, dry_run, report)
-        behind = await _totals_behind(store, p, part)
+        behind = await _totals_behind(redis, store, p, part, settled[p], dry_run)
         if behind is not None:
             report["totals_behind"].append(behind)
     report["ok"] = not report["skipped_partitions"] and not report["totals_behind"]
