@@ -45,6 +45,7 @@ from server.store.models import (
     Movement,
     Order,
     PartitionTotals,
+    ReusedSequence,
 )
 from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore
@@ -740,7 +741,8 @@ async def test_a_movement_the_ledger_refuses_is_set_aside_and_holds_nothing_back
     await _drain(settler, redis)
     assert (settler.settled, settler.quarantined) == (entries - 1, 1)
     part = UserKeys(users[0], PARTITIONS).partition
-    [(_, held)] = await redis.xrange(quarantine_key(part))
+    quarantine: Any = await redis.xrange(quarantine_key(part))
+    [(_, held)] = quarantine
     assert Movement.from_fields(held).gift_id == poison.gift_id
     assert "room_id" in held["error"] or "NULL" in held["error"].upper(), held["error"]
     assert (await outbox_lag(redis, PARTITIONS))["quarantined"] == 1
@@ -757,3 +759,37 @@ async def test_a_movement_the_ledger_refuses_is_set_aside_and_holds_nothing_back
     assert (again.settled, again.quarantined) == (0, 1)
     assert await redis.xlen(quarantine_key(part)) == 1
     await redis.delete(quarantine_key(part))  # leave the shared valkey as the other tests expect it
+
+
+async def test_a_settled_number_with_other_content_is_refused_not_dropped(backend: Backend) -> None:
+    """A redelivery (same number, same content) is a duplicate and changes nothing; the same
+    number with other content (Redis lost its totals and numbered a new movement like a settled
+    one) is refused, so it is set aside rather than silently counted as settled."""
+    first = gift(5, 1, user="ann", coins=10)
+    assert (await backend.store.settle([first])).movements == 1
+    assert (await backend.store.settle([first, gift(5, 2)])).duplicates == 1
+    reused = gift(5, 1, user="bob", coins=10)
+    with pytest.raises(ReusedSequence):
+        await backend.store.settle([gift(5, 3), reused])
+    assert backend.store.is_permanent(ReusedSequence("x"))
+    same_user_later = Movement(**{**{f: getattr(first, f) for f in first.__slots__}, "ts_ms": first.ts_ms + 1})
+    with pytest.raises(ReusedSequence):
+        await backend.store.settle([same_user_later])
+    # nothing of the refused batches was written
+    assert await backend.store.settled_seqs(5, [1, 2, 3]) == {1, 2}
+
+
+async def test_the_settler_sets_aside_movements_numbered_again_after_redis_lost_its_totals(
+        backend: Backend, redis: Redis, wallet: Wallet) -> None:
+    await wallet.credit("ria", "order-r1", 100)
+    settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="r")
+    assert await settler.settle_once(block_ms=None) == 1
+    part = UserKeys("ria", PARTITIONS).partition
+    await redis.delete(totals_key(part))  # Redis lost the partition's numbering
+    await wallet.credit("ria", "order-r2", 50)  # numbered 1 again
+    await _drain(settler, redis)
+    assert (settler.settled, settler.duplicates, settler.quarantined) == (1, 0, 1)
+    quarantine: Any = await redis.xrange(quarantine_key(part))
+    [(_, held)] = quarantine
+    assert Movement.from_fields(held).order_id == "order-r2" and "ReusedSequence" in held["error"]
+    await redis.delete(quarantine_key(part))

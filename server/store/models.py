@@ -117,6 +117,12 @@ def gift_entry(partition: int, sender_id: str, sender_name: str, host_id: str, r
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+class ReusedSequence(ValueError):
+    """A movement's (partition, seq) is settled already with other content: Redis numbered a new
+    movement like a settled one (it lost the partition's totals). Not a redelivery, so not to be
+    dropped as one: the settler sets it aside."""
+
+
 UNITS_PER_DIAMOND = 10_000
 
 

@@ -23,6 +23,7 @@ from server.store.models import (
     Movement,
     Order,
     PartitionTotals,
+    ReusedSequence,
     Room,
     SettleResult,
 )
@@ -45,6 +46,9 @@ _INSERT_MOVEMENTS = (
     "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
     " SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
     " $7::float8[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
+_SETTLED_MOVEMENTS = (
+    "SELECT m.part, m.seq, m.kind, m.user_id, m.coins, m.ref, m.created_at FROM movements m"
+    " JOIN unnest($1::int[], $2::bigint[]) AS k(part, seq) ON m.part = k.part AND m.seq = k.seq")
 # Gift and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
 # keyed by movements inserted just now, so no conflict is possible; if one happens the ledger
 # is inconsistent, and COPY fails the batch loudly (as SQLite does) instead of skipping rows.
@@ -225,8 +229,15 @@ class PostgresStore:
             return movements
         except asyncpg.UniqueViolationError:
             pass
-        columns = list(zip(*rowbuild.movement_rows(movements), strict=True))
-        inserted = {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *columns)}
+        rows = list(rowbuild.movement_rows(movements))
+        inserted = {(r[0], r[1]) for r in await conn.fetch(_INSERT_MOVEMENTS, *zip(*rows, strict=True))}
+        again = [r for r in rows if (r[0], r[1]) not in inserted]
+        if again:
+            parts, seqs = [r[0] for r in again], [r[1] for r in again]
+            settled = {(r[0], r[1]): tuple(r) for r in await conn.fetch(_SETTLED_MOVEMENTS, parts, seqs)}
+            for row in again:
+                if settled.get((row[0], row[1])) != row:
+                    raise ReusedSequence(f"movement {row[0]}-{row[1]} is settled already with other content")
         return [m for m in movements if (m.partition, m.seq) in inserted]
 
     @staticmethod

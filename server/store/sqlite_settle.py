@@ -24,6 +24,7 @@ from server.store.models import (
     PAYMENTS_ACCOUNT,
     USER_ACCOUNT_PREFIX,
     Movement,
+    ReusedSequence,
     SettleResult,
 )
 
@@ -46,6 +47,11 @@ _MAX_ROWS = 2048
 _STAGE_SQL = {n: f"INSERT INTO settle_stage VALUES {','.join([_ROW] * n)} ON CONFLICT (part, seq) DO NOTHING"
               for n in (1 << k for k in range(_MAX_ROWS.bit_length()))}
 
+# Settled before under the same number but with other content: not a redelivery (ReusedSequence).
+_REUSED = (
+    "SELECT s.part, s.seq FROM settle_stage s JOIN movements m ON m.part = s.part AND m.seq = s.seq"
+    " WHERE m.user_id <> s.user_id OR m.coins <> s.coins OR m.ref <> s.ref OR m.created_at <> s.ts_ms / 1000.0"
+    " OR m.kind <> CASE WHEN s.kind = 'c' THEN 'credit' ELSE 'gift' END LIMIT 1")
 # Settled before (a redelivery): not new, so nothing below may write it again.
 _DROP_SETTLED = ("DELETE FROM settle_stage WHERE EXISTS"
                  " (SELECT 1 FROM movements m WHERE m.part = settle_stage.part AND m.seq = settle_stage.seq)")
@@ -99,6 +105,9 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
     conn.execute("BEGIN IMMEDIATE")
     try:
         _stage(conn, flat, _max_rows(conn))
+        reused = conn.execute(_REUSED).fetchone()
+        if reused is not None:
+            raise ReusedSequence(f"movement {reused[0]}-{reused[1]} is settled already with other content")
         conn.execute(_DROP_SETTLED)
         fresh = conn.execute(_MOVEMENTS).rowcount
         now = {"now": time.time()}
