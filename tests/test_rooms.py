@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import msgpack
 import pytest
 import websockets
 
+from server.keys import RoomKeys
 from tests.support import Api, Client, ServerProc, join, token, wait_until
 
 # Slices of 2 sockets: every multi-socket room here is written in several steps per frame.
@@ -405,3 +407,25 @@ async def test_gifts_sent_before_the_welcome_are_not_lost(fast_server: ServerPro
             if msg["type"] == "ack":
                 acks.add(msg["id"])
     assert acks == {f"early{i}" for i in range(5)}
+
+
+async def test_a_published_gift_record_without_expiry_gets_one_from_the_presence_tick(
+        fast_server: ServerProc, redis_url: str) -> None:
+    """room_publish.lua's per-minute record of published gifts takes its expiry from the first
+    gift a gateway publishes in that minute; a record left without one (Redis lost its data under
+    a running gateway) gets it from the room's presence tick."""
+    room = await _setup(fast_server, "xh")
+    redis = __import__("redis").Redis.from_url(redis_url)
+    async with join(fast_server, room, token("xv")):
+        while time.time() % 60 > 55:  # stay inside one minute
+            await asyncio.sleep(0.5)
+        key = RoomKeys(room).published(int(time.time() * 1000))
+        redis.hset(key, "g0-0", "1")
+        assert redis.pttl(key) == -1
+
+        async def expiring() -> bool:
+            await asyncio.sleep(0.1)
+            return 0 < int(redis.pttl(key)) <= (120 + 120) * 1000
+
+        await wait_until(expiring, timeout=5)
+    redis.close()

@@ -54,8 +54,10 @@ class Presence:
     async def room_view(self, room_id: str) -> tuple[int, list[dict[str, Any]]]:
         """The room's viewers across nodes and its top gifters, read in one call, writing nothing."""
         k = RoomKeys(room_id)
-        viewers, top = await self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names, k.events],
-                                                     ["", "", int(time.time() * 1000), LEADERBOARD_SIZE, 0])
+        now_ms = int(time.time() * 1000)
+        viewers, top = await self.rooms.batcher.call(
+            "room_tick", [k.presence, k.leaderboard, k.names, k.events, k.published(now_ms)],
+            ["", "", now_ms, LEADERBOARD_SIZE, 0, 0])
         return int(viewers), leaderboard_from(top)
 
     async def announce(self, room_id: str) -> int:
@@ -74,9 +76,11 @@ class Presence:
             self._published.discard(room_id)
         k = RoomKeys(room_id)
         entry = f"{count}:{now_ms + int(self.interval * 3000)}" if count else ""
-        oldest_kept = now_ms - self.rooms.settings.resume_max_age_s * 1000
-        return self.rooms.batcher.call("room_tick", [k.presence, k.leaderboard, k.names, k.events],
-                                       [self.node_id, entry, now_ms, top, oldest_kept])
+        settings = self.rooms.settings
+        oldest_kept = now_ms - settings.resume_max_age_s * 1000
+        return self.rooms.batcher.call(
+            "room_tick", [k.presence, k.leaderboard, k.names, k.events, k.published(now_ms)],
+            [self.node_id, entry, now_ms, top, oldest_kept, settings.republish_window_s * 1000 + 120_000])
 
     async def withdraw_all(self) -> None:
         pipe = self.redis.pipeline(transaction=False)

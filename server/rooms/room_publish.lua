@@ -40,7 +40,8 @@ local window = tonumber(ARGV[13])
 if tonumber(ARGV[12]) < now - window then return {false, 0, 2} end
 if redis.call('HSETNX', KEYS[6], ARGV[11], ARGV[3]) == 0 then return {false, 0, 1} end
 -- Kept two minutes past the window from its first gift: any publish the window admits still
--- finds the record of its minute.
+-- finds the record of its minute. (room_tick.lua also sets it on the current minute's record
+-- when it has none.)
 if ARGV[14] == '1' then redis.call('PEXPIRE', KEYS[6], window + 120000) end
 
 local combo_window = tonumber(ARGV[7])
