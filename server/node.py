@@ -20,7 +20,7 @@ from server.fastpipe import UNREACHABLE, FastPipe
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
 from server.rooms.bus import Bus
-from server.rooms.hub import Hub
+from server.rooms.hub import Hub, catch_up_from
 from server.rooms.presence import Presence
 from server.rooms.state import Rooms
 from server.rooms.takeover import Keepalive, RoomProtocol
@@ -101,9 +101,9 @@ class Node:
 
     async def catch_up(self, room_id: str) -> None:
         """After a bus outage: deliver what the room stream holds past the last event we saw (past
-        the earliest local join, when no event came yet)."""
+        the oldest point a local socket is live from, when no event came yet)."""
         room = self.hub.rooms.get(room_id)
-        since = None if room is None else room.last_offset or room.joined_from
+        since = None if room is None else catch_up_from(room)
         if since is None:
             return
         events, _complete = await self.rooms.events_after(room_id, since, 10_000)

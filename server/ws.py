@@ -114,9 +114,6 @@ class Session:
             "you": {"id": conn.principal.user_id, "name": conn.principal.name, "role": conn.principal.role},
         })
         conn.live_from = conn.last_offset = offset
-        local = node.hub.rooms.get(conn.room_id)
-        if local is not None and (local.joined_from is None or offset_after(local.joined_from, offset)):
-            local.joined_from = offset
         node.hub.release(conn, after=offset)
         return True
 

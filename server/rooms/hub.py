@@ -34,7 +34,7 @@ class _Pass:
 
 
 class LocalRoom:
-    __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "joined_from", "ended",
+    __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "ended",
                  "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing")
 
     def __init__(self, room_id: str) -> None:
@@ -45,8 +45,6 @@ class LocalRoom:
         self.last_flush = 0.0
         # Offset of the newest event seen from the bus: where a catch-up after a bus outage starts.
         self.last_offset: str | None = None
-        # The earliest offset a local socket joined at: where a catch-up starts before any event.
-        self.joined_from: str | None = None
         self.ended = False
         self.presence_sent: int | None = None
         self.leaderboard_sent: list[Any] | None = None
@@ -63,6 +61,18 @@ def offset_after(offset: str | None, other: str | None) -> bool:
     if other is None:
         return True
     return parse_offset(offset) > parse_offset(other)
+
+
+def catch_up_from(room: LocalRoom) -> str | None:
+    """Where a catch-up after a bus outage starts: the newest event the room saw from the bus or,
+    before any came, the oldest point a local socket is live from (its welcome or resume)."""
+    if room.last_offset is not None:
+        return room.last_offset
+    oldest: str | None = None
+    for conn in room.conns:
+        if conn.last_offset is not None and (oldest is None or offset_after(oldest, conn.last_offset)):
+            oldest = conn.last_offset
+    return oldest
 
 
 class Hub:
