@@ -143,7 +143,7 @@ class Node:
         while not self.draining and time.time() * 1000 < deadline_ms:
             await asyncio.sleep(delay)
             try:
-                await self.rooms.publish_gift_later(room_id, event, debit_ms, again=True)
+                await self.rooms.publish_gift_later(room_id, event, debit_ms)  # with the name: it may not have run
                 log.info("gift %s published after a Redis error", event["gift_id"])
                 return
             except UNREACHABLE:

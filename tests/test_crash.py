@@ -231,8 +231,12 @@ async def test_room_publish_shows_a_gift_once_and_not_past_the_republish_window(
     assert first[2] == 0 and all(a == [None, 0, 1] for a in again), (first, again)
     stale = now - 61_000
     assert await rooms.publish_gift_later(room, event("g1-2", stale), stale) == [None, 0, 2]
+    # A late publish, into an earlier minute's record, gives that record its expiry (the current
+    # minute's gets it from the presence tick: tests/test_rooms.py).
+    late = now - now % 60_000 - 1  # the previous minute's last ms: at most 60 s ago, inside the window
+    assert (await rooms.publish_gift_later(room, event("g1-3", late), late))[2] == 0
+    assert 0 < await redis.pttl(RoomKeys(room).published(late)) <= (60 + 120) * 1000
     state = await rooms.get(room)
-    assert state is not None and (state.coins_total, state.gifts_total) == (1, 1)
-    assert await redis.xlen(RoomKeys(room).events) == 1
-    assert 0 < await redis.pttl(RoomKeys(room).published(now)) <= (60 + 120) * 1000
+    assert state is not None and (state.coins_total, state.gifts_total) == (2, 2)
+    assert await redis.xlen(RoomKeys(room).events) == 2
     await redis.aclose()

@@ -56,7 +56,7 @@ class Presence:
         k = RoomKeys(room_id)
         now_ms = int(time.time() * 1000)
         viewers, top = await self.rooms.batcher.call(
-            "room_tick", [k.presence, k.leaderboard, k.names, k.events, k.published(now_ms)],
+            "room_tick", [k.presence, k.leaderboard, k.names, k.events, *_minutes(k, now_ms)],
             ["", "", now_ms, LEADERBOARD_SIZE, 0, 0])
         return int(viewers), leaderboard_from(top)
 
@@ -79,7 +79,7 @@ class Presence:
         settings = self.rooms.settings
         oldest_kept = now_ms - settings.resume_max_age_s * 1000
         return self.rooms.batcher.call(
-            "room_tick", [k.presence, k.leaderboard, k.names, k.events, k.published(now_ms)],
+            "room_tick", [k.presence, k.leaderboard, k.names, k.events, *_minutes(k, now_ms)],
             [self.node_id, entry, now_ms, top, oldest_kept, settings.republish_window_s * 1000 + 120_000])
 
     async def withdraw_all(self) -> None:
@@ -124,6 +124,11 @@ class Presence:
             if top and key != room.leaderboard_sent:
                 room.leaderboard_sent = key
                 self.hub.deliver(room.room_id, {"type": "leaderboard", "top": top})
+
+
+def _minutes(k: RoomKeys, now_ms: int) -> tuple[str, str]:
+    """This and the previous minute's published-gift records (room_tick.lua keeps their expiry)."""
+    return k.published(now_ms), k.published(now_ms - 60_000)
 
 
 def leaderboard_from(flat: list[Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@
 -- ARGV[6] combo field   ARGV[7] combo window ms   ARGV[8] sender id   ARGV[9] coins
 -- ARGV[10] sender name to record, or "" when this gateway recorded it already
 -- ARGV[11] gift id   ARGV[12] the gift's debit ms   ARGV[13] republish window ms
--- ARGV[14] "1" to set KEYS[6]'s expiry (the first gift of that minute this gateway publishes)
 -- Returns {offset, combo, 0} when published, {false, 0, 1} when this gift was published before
 -- (nothing is written), {false, 0, 0} when the room is unknown (or, for 'ended', has ended
 -- already), and {false, 0, 2} when the gift was debited longer than the window ago (it cannot
@@ -39,10 +38,12 @@ if not state[1] then return {false, 0, 0} end
 local window = tonumber(ARGV[13])
 if tonumber(ARGV[12]) < now - window then return {false, 0, 2} end
 if redis.call('HSETNX', KEYS[6], ARGV[11], ARGV[3]) == 0 then return {false, 0, 1} end
--- Kept two minutes past the window from its first gift: any publish the window admits still
--- finds the record of its minute. (room_tick.lua also sets it on the current minute's record
--- when it has none.)
-if ARGV[14] == '1' then redis.call('PEXPIRE', KEYS[6], window + 120000) end
+-- The record lives two minutes past the window, so any publish the window admits still finds
+-- its minute's. room_tick.lua gives the current and the previous minute's record that expiry
+-- once a tick; a publish into an earlier minute than now's (a retry, a replay) sets it here.
+if math.floor(tonumber(ARGV[12]) / 60000) < math.floor(now / 60000) then
+  redis.call('PEXPIRE', KEYS[6], window + 120000)
+end
 
 local combo_window = tonumber(ARGV[7])
 local prev = redis.call('HGET', KEYS[4], ARGV[6])

@@ -3,14 +3,15 @@
 -- them (GET /v1/rooms/{id}, resume_failed). All keys share {r:<room_id>}.
 -- KEYS[1] presence hash (node id -> "<count>:<expires ms>")
 -- KEYS[2] session leaderboard zset (user -> coins)   KEYS[3] display names (user -> name)
--- KEYS[4] room event stream   KEYS[5] this minute's published-gift record (room_publish.lua)
+-- KEYS[4] room event stream
+-- KEYS[5], KEYS[6] this and the previous minute's published-gift records (room_publish.lua)
 -- ARGV[1] node id, or "" to write nothing   ARGV[2] "<count>:<expires ms>", or "" to withdraw
 -- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)   ARGV[5] oldest stream id to keep (ms)
 -- ARGV[6] the record's lifetime ms
 -- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
 -- The event stream is trimmed by age here, once per tick, rather than on every publish; and the
--- minute's record gets an expiry if it has none (room_publish.lua sets it from the first gift
--- each gateway publishes in a minute, which a gateway misses after Redis lost its data).
+-- published-gift records of this minute and the last get their expiry here when they have none
+-- (the previous one too: its last gifts may have come after its last tick).
 if ARGV[1] == '' then
   -- read only
 elseif ARGV[2] == '' then
@@ -18,7 +19,9 @@ elseif ARGV[2] == '' then
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XTRIM', KEYS[4], 'MINID', '~', ARGV[5])
-  if redis.call('PTTL', KEYS[5]) == -1 then redis.call('PEXPIRE', KEYS[5], ARGV[6]) end
+  for i = 5, 6 do
+    if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+  end
 end
 local now = tonumber(ARGV[3])
 local viewers = 0

@@ -40,8 +40,6 @@ class Rooms:
         self.redis = redis
         self.batcher = batcher
         self.settings = settings
-        # Minutes' published-gift records this gateway has set an expiry on (room_publish.lua).
-        self._minutes: set[str] = set()
 
     @staticmethod
     def new_id() -> str:
@@ -67,27 +65,18 @@ class Rooms:
                          int(h.get("gifts_total", 0)))
 
     def publish_gift_later(self, room_id: str, event: dict[str, Any], debit_ms: int,
-                           record_name: bool = True, again: bool = False) -> asyncio.Future[Any]:
+                           record_name: bool = True) -> asyncio.Future[Any]:
         """Queue the publish in this tick's pipeline (room_publish.lua's raw reply). A gift is
         published once: asked again, it writes nothing. `record_name`: write the sender's display
-        name for the leaderboard (once per socket is enough). `again`: a retry after a failed
-        call, which may not have run: it writes the name and the minute's expiry again."""
+        name for the leaderboard (once per socket is enough)."""
         k = RoomKeys(room_id)
         now = int(time.time() * 1000)
         sender = event["from"]["id"]
-        published = k.published(debit_ms)
-        # The minute's record gets its expiry from the first gift of it this gateway publishes.
-        first_of_minute = again or published not in self._minutes
-        if first_of_minute:
-            if len(self._minutes) > 10_000:
-                self._minutes.clear()
-            self._minutes.add(published)
-        window_ms = self.settings.republish_window_s * 1000
-        keys = [k.state, k.events, k.leaderboard, k.combos, k.names, published]
+        keys = [k.state, k.events, k.leaderboard, k.combos, k.names, k.published(debit_ms)]
         args = ["gift", msgpack.packb(event), now, self.settings.resume_max_events, k.channel,
                 f"{sender}:{event['gift']}", int(self.settings.combo_window_s * 1000), sender, event["coins"],
-                event["from"]["name"] if record_name or again else "", event["gift_id"], debit_ms, window_ms,
-                "1" if first_of_minute else ""]
+                event["from"]["name"] if record_name else "", event["gift_id"], debit_ms,
+                self.settings.republish_window_s * 1000]
         return self.batcher.call("room_publish", keys, args)
 
     async def end(self, room_id: str) -> str | None:
