@@ -793,3 +793,38 @@ async def test_the_settler_sets_aside_movements_numbered_again_after_redis_lost_
     [(_, held)] = quarantine
     assert Movement.from_fields(held).order_id == "order-r2" and "ReusedSequence" in held["error"]
     await redis.delete(quarantine_key(part))
+
+
+async def test_a_set_aside_movement_requeued_after_its_cause_is_fixed_settles_exactly_once(
+        backend: Backend, redis: Redis, wallet: Wallet) -> None:
+    """The whole quarantine round trip on money: the ledger refuses one user's movements (a rule
+    an operator added by mistake), the settler sets them aside and settles the rest; once the
+    rule is gone, `requeue` puts them back and each settles once. Conservation holds at the end."""
+    if isinstance(backend.store, SQLiteStore):
+        refuse = ("CREATE TRIGGER refuse BEFORE INSERT ON movements WHEN NEW.user_id = 'blocked'"
+                  " BEGIN SELECT RAISE(ABORT, 'refused by the operator'); END")
+        allow = "DROP TRIGGER refuse"
+    else:
+        refuse = "ALTER TABLE movements ADD CONSTRAINT refuse CHECK (user_id <> 'blocked') NOT VALID"
+        allow = "ALTER TABLE movements DROP CONSTRAINT refuse"
+    users = ["blocked", *(f"ok-{i}" for i in range(4))]
+    await _make_traffic(wallet, users, gifts=200)
+    entries = (await outbox_lag(redis, PARTITIONS))["outbox_entries"]
+    await backend.query(refuse)
+    settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="fix", max_batch=4000)
+    await _drain(settler, redis)
+    part = UserKeys("blocked", PARTITIONS).partition
+    held = await redis.xlen(quarantine_key(part))
+    assert held >= 2 and (settler.settled, settler.quarantined) == (entries - held, held)  # its credit and gifts
+    assert not (await run_audit(redis, backend.store, PARTITIONS))["ok"]
+    before = await _wallets(redis, users)
+
+    await backend.query(allow)
+    assert await requeue(redis, PARTITIONS) == held
+    again = Settler(redis, backend.store, partitions=PARTITIONS, consumer="fix2")
+    await _drain(again, redis)
+    assert (again.settled, again.duplicates, again.quarantined) == (held, 0, 0)
+    assert await redis.xlen(quarantine_key(part)) == 0
+    assert await _wallets(redis, users) == before  # settling moves no coin in Redis
+    report = await run_audit(redis, backend.store, PARTITIONS)
+    assert report["ok"], report["failures"]

@@ -25,25 +25,22 @@ async def snapshot(redis: Redis, p: int) -> tuple[dict[str, str], list[Movement]
     pipe.xrevrange(outbox_key(p), count=1)
     replies: Any = await pipe.execute()
     totals, last = replies
-    entries: list[Movement] = []
-    if last:
-        start, end = "-", last[0][0]
-        while True:
-            page: Any = await redis.xrange(outbox_key(p), min=start, max=end, count=PAGE) or []
-            entries.extend(Movement.from_fields(f) for _mid, f in page if f)
-            if len(page) < PAGE:
-                break
-            start = "(" + page[-1][0]
+    entries = await _read(redis, outbox_key(p), last[0][0]) if last else []
     return totals, entries
 
 
 async def quarantined(redis: Redis, p: int) -> list[Movement]:
     """Every movement in the partition's quarantine. Read after `snapshot`: the settler writes an
     entry here before it deletes it from the outbox, so each is seen in one or both."""
+    return await _read(redis, quarantine_key(p), "+")
+
+
+async def _read(redis: Redis, stream: str, end: str) -> list[Movement]:
+    """The stream's movements up to `end`, a page at a time."""
     out: list[Movement] = []
     start = "-"
     while True:
-        page: Any = await redis.xrange(quarantine_key(p), min=start, max="+", count=PAGE) or []
+        page: Any = await redis.xrange(stream, min=start, max=end, count=PAGE) or []
         out.extend(Movement.from_fields(f) for _mid, f in page if f)
         if len(page) < PAGE:
             return out

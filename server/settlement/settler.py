@@ -40,6 +40,14 @@ async def ensure_groups(redis: Redis, partitions: int) -> None:
                 raise
 
 
+def _halves(movements: list[Movement]) -> list[list[Movement]]:
+    """Both halves of a failing batch, the first one last (settled first)."""
+    if len(movements) < 2:
+        return [movements]
+    mid = len(movements) // 2
+    return [movements[mid:], movements[:mid]]
+
+
 class _Permanent(Exception):
     """The store refused the movements themselves (see Store.is_permanent)."""
 
@@ -230,30 +238,21 @@ class Settler:
         """A batch failed on its data: settle it in halves, down to single movements, and put the
         ones that still fail in their partition's quarantine stream, with the error. One bad
         movement costs about log2(batch) transactions and holds nothing else back."""
-        settled = [0, 0, 0, 0]
+        done: list[SettleResult] = []
         bad: list[tuple[Movement, _Permanent]] = []
-        pending = [movements]
+        pending = _halves(movements)
         while pending:
             part = pending.pop()
-            if len(part) > 1:
-                mid = len(part) // 2
-                halves = [part[mid:], part[:mid]]
-            else:
-                halves = []
-            if part is movements and halves:  # known to fail whole
-                pending += halves
-                continue
             try:
-                r = await self._commit(part)
-                settled = [settled[0] + r.movements, settled[1] + r.gifts, settled[2] + r.credits,
-                           settled[3] + r.duplicates]
+                done.append(await self._commit(part))
             except _Permanent as exc:
-                if halves:
-                    pending += halves
+                if len(part) > 1:
+                    pending += _halves(part)
                 else:
                     bad.append((part[0], exc))
         await self._quarantine(bad)
-        return SettleResult(*settled)
+        return SettleResult(sum(r.movements for r in done), sum(r.gifts for r in done),
+                            sum(r.credits for r in done), sum(r.duplicates for r in done))
 
     async def _quarantine(self, bad: list[tuple[Movement, _Permanent]]) -> None:
         if not bad:
