@@ -7,7 +7,6 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 # script name -> package holding its .lua file
 SCRIPTS = {
@@ -33,13 +32,6 @@ class Scripts:
             sha = await redis.script_load(text)
             assert sha == self.sha[name], f"{name}.lua hashed differently by the server"
 
-    async def call(self, redis: Redis, name: str, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
-        except NoScriptError:
-            # The server lost its script cache (restart, failover, SCRIPT FLUSH): load and retry.
-            await self.load(redis)
-            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
-
     def command(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
+        """The EVALSHA command for the batcher's pipeline, which reloads the scripts on NOSCRIPT."""
         return ["EVALSHA", self.sha[name], len(keys), *keys, *args]
