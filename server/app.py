@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from server import http_api
+from server import errors, http_api
 from server.codes import Err, GiftstreamError
 from server.embedded import Embedded
 from server.fastpipe import UNREACHABLE
@@ -26,28 +26,18 @@ from server.ws import room_socket
 log = logging.getLogger("giftstream.app")
 
 
-async def _giftstream_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GiftstreamError)
-    return http_api.error_response(exc)
-
-
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, method not allowed) in the one error body."""
     assert isinstance(exc, HTTPException)
-    code = {404: Err.NOT_FOUND, 405: Err.BAD_REQUEST}.get(exc.status_code, Err.BAD_REQUEST)
-    return JSONResponse({"code": code.value, "message": str(exc.detail)}, status_code=exc.status_code)
+    code = Err.NOT_FOUND if exc.status_code == 404 else Err.BAD_REQUEST
+    _, body = errors.http_status_and_body(GiftstreamError(code, str(exc.detail)))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _unreachable(request: Request, exc: Exception) -> Response:
-    # Redis (or the database) could not be reached or did not answer in time: the outage is
-    # logged once by the parts that keep connections (bus, settler, debit batcher), and the
-    # request is safe to repeat as it was (idempotency keys).
-    return http_api.error_response(GiftstreamError(Err.UNAVAILABLE, "temporarily unavailable; retry"))
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    # Never leak exception text to the client.
-    return JSONResponse({"code": Err.INTERNAL.value, "message": "internal error"}, status_code=500)
+async def _failure(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, GiftstreamError) and not errors.is_unreachable(exc):
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return errors.http_response(exc)
 
 
 def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlette:
@@ -81,8 +71,8 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(TransportProbe)],
-        exception_handlers={GiftstreamError: _giftstream_error, HTTPException: _http_error,
-                            **dict.fromkeys(UNREACHABLE, _unreachable), Exception: _unexpected},
+        exception_handlers={HTTPException: _http_error, GiftstreamError: _failure,
+                            **dict.fromkeys(UNREACHABLE, _failure), Exception: _failure},
     )
     app.state.node = node
     return app

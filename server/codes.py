@@ -79,14 +79,6 @@ class Close(IntEnum):
     PING_TIMEOUT = 4408
 
 
-def reconnect_reason(text: str, base_ms: int = 1000, spread_ms: int = 4000) -> str:
-    """A close reason that advises when to reconnect: '<text>; retry_ms=<n>', jittered so a
-    node's viewers do not all come back in the same instant (at most 123 bytes, RFC 6455)."""
-    import random
-
-    return f"{text}; retry_ms={base_ms + random.randrange(spread_ms)}"
-
-
 class GiftstreamError(Exception):
     """An error with a reply code; its message is safe to show to the client."""
 

@@ -100,6 +100,12 @@ def error_message(code: Err, message: str, msg_id: str | None = None, **extra: A
     return out
 
 
+def closing(d: Disconnect) -> tuple[int, str]:
+    """(code, reason) for the close frame about to be sent, counted per close code."""
+    metrics.CLOSES.labels(str(int(d.code))).inc()
+    return int(d.code), d.close_reason()
+
+
 def close_for(exc: BaseException) -> Disconnect:
     """The close frame for a failure that ends a socket."""
     if isinstance(exc, GiftstreamError) and exc.code is Err.UNAUTHORIZED:

@@ -5,15 +5,18 @@ Errors are JSON {"code", "message"} with the same codes as the socket.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from server import auth
 from server.codes import Err, GiftstreamError
+from server.metrics import Figure, exposition
 from server.node import Node
 from server.protocol import plain
 from server.store.models import UNITS_PER_DIAMOND, Room
@@ -41,10 +44,6 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GiftstreamError(Err.BAD_REQUEST, "body must be a JSON object")
     return body
-
-
-def error_response(exc: GiftstreamError) -> JSONResponse:
-    return JSONResponse({"code": exc.code.value, "message": exc.message}, status_code=exc.status)
 
 
 async def catalog(request: Request) -> Response:
@@ -139,36 +138,23 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text: the histograms and counters of server/metrics.py (summed over the workers
+    under `serve --workers N`), the node's figures, and the outbox read from Redis now."""
+    from server.settlement.settler import outbox_lag
+
     node = node_of(request)
-    lines = []
-
-    def gauge(name: str, value: float, help_text: str, kind: str = "gauge") -> None:
-        lines.append(f"# HELP giftstream_{name} {help_text}")
-        lines.append(f"# TYPE giftstream_{name} {kind}")
-        lines.append(f"giftstream_{name} {value}")
-
     try:
-        from server.settlement.settler import outbox_lag
-
-        lag = await outbox_lag(node.redis, node.settings.partitions)
-        gauge("outbox_entries", lag["outbox_entries"], "Coin movements acknowledged but not yet settled")
-        gauge("outbox_lag_seconds", lag["outbox_lag_ms"] / 1000, "Age of the oldest unsettled movement")
-        gauge("quarantined", lag["quarantined"], "Movements set aside after a permanent settlement error")
+        lag = await asyncio.wait_for(outbox_lag(node.redis, node.settings.partitions), 2)
     except Exception:
-        gauge("redis_up", 0, "Redis reachable")
-    s = node.settler
-    gauge("settled_total", s.settled, "Movements settled by this node", "counter")
-    gauge("settle_batches_total", s.batches, "Settlement batches committed by this node", "counter")
-    gauge("settle_failures_total", s.failures, "Settlement attempts that failed", "counter")
-    gauge("connections", node.hub.connections(), "Open room sockets on this node")
-    gauge("rooms", len(node.hub.rooms), "Rooms with local viewers on this node")
-    gauge("room_events_total", node.hub.events, "Room events received by this node", "counter")
-    gauge("room_frames_total", node.hub.frames, "Coalesced event frames encoded", "counter")
-    gauge("room_deliveries_total", node.hub.deliveries, "Event deliveries to sockets", "counter")
-    gauge("debit_batches_total", node.batcher.batches, "Lua pipelines sent", "counter")
-    gauge("debit_calls_total", node.batcher.calls, "Lua calls sent in pipelines", "counter")
-    gauge("bus_reconnects_total", node.bus.reconnects, "Room bus reconnections (each followed by a catch-up)",
-          "counter")
-    gauge("keepalive_dropped_total", node.keepalive.dropped, "Sockets dropped for not answering pings", "counter")
-    gauge("settler_degraded", int(node.settler.degraded), "1 while settlement is failing and retrying")
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        now = [Figure("giftstream_redis_up", "Redis reachable", "gauge", 0)]
+    else:
+        now = [
+            Figure("giftstream_redis_up", "Redis reachable", "gauge", 1),
+            Figure("giftstream_outbox_entries", "Coin movements acknowledged but not yet settled", "gauge",
+                   lag["outbox_entries"]),
+            Figure("giftstream_outbox_lag_seconds", "Age of the oldest unsettled movement", "gauge",
+                   lag["outbox_lag_ms"] / 1000),
+            Figure("giftstream_quarantined", "Movements set aside after a permanent settlement error", "gauge",
+                   lag["quarantined"]),
+        ]
+    return Response(exposition(node, now), media_type=CONTENT_TYPE_LATEST)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -14,9 +13,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server import catalog as catalog_mod
+from server import errors
 from server.batcher import ScriptBatcher
 from server.embedded import Embedded
-from server.fastpipe import UNREACHABLE, FastPipe
+from server.fastpipe import FastPipe
+from server.gifts import Gifts
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
 from server.rooms.bus import Bus
@@ -66,6 +67,7 @@ class Node:
         self.hub = Hub(settings.tick_ms, settings.pass_slice)
         self.bus = Bus(settings.redis_url, self.hub.deliver, catch_up=self.catch_up)
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
+        self.gifts = Gifts(settings, self.catalog, self.wallet, self.rooms, self.hub)
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
         self.hub.on_first_join = self.bus.subscribe
         self.hub.on_last_leave = self._room_emptied
@@ -111,44 +113,11 @@ class Node:
             self.hub.deliver(room_id, event)
 
     def track(self, coro: Any) -> asyncio.Task[Any]:
-        """Post-ack bookkeeping (room publish) that must finish even if its socket goes away."""
+        """Bookkeeping that must finish even if its socket goes away (a socket's leave)."""
         task = asyncio.get_running_loop().create_task(coro)
         self.inflight.add(task)
         task.add_done_callback(self._tracked_done)
         return task
-
-    def publish_gift(self, room_id: str, event: dict[str, Any], debit_ms: int, record_name: bool = True) -> None:
-        """Publish a charged gift to its room, in this tick's pipeline. room_publish.lua publishes
-        a gift once, so after a Redis error it is sent again (in the background, with backoff)
-        until Redis answers, the republish window passes or this node drains; the sender's retry
-        with the same id publishes it too."""
-        future = self.rooms.publish_gift_later(room_id, event, debit_ms, record_name)
-        self.inflight.add(future)  # type: ignore[arg-type]
-        future.add_done_callback(lambda f: self._gift_published(f, room_id, event, debit_ms))
-
-    def _gift_published(self, future: asyncio.Future[Any], room_id: str, event: dict[str, Any],
-                        debit_ms: int) -> None:
-        self.inflight.discard(future)
-        exc = None if future.cancelled() else future.exception()
-        if exc is None:
-            return
-        if not isinstance(exc, UNREACHABLE):
-            log.error("gift %s not published", event["gift_id"], exc_info=exc)
-            return
-        self.track(self._publish_again(room_id, event, debit_ms))
-
-    async def _publish_again(self, room_id: str, event: dict[str, Any], debit_ms: int) -> None:
-        deadline_ms = debit_ms + self.settings.republish_window_s * 1000 - 5_000
-        delay = 0.2
-        while not self.draining and time.time() * 1000 < deadline_ms:
-            await asyncio.sleep(delay)
-            try:
-                await self.rooms.publish_gift_later(room_id, event, debit_ms)  # with the name: it may not have run
-                log.info("gift %s published after a Redis error", event["gift_id"])
-                return
-            except UNREACHABLE:
-                delay = min(delay * 2, 5.0)
-        log.warning("gift %s not published (Redis unreachable); the sender's retry publishes it", event["gift_id"])
 
     def _tracked_done(self, task: asyncio.Task[Any]) -> None:
         self.inflight.discard(task)
@@ -157,14 +126,13 @@ class Node:
 
     async def drain(self) -> None:
         """SIGTERM: stop taking gifts, finish in-flight debits and publishes, close sockets with 1001."""
-        from server.codes import Close, reconnect_reason
-
-        self.draining = True
+        self.draining = self.gifts.draining = True
         await self.batcher.drain()
+        await self.gifts.drain()
         while self.inflight:
             await asyncio.gather(*list(self.inflight), return_exceptions=True)
         await self.batcher.drain()
-        await self.hub.close_all(Close.GOING_AWAY, reconnect_reason("server restarting, reconnect"))
+        await self.hub.close_all(errors.GOING_AWAY)
 
     async def stop(self) -> None:
         await self.drain()

@@ -1,4 +1,8 @@
-"""The room socket: join, gifts, resume. Reply errors keep the socket; close codes end it."""
+"""The room socket: join, receive, resume, finish. Gifts go to server/gifts.py.
+
+A reply error keeps the socket open; a close frame ends it (server/errors.py says which
+and with what advice).
+"""
 
 from __future__ import annotations
 
@@ -11,27 +15,25 @@ from typing import Any
 from redis.exceptions import ResponseError
 from starlette.websockets import WebSocket
 
-from server import auth, protocol
-from server.codes import Close, Err, GiftstreamError, reconnect_reason
-from server.fastpipe import UNREACHABLE
+from server import auth, errors, metrics, protocol
+from server.codes import Err, GiftstreamError
+from server.errors import Disconnect
+from server.gifts import Sender
 from server.node import Node
-from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
 from server.rooms.hub import offset_after
-from server.rooms.state import RoomState
 from server.rooms.takeover import RoomProtocol, take_over
 from server.transport_probe import SCOPE_KEY
-from server.wallet.service import Debit, GiftOrder
 
 log = logging.getLogger("giftstream.ws")
 
 # Malformed frames in a row before the socket is closed with 4400.
 MAX_BAD_FRAMES = 20
-# Gifts of one socket waiting for their debit at once; more are refused with rate_limited.
-MAX_INFLIGHT_GIFTS = 256
 
 
 async def room_socket(websocket: WebSocket) -> None:
+    """The handshake's answer: a joined socket, or a close frame saying why not."""
+    accepted = time.perf_counter()
     node: Node = websocket.app.state.node
     room_id = websocket.path_params["room_id"]
     offered = websocket.scope.get("subprotocols") or []
@@ -39,41 +41,37 @@ async def room_socket(websocket: WebSocket) -> None:
     await websocket.accept(subprotocol=subprotocol if subprotocol in offered else None)
     try:
         principal = auth.verify(node.settings.secret or "", websocket.query_params.get("token"))
-    except GiftstreamError as exc:
-        await websocket.close(Close.UNAUTHORIZED, exc.message)
+        refusal = errors.GOING_AWAY if node.draining else None
+        state = None if refusal else await node.rooms.get(room_id)
+        if refusal is None and (state is None or not state.live):
+            refusal = errors.ROOM_NOT_FOUND
+    except Exception as exc:
+        refusal = errors.close_for(exc)
+    if refusal is not None:
+        await _refuse(websocket, refusal)
         return
-    if node.draining:
-        await websocket.close(Close.GOING_AWAY, reconnect_reason("server restarting, reconnect"))
-        return
-    try:
-        state = await node.rooms.get(room_id)
-    except UNREACHABLE:
-        await websocket.close(Close.TRY_AGAIN_LATER, reconnect_reason("service unavailable, reconnect"))
-        return
-    if state is None or not state.live:
-        await websocket.close(Close.ROOM_NOT_FOUND, "room not found or not live")
-        return
+    assert state is not None
     conn = Conn(websocket, subprotocol, principal, room_id, node.settings.send_buffer_cap)
     if node.settings.socket_sndbuf:
         conn.set_kernel_sndbuf(node.settings.socket_sndbuf)
-    conn.bucket = TokenBucket(node.settings.gift_rate_per_s, node.settings.gift_burst)
     conn.start()
-    session = Session(node, conn, state)
+    session = Session(node, conn, node.gifts.sender(conn, state.host_id))
     try:
         if await session.join():
+            metrics.JOIN_SECONDS.observe(time.perf_counter() - accepted)
             if session.take_over():
                 return  # the socket now lives on without this coroutine (see rooms/takeover.py)
             await session.receive_loop()
-    except UNREACHABLE:
-        # Redis went away while joining: the client comes back later and resumes.
-        conn.close_now(Close.TRY_AGAIN_LATER, reconnect_reason("service unavailable, reconnect"))
-    except Exception:
-        # Unexpected: close with 1011 and never tell the peer why.
-        log.exception("room socket failed")
-        conn.close_now(Close.INTERNAL_ERROR, "internal error")
+    except Exception as exc:
+        conn.close_now(errors.close_for(exc))
     finally:
         if not session.taken_over:
             await session.finish()
+
+
+async def _refuse(websocket: WebSocket, refusal: Disconnect) -> None:
+    code, reason = errors.closing(refusal)
+    await websocket.close(code, reason)
 
 
 def _delivered(conn: Conn, offset: str) -> bool:
@@ -82,18 +80,17 @@ def _delivered(conn: Conn, offset: str) -> bool:
 
 
 class Session:
-    def __init__(self, node: Node, conn: Conn, state: RoomState) -> None:
+    """One joined room socket: what it receives, its resumes, its end."""
+
+    def __init__(self, node: Node, conn: Conn, sender: Sender) -> None:
         self.node = node
         self.conn = conn
-        self.state = state
+        self.sender = sender
         self.tasks: set[asyncio.Task[None]] = set()
         self.joined = False
         self.taken_over = False
         self.room: RoomProtocol | None = None
         self.bad_frames = 0
-        self.gifts_in_flight = 0
-        # The sender's display name goes to the room's leaderboard names with its first gift.
-        self.name_recorded = False
         self._resuming: asyncio.Task[None] | None = None
 
     async def join(self) -> bool:
@@ -105,9 +102,8 @@ class Session:
         viewers = await node.presence.announce(conn.room_id)
         state = await node.rooms.get(conn.room_id)
         if state is None or not state.live:
-            await conn.close(Close.ROOM_NOT_FOUND, "room not found or not live")
+            await conn.close(errors.ROOM_NOT_FOUND)
             return False
-        self.state = state
         conn.send_message({
             "type": "welcome", "room": conn.room_id, "viewers": viewers, "offset": offset,
             "epoch": state.epoch, "host": {"id": state.host_id, "name": state.host_name},
@@ -118,6 +114,7 @@ class Session:
         return True
 
     def take_over(self) -> bool:
+        """Hand the socket from uvicorn to a light protocol of our own (rooms/takeover.py)."""
         ws = self.conn.ws
         proto = ws.scope.get(SCOPE_KEY) if ws is not None else None
         if proto is None or not self.node.settings.takeover:
@@ -138,6 +135,7 @@ class Session:
         self.node.track(self.finish())
 
     async def receive_loop(self) -> None:
+        """Messages through uvicorn's protocol (when the socket was not taken over)."""
         ws = self.conn.ws
         assert ws is not None
         while not self.conn.closed:
@@ -151,21 +149,18 @@ class Session:
                 self.on_message(data)
 
     def on_message(self, data: bytes | str) -> None:
-        """One whole message from the peer; never blocks (gifts and resumes run as tasks)."""
+        """One whole message from the peer; never blocks (gifts and resumes run on their own)."""
         try:
             msg = protocol.decode(data, self.conn.subprotocol)
         except protocol.ProtocolError as exc:
             self.bad_frames += 1
-            self.reply_error(exc.code, exc.message, exc.msg_id)
+            self.conn.reply(errors.reply_for(exc, exc.msg_id))
             if self.bad_frames >= MAX_BAD_FRAMES:
-                self.conn.close_now(Close.PROTOCOL_VIOLATION, "too many malformed frames")
+                self.conn.close_now(errors.PROTOCOL_VIOLATION)
             return
         self.bad_frames = 0
         if isinstance(msg, protocol.Gift):
-            if self.gifts_in_flight >= MAX_INFLIGHT_GIFTS:
-                self.reply_error(Err.RATE_LIMITED, "too many gifts in flight; retry later", msg.id)
-                return
-            self.gift(msg)
+            self.node.gifts.submit(self.sender, msg)
         elif isinstance(msg, protocol.Resume):
             # Resumes of one socket run one after another, in the order they came.
             self._resuming = self._spawn(self._resume_in_turn(msg, self._resuming))
@@ -186,96 +181,11 @@ class Session:
         except (ResponseError, ValueError):
             # An offset Redis will not take (e.g. beyond any id it could have made).
             self.conn.ready = True
-            self.reply_error(Err.BAD_REQUEST, "'since' is not an offset of this room", msg.since)
-        except Exception:
-            log.exception("resume failed")
-            self.conn.ready = True
-            self.conn.close_now(Close.INTERNAL_ERROR, "internal error")
-
-    def reply_error(self, code: Err, message: str, msg_id: str | None) -> None:
-        self.conn.reply(protocol.error(code, message, msg_id))
-
-    def gift(self, msg: protocol.Gift) -> None:
-        """Validate and queue the debit; no task per gift: the reply is sent from the debit's
-        future callback, in the same loop step as the pipeline's reply."""
-        node, conn, principal = self.node, self.conn, self.conn.principal
-        try:
-            item = node.catalog.gift(msg.gift)
-            if not 1 <= msg.count <= node.settings.max_gift_count:
-                raise GiftstreamError(Err.BAD_COUNT, f"count must be 1 to {node.settings.max_gift_count}")
-        except GiftstreamError as exc:
-            self.reply_error(exc.code, exc.message, msg.id)
-            return
-        order = GiftOrder(msg.id, principal.user_id, principal.name, self.state.host_id, conn.room_id,
-                          item.id, msg.count, item.coins)
-        try:
-            self._admit()
-        except GiftstreamError as refusal:
-            # A retry of a gift that was already charged still learns its result, even when
-            # the room has ended or the socket is over its rate since (rare: a task is fine).
-            self.gifts_in_flight += 1
-            self._spawn(self._refused(msg, order, refusal))
-            return
-        self.gifts_in_flight += 1
-        node.wallet.debit(order).add_done_callback(lambda fut: self._debited(msg, order, fut))
-
-    def _debited(self, msg: protocol.Gift, order: GiftOrder, fut: asyncio.Future[Any]) -> None:
-        self.gifts_in_flight -= 1
-        try:
-            debit = self.node.wallet.debit_result(fut.result())
-        except GiftstreamError as exc:
-            self.reply_error(exc.code, exc.message, msg.id)
-            return
+            bad = GiftstreamError(Err.BAD_REQUEST, "'since' is not an offset of this room")
+            self.conn.reply(errors.reply_for(bad, msg.since))
         except Exception as exc:
-            if not isinstance(exc, UNREACHABLE):  # the batcher logs an outage, once
-                log.exception("gift %s failed", msg.id)
-            # Unknown outcome: retrying with the same id is safe.
-            self.reply_error(Err.UNAVAILABLE, "gift could not be confirmed; retry with the same id", msg.id)
-            return
-        self._acked(msg, order, debit)
-
-    async def _refused(self, msg: protocol.Gift, order: GiftOrder, refusal: GiftstreamError) -> None:
-        try:
-            debit = await self.node.wallet.replay(order)
-        except GiftstreamError as exc:
-            refusal = exc
-            debit = None
-        except Exception:
-            debit = None
-        finally:
-            self.gifts_in_flight -= 1
-        if debit is None:
-            self.reply_error(refusal.code, refusal.message, msg.id)
-        else:
-            self._acked(msg, order, debit)
-
-    def _acked(self, msg: protocol.Gift, order: GiftOrder, debit: Debit) -> None:
-        principal = self.conn.principal
-        self.conn.reply({"type": "ack", "id": msg.id, "gift_id": debit.gift_id, "balance": debit.balance,
-                         "replayed": debit.replayed})
-        # A replayed debit is published too: the gateway that charged it may have died before
-        # publishing it. room_publish.lua shows a gift once however often it is asked.
-        if debit.debit_ms:
-            event = {"type": "gift", "gift_id": debit.gift_id,
-                     "from": {"id": principal.user_id, "name": principal.name},
-                     "gift": order.gift, "count": order.count, "coins": order.coins, "ts": debit.debit_ms}
-            self.node.publish_gift(self.conn.room_id, event, debit.debit_ms, record_name=not self.name_recorded)
-            self.name_recorded = True
-
-    def _admit(self) -> None:
-        """Gateway checks before a debit; the sender's age comes before any balance check."""
-        node, conn, principal = self.node, self.conn, self.conn.principal
-        if node.draining:
-            raise GiftstreamError(Err.UNAVAILABLE, "server restarting; retry with the same id")
-        if not conn.bucket.take():
-            raise GiftstreamError(Err.RATE_LIMITED, "too many gifts; retry later with the same id")
-        local = node.hub.rooms.get(conn.room_id)
-        if local is None or local.ended:
-            raise GiftstreamError(Err.ROOM_NOT_LIVE, "this room is not live")
-        if not principal.is_adult():
-            raise GiftstreamError(Err.AGE_RESTRICTED, "you must be 18 or older to send gifts")
-        if principal.user_id == self.state.host_id:
-            raise GiftstreamError(Err.NOT_ALLOWED, "hosts cannot gift their own room")
+            self.conn.ready = True
+            self.conn.close_now(errors.close_for(exc))
 
     async def resume(self, msg: protocol.Resume) -> None:
         node, conn = self.node, self.conn
@@ -315,8 +225,8 @@ class Session:
     async def finish(self) -> None:
         node, conn = self.node, self.conn
         if self.tasks:
-            # Resumes and replay lookups still running; debits need no wait: their callbacks publish
-            # the gift whether or not this socket is still open.
+            # Resumes still running; gifts need no wait: their callbacks publish the gift
+            # whether or not this socket is still open.
             with contextlib.suppress(Exception):
                 await asyncio.wait(list(self.tasks), timeout=10)
         conn.closed = True

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 
 from starlette.websockets import WebSocket
 
+from server import errors
 from server.auth import Principal
-from server.codes import Close, reconnect_reason
+from server.errors import Disconnect
 from server.rooms.frames import OutFrame
 from server.rooms.takeover import RoomProtocol
 from server.transport_probe import SCOPE_KEY
@@ -74,7 +75,7 @@ class _Cork:
 class Conn:
     __slots__ = ("ws", "subprotocol", "principal", "room_id", "cap", "_proto", "_transport", "_queue",
                  "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",
-                 "last_offset", "live_from", "bucket", "_corked", "__weakref__")
+                 "last_offset", "live_from", "_corked", "__weakref__")
 
     def __init__(self, ws: WebSocket | None, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
         self.ws = ws
@@ -97,7 +98,6 @@ class Conn:
         # Events in (live_from, last_offset] were delivered on this socket: a resume skips them.
         self.live_from: str | None = None
         self.last_offset: str | None = None
-        self.bucket: Any = None
         self._corked: list[bytes] | None = None
 
     def adopt(self, room: RoomProtocol) -> None:
@@ -146,7 +146,7 @@ class Conn:
             self._queued_bytes += len(raw)
             self._wakeup.set()
         if self.pending_bytes() > self.cap:
-            self.close_now(Close.SLOW_CONSUMER, reconnect_reason("slow consumer, resume", 200, 800))
+            self.close_now(errors.SLOW_CONSUMER)
             return False
         return True
 
@@ -191,7 +191,7 @@ class Conn:
         except Exception:
             self.closed = True
 
-    def close_now(self, code: int, reason: str = "") -> None:
+    def close_now(self, disconnect: Disconnect) -> None:
         """Close without waiting on the peer: used when its buffer is already full."""
         if self.closed:
             return
@@ -199,6 +199,7 @@ class Conn:
         if self.closed:
             return
         self.closed = True
+        code, reason = errors.closing(disconnect)
         self.close_code = code
         if isinstance(self._proto, RoomProtocol):
             self._proto.send_close(code, reason)
@@ -225,7 +226,7 @@ class Conn:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code, reason), CLOSE_GRACE_S)
 
-    async def close(self, code: int, reason: str = "") -> None:
+    async def close(self, disconnect: Disconnect) -> None:
         """Close after what is already queued has been written."""
         if self.closed:
             return
@@ -234,4 +235,4 @@ class Conn:
                 async with asyncio.timeout(CLOSE_GRACE_S):
                     while self._queue and not self.closed:
                         await asyncio.sleep(0.01)
-        self.close_now(code, reason)
+        self.close_now(disconnect)

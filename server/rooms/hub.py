@@ -12,7 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.codes import Close
+from server import errors
+from server.errors import Disconnect
 from server.protocol import parse_offset
 from server.rooms.conn import Conn
 from server.rooms.frames import OutFrame
@@ -200,7 +201,7 @@ class Hub:
             room.flushed_upto = last
         if p.ends_room:
             for conn in list(room.conns):
-                task = loop.create_task(conn.close(Close.ROOM_ENDED, "room ended"))
+                task = loop.create_task(conn.close(errors.ROOM_ENDED))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         elif room.pending and not room.scheduled:
@@ -219,7 +220,7 @@ class Hub:
                 conn.last_offset = e["offset"]
                 return
 
-    async def close_all(self, code: int, reason: str) -> None:
+    async def close_all(self, disconnect: Disconnect) -> None:
         for room in list(self.rooms.values()):
             self.flush(room)
-            await asyncio.gather(*(c.close(code, reason) for c in list(room.conns)), return_exceptions=True)
+            await asyncio.gather(*(c.close(disconnect) for c in list(room.conns)), return_exceptions=True)

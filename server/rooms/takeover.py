@@ -19,7 +19,7 @@ from typing import Any
 from websockets.frames import Opcode
 from websockets.protocol import State
 
-from server.codes import Close
+from server import errors
 from server.rooms.fastframes import split_small_frames, wire_size
 
 log = logging.getLogger("giftstream.takeover")
@@ -209,7 +209,7 @@ class Keepalive:
             for sock in list(self.sockets()):
                 if sock.ping_sent_at and now - sock.ping_sent_at > self.timeout:
                     self.dropped += 1
-                    sock.send_close(Close.PING_TIMEOUT, "keepalive ping timeout")
+                    sock.send_close(*errors.closing(errors.PING_TIMEOUT))
                     sock.transport.abort()
                 elif now - sock.last_seen >= self.interval * 0.5 and not sock.ping_sent_at:
                     sock.ping()
