@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from server import auth
 
 SECRET = "giftstream-test-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
+
+# A storm, not a person: a server whose per-socket gift rate limit is out of the way.
+FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000"}
 
 
 def free_port() -> int:
@@ -48,17 +52,15 @@ class ValkeyProc:
              "--save", "", "--appendonly", "yes" if appendonly else "no", "--logfile", str(workdir / "valkey.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 20
         import redis
 
-        while True:
+        def answers() -> bool:
             try:
-                if redis.Redis(port=self.port).ping():
-                    break
+                return bool(redis.Redis(port=self.port).ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
+
+        wait_until_sync(answers, timeout=20, interval=0.05, message="valkey-server did not start")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -94,18 +96,19 @@ class ServerProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
-                    return self
+                return httpx.get(self.base + "/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not become healthy:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+                return False
+
+        wait_until_sync(healthy, timeout=timeout,
+                        message=lambda: f"serve did not become healthy:\n{self.log.read_text()[-3000:]}")
+        return self
 
     def terminate(self, timeout: float = 40.0) -> int:
         assert self.proc is not None
@@ -200,17 +203,27 @@ class Client:
     async def gift(self, gift_id: str, gift: str = "rose", count: int = 1) -> None:
         await self.send({"type": "gift", "id": gift_id, "gift": gift, "count": count})
 
-    async def reply(self, gift_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Read messages until `condition()` holds, checked after each one (no polling).
+        TimeoutError if it does not hold by `timeout`, as a silent socket's `recv` raises."""
         deadline = time.monotonic() + timeout
-        while gift_id not in self.replies:
-            await self.recv(max(0.01, deadline - time.monotonic()))
+        while not condition():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"condition not met in {timeout} s")
+            await self.recv(left)
+
+    async def reply(self, gift_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        await self.until(lambda: gift_id in self.replies, timeout)
         return self.replies[gift_id]
 
     async def wait_events(self, n: int, kind: str = "gift", timeout: float = 10.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while len([e for e in self.events if e["type"] == kind]) < n:
-            await self.recv(max(0.01, deadline - time.monotonic()))
+        await self.until(lambda: self.count(kind) >= n, timeout)
         return [e for e in self.events if e["type"] == kind]
+
+    def count(self, kind: str = "gift", **fields: Any) -> int:
+        """Events received so far of this type whose fields have these values."""
+        return sum(e["type"] == kind and all(e.get(k) == v for k, v in fields.items()) for e in self.events)
 
     async def drain(self, quiet: float = 0.3) -> None:
         with contextlib.suppress(TimeoutError):
@@ -236,17 +249,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
                           env={**os.environ, "GIFTSTREAM_SECRET": SECRET, **(env or {})}, timeout=timeout)
 
 
-async def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.1) -> None:
+Message = str | Callable[[], str]
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, interval: float = 0.1,
+                     message: Message = "condition not met in time") -> None:
+    """Wait for a condition (a plain or async check), polled every `interval`; never a fixed
+    sleep. AssertionError with `message` if it does not hold by `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
+        result = condition()
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(message if isinstance(message, str) else message())
         await asyncio.sleep(interval)
+
+
+def wait_until_sync(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.1,
+                    message: Message = "condition not met in time") -> None:
+    """`wait_until` outside an event loop (starting servers)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(message if isinstance(message, str) else message())
+        time.sleep(interval)
 
 
 class TcpProxy:
