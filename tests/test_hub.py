@@ -1,0 +1,178 @@
+"""The room hub (`server/rooms/hub.py`) in-process, its sockets over fake transports: joins and
+leaves, one frame per tick, one encoding per subprotocol, held events, slices, room end, offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from server.rooms.conn import Conn
+from server.rooms.hub import Hub, catch_up_from
+from tests.fakes import OP_BINARY, OP_TEXT, FakeTransport, taken_over_conn
+from tests.support import wait_until
+
+
+def _gift(offset: str) -> dict[str, Any]:
+    return {"type": "gift", "gift_id": f"g{offset}", "offset": offset}
+
+
+async def _viewers(hub: Hub, n: int, room_id: str = "r1", subprotocol: str = "giftstream.msgpack",
+                   ready: bool = True) -> list[tuple[Conn, FakeTransport]]:
+    out = []
+    for i in range(n):
+        conn, transport = taken_over_conn(room_id, subprotocol, user_id=f"v{i}")
+        await hub.join(conn)
+        if ready:
+            hub.release(conn, after=None)
+        out.append((conn, transport))
+    return out
+
+
+async def test_the_first_join_subscribes_the_room_and_the_last_leave_unsubscribes_it() -> None:
+    hub = Hub(tick_ms=10)
+    calls: list[tuple[str, str]] = []
+
+    async def first(room_id: str) -> None:
+        calls.append(("subscribe", room_id))
+
+    async def last(room_id: str) -> None:
+        calls.append(("unsubscribe", room_id))
+
+    hub.on_first_join, hub.on_last_leave = first, last
+    r1 = await _viewers(hub, 2, "r1")
+    r2 = await _viewers(hub, 1, "r2")
+    assert calls == [("subscribe", "r1"), ("subscribe", "r2")]
+    assert hub.connections() == 3 and set(hub.rooms) == {"r1", "r2"}
+    await hub.leave(r1[0][0])
+    assert calls[2:] == [] and hub.connections() == 2
+    await hub.leave(r1[1][0])
+    await hub.leave(r2[0][0])
+    assert calls[2:] == [("unsubscribe", "r1"), ("unsubscribe", "r2")] and hub.rooms == {}
+
+
+async def test_a_join_whose_subscribe_failed_leaves_no_room_behind() -> None:
+    hub = Hub(tick_ms=10)
+
+    async def broken(room_id: str) -> None:
+        raise ConnectionError("redis away")
+
+    hub.on_first_join = broken
+    conn, _ = taken_over_conn()
+    with pytest.raises(ConnectionError):
+        await hub.join(conn)
+    assert hub.rooms == {}
+    hub.on_first_join = None
+    await hub.join(conn)  # the next join subscribes again
+    assert hub.connections() == 1
+
+
+async def test_a_quiet_room_sends_at_once_and_a_busy_one_once_per_tick() -> None:
+    hub = Hub(tick_ms=50)
+    [(_, t)] = await _viewers(hub, 1)
+    hub.deliver("r1", _gift("1-1"))
+    await asyncio.sleep(0)  # a loop step, no tick: a quiet room's event goes out at once
+    assert [[e["offset"] for e in m["events"]] for m in t.messages()] == [["1-1"]]
+    for i in range(2, 6):  # within the tick of the first: held for one frame
+        hub.deliver("r1", _gift(f"1-{i}"))
+    await asyncio.sleep(0)
+    assert len(t.messages()) == 1
+    await wait_until(lambda: len(t.messages()) == 2, timeout=2, interval=0.005)
+    assert [e["offset"] for e in t.messages()[1]["events"]] == ["1-2", "1-3", "1-4", "1-5"]
+    assert (hub.frames, hub.events, hub.deliveries) == (2, 5, 5)
+
+
+async def test_each_frame_is_encoded_once_per_subprotocol_and_shared_by_its_sockets() -> None:
+    hub = Hub(tick_ms=10)
+    packed = await _viewers(hub, 3, subprotocol="giftstream.msgpack")
+    texts = await _viewers(hub, 3, subprotocol="giftstream.json")
+    hub.deliver("r1", _gift("1-1"))
+    await wait_until(lambda: all(t.writes for _, t in packed + texts), timeout=2, interval=0.005)
+    [first_packed] = packed[0][1].writes
+    [first_text] = texts[0][1].writes
+    # the very same bytes object on every socket of a subprotocol: encoded once, not per viewer
+    assert all(t.writes == [first_packed] and t.writes[0] is first_packed for _, t in packed)
+    assert all(t.writes == [first_text] and t.writes[0] is first_text for _, t in texts)
+    assert packed[0][1].frames()[0][0] == OP_BINARY and texts[0][1].frames()[0][0] == OP_TEXT
+    assert json.loads(texts[0][1].frames()[0][1]) == packed[0][1].messages()[0]
+
+
+async def test_a_socket_not_ready_holds_events_and_gets_the_newer_ones_on_release() -> None:
+    hub = Hub(tick_ms=0)
+    [(live, live_t)] = await _viewers(hub, 1)
+    [(joining, joining_t)] = await _viewers(hub, 1, ready=False)
+    for offset in ("1-1", "1-2", "1-3"):
+        hub.deliver("r1", _gift(offset))
+        await asyncio.sleep(0)
+    assert len(live_t.events()) == 3
+    assert joining_t.writes == [] and [e["offset"] for e in joining.held] == ["1-1", "1-2", "1-3"]
+    # Its welcome said offset 1-1: it gets what came after, in one frame, in order.
+    hub.release(joining, after="1-1")
+    assert joining.ready and joining.held == [] and joining.last_offset == "1-3"
+    assert [[e["offset"] for e in m["events"]] for m in joining_t.messages()] == [["1-2", "1-3"]]
+    hub.deliver("r1", _gift("1-4"))  # then it is live like the others
+    await wait_until(lambda: len(joining_t.events()) == 3, timeout=2, interval=0.005)
+    assert [e["offset"] for e in joining_t.events()] == ["1-2", "1-3", "1-4"]
+    assert live.last_offset == joining.last_offset == "1-4"
+
+
+async def test_a_frame_is_written_in_slices_of_pass_slice_sockets_one_loop_step_each() -> None:
+    hub = Hub(tick_ms=0, pass_slice=2)
+    viewers = await _viewers(hub, 5)
+    hub.deliver("r1", _gift("1-1"))
+    written = []
+    for _ in range(4):
+        await asyncio.sleep(0)  # one loop step: whatever else is ready runs between slices
+        written.append(sum(bool(t.writes) for _, t in viewers))
+    assert written == [2, 4, 5, 5]
+    # Events that came during the pass go out in the next frame, once the pass is done.
+    hub.deliver("r1", _gift("1-2"))
+    await wait_until(lambda: all(len(t.messages()) == 2 for _, t in viewers), timeout=2, interval=0.005)
+    assert all([e["offset"] for e in t.events()] == ["1-1", "1-2"] for _, t in viewers)
+
+
+async def test_room_ended_goes_out_at_once_and_then_closes_every_socket_with_4410() -> None:
+    hub = Hub(tick_ms=1000)
+    viewers = await _viewers(hub, 3)
+    hub.deliver("r1", _gift("1-1"))
+    hub.deliver("r1", {"type": "room_ended", "offset": "1-2"})  # not held for the tick
+    assert hub.rooms["r1"].ended
+    await wait_until(lambda: all(c.closed for c, _ in viewers), timeout=2, interval=0.005)
+    for _, t in viewers:
+        assert [e["type"] for e in t.events()] == ["gift", "room_ended"]
+        code, reason = t.close_frame() or (0, "")
+        assert code == 4410 and json.loads(reason)["reconnect"] is False
+
+
+async def test_events_already_delivered_are_not_sent_again() -> None:
+    hub = Hub(tick_ms=0)
+    [(early, early_t)] = await _viewers(hub, 1)
+    hub.deliver("r1", _gift("1-5"))
+    await asyncio.sleep(0)
+    # A bus catch-up overlapping what came by pub/sub: the same and older offsets are dropped.
+    hub.deliver("r1", _gift("1-5"))
+    hub.deliver("r1", _gift("1-4"))
+    assert hub.events == 1
+    # A socket whose welcome came after 1-7 was published, but before the bus brought it here.
+    [(late, late_t)] = await _viewers(hub, 1, ready=False)
+    late.last_offset = "1-7"
+    hub.release(late, after="1-7")
+    for offset in ("1-6", "1-7", "1-8"):
+        hub.deliver("r1", _gift(offset))
+    await wait_until(lambda: bool(late_t.writes) and len(early_t.messages()) == 2, timeout=2, interval=0.005)
+    assert [e["offset"] for e in early_t.events()] == ["1-5", "1-6", "1-7", "1-8"]
+    assert [e["offset"] for e in late_t.events()] == ["1-8"]
+    assert early.last_offset == late.last_offset == "1-8"
+
+
+async def test_a_catch_up_starts_at_the_newest_event_seen_or_the_oldest_socket() -> None:
+    hub = Hub(tick_ms=0)
+    viewers = await _viewers(hub, 2, ready=False)
+    room = hub.rooms["r1"]
+    assert catch_up_from(room) is None
+    viewers[0][0].last_offset, viewers[1][0].last_offset = "1-9", "1-3"
+    assert catch_up_from(room) == "1-3"  # no event seen yet: the oldest socket's welcome
+    hub.deliver("r1", _gift("1-10"))
+    assert catch_up_from(room) == "1-10"
