@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from server import metrics
+from server import metrics, protocol
 from server.codes import HTTP_STATUS, Close, Err, GiftstreamError
 from server.fastpipe import UNREACHABLE
 
@@ -95,9 +95,7 @@ def reply_for(exc: BaseException, msg_id: str | None = None, *, context: str = "
 
 def error_message(code: Err, message: str, msg_id: str | None = None, **extra: Any) -> dict[str, Any]:
     metrics.REPLY_ERRORS.labels(code.value).inc()
-    out: dict[str, Any] = {"type": "error", "id": msg_id, "code": code.value, "message": message}
-    out.update(extra)
-    return out
+    return protocol.error(code, message, msg_id, **extra)
 
 
 def closing(d: Disconnect) -> tuple[int, str]:
