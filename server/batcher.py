@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import hiredis
@@ -19,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from server.fastpipe import FastPipe, is_noscript
+from server.outage import Outage
 from server.scripts import Scripts
 
 log = logging.getLogger("giftstream.batcher")
@@ -45,8 +45,8 @@ class ScriptBatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.calls = 0
-        # Since when pipelines fail (Redis unreachable): an outage is logged once, not per batch.
-        self.failing_since: float | None = None
+        # Pipelines failing (Redis unreachable): an outage is logged once, not per batch.
+        self.outage = Outage(log, "Redis pipelines", "their calls fail until Redis is back")
 
     def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -78,9 +78,7 @@ class ScriptBatcher:
         try:
             for _attempt in range(2):
                 results = await self.pipe.execute([self.scripts.command(c.name, c.keys, c.args) for c in pending])
-                if self.failing_since is not None:
-                    log.info("Redis pipelines get through again after %.1fs", time.monotonic() - self.failing_since)
-                    self.failing_since = None
+                self.outage.recovered()
                 retry: list[_Call] = []
                 for c, result in zip(pending, results, strict=True):
                     if is_noscript(result):
@@ -96,9 +94,8 @@ class ScriptBatcher:
             for c in pending:
                 _settle(c.future, exc=RuntimeError("scripts could not be loaded"))
         except BaseException as exc:
-            if isinstance(exc, Exception) and self.failing_since is None:
-                self.failing_since = time.monotonic()
-                log.warning("Redis pipeline failed (%s); its calls fail until Redis is back", type(exc).__name__)
+            if isinstance(exc, Exception):
+                self.outage.failed(exc)
             for c in pending:
                 _settle(c.future, exc=exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
             if not isinstance(exc, Exception):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ import msgpack
 
 from server.fastpipe import UNREACHABLE, pack, redis_address
 from server.keys import RoomKeys, room_id_from_channel
+from server.outage import Backoff, Outage
 
 log = logging.getLogger("giftstream.bus")
 
@@ -51,7 +51,12 @@ class Bus:
         self._confirm: dict[str, list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.messages = 0
+        # Read by /metrics at scrape time.
         self.reconnects = 0
+        # Reconnect after 0.1 s, then doubling up to 5 s; the outage is logged once, and its end
+        # once, after the rooms caught up.
+        self.backoff = Backoff(first=0.1, cap=5.0)
+        self.outage = Outage(log, "room bus", "reconnecting")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="giftstream-bus")
@@ -81,9 +86,6 @@ class Bus:
             self._writer.write(pack(["UNSUBSCRIBE", channel]))
 
     async def _run(self) -> None:
-        delay = 0.1
-        # Since when the bus is away: an outage is logged once, and ends with a catch-up.
-        down_since: float | None = None
         while True:
             try:
                 reader, self._writer = await asyncio.open_connection(self.address.host, self.address.port)
@@ -96,18 +98,17 @@ class Bus:
                         raise ConnectionError(f"bus AUTH refused: {reply}")
                 channels = list(self.channels)
                 early = await self._resubscribe(reader, parser, channels)
-                if down_since is not None:
+                if self.outage.active:
                     # Live events wait in the socket until the room streams filled the gap: a room's
                     # last offset must not pass the gap before the catch-up reads from it.
                     for channel in channels:
                         await self._catch_up(room_id_from_channel(channel))
                     self.reconnects += 1
-                    log.info("room bus reconnected after %.1fs", time.monotonic() - down_since)
-                    down_since = None
+                    self.outage.recovered()
                 for msg in early:
                     self._dispatch(msg)
                 self._connected.set()
-                delay = 0.1
+                self.backoff.reset()
                 await self._read(reader, parser)
                 raise ConnectionError("Redis closed the bus connection")
             except asyncio.CancelledError:
@@ -116,11 +117,8 @@ class Bus:
                 self._connected.clear()
                 if self._writer is not None:
                     self._writer.close()
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("room bus lost its connection (%s); reconnecting", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
+                self.outage.failed(exc)
+                await self.backoff.wait()
 
     async def _resubscribe(self, reader: asyncio.StreamReader, parser: Any, channels: list[str]) -> list[Any]:
         """Subscribe to `channels` and wait for Redis to answer a PING behind them, so the connection

@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from server.keys import RoomKeys
+from server.outage import Outage
 from server.rooms.hub import Hub
 from server.rooms.state import Rooms
 
@@ -38,6 +39,8 @@ class Presence:
         self.interval = interval_s
         self._task: asyncio.Task[None] | None = None
         self._published: set[str] = set()
+        # A failing tick is logged once, and its end once.
+        self.outage = Outage(log, "presence ticks", "viewer counts and leaderboards wait")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="giftstream-presence")
@@ -90,7 +93,6 @@ class Presence:
         await pipe.execute()
 
     async def _loop(self) -> None:
-        failing = False  # an outage is logged once, and its end once
         while True:
             await asyncio.sleep(self.interval)
             try:
@@ -98,13 +100,9 @@ class Presence:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not failing:
-                    log.warning("presence ticks failing (%s); viewer counts and leaderboards wait", type(exc).__name__)
-                failing = True
+                self.outage.failed(exc)
             else:
-                if failing:
-                    log.info("presence ticks running again")
-                failing = False
+                self.outage.recovered()
 
     async def tick(self) -> None:
         """One room_tick.lua per room, all in one pipeline: about 1 µs of Redis per room."""
