@@ -14,6 +14,7 @@ from typing import Any
 
 from server import errors
 from server.errors import Disconnect
+from server.metrics import ROOM_DELIVERY_LAG_SECONDS
 from server.protocol import parse_offset
 from server.rooms.conn import Conn
 from server.rooms.frames import OutFrame
@@ -24,7 +25,7 @@ log = logging.getLogger("giftstream.hub")
 class _Pass:
     """One frame on its way to every socket of a room."""
 
-    __slots__ = ("ends_room", "events", "first", "frame", "last")
+    __slots__ = ("ends_room", "events", "first", "frame", "last", "oldest_ms")
 
     def __init__(self, events: list[dict[str, Any]]) -> None:
         self.events = events
@@ -32,6 +33,8 @@ class _Pass:
         self.first = next((e["offset"] for e in events if "offset" in e), None)
         self.last = next((e["offset"] for e in reversed(events) if "offset" in e), None)
         self.ends_room = any(e.get("type") == "room_ended" for e in events)
+        # The oldest event time (ms; a gift's debit) in the frame, for its delivery lag.
+        self.oldest_ms: int | None = min((e["ts"] for e in events if "ts" in e), default=None)
 
 
 class LocalRoom:
@@ -197,6 +200,8 @@ class Hub:
             loop.call_soon(self._pass, room, p, conns, end)
             return
         room.passing = False
+        if p.oldest_ms is not None:  # once per frame pass, never per socket
+            ROOM_DELIVERY_LAG_SECONDS.observe(max(0.0, time.time() - p.oldest_ms / 1000))
         if last is not None:
             room.flushed_upto = last
         if p.ends_room:
