@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from server import auth, embedded
@@ -63,6 +64,7 @@ def _redact(text: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server import metrics
     from server.app import create_app
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
@@ -80,7 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if settings.workers > 1:
             os.environ.update(to_env(settings))
-            uvicorn.run("server.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+            # Before the workers start (and import prometheus-client): their metrics go to files
+            # there, and whichever worker is scraped sums them all.
+            metrics.prepare_multiprocess(settings.data_dir, settings.port)
+            uvicorn.run("server.cli:worker_app", factory=True, workers=settings.workers, **common)
         else:
             app = create_app(settings, emb)
             config = uvicorn.Config(app, **common)
@@ -92,6 +97,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if emb is not None:
             emb.stop()
     return 0
+
+
+def worker_app() -> Any:
+    """A `serve --workers N` worker: the app from GIFTSTREAM_* env, writing its node's figures
+    for /metrics while it serves."""
+    from server import metrics
+    from server.app import create_app_from_env
+
+    app = create_app_from_env()
+    serve = app.router.lifespan_context
+    node = app.state.node
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async with serve(app), metrics.worker_figures(node):
+            yield
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def _make_server_class() -> Any:
