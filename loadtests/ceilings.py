@@ -2,8 +2,8 @@
 
 (a) a bare `websockets` server broadcasting one frame per event (`websockets.broadcast()`) to V
     local sockets: frames delivered per second;
-(b) the same server coalescing the events of each 20 ms tick into one frame: event deliveries
-    per second, at the storm's gift rate;
+(b) the same server coalescing the events of each tick (20 ms unless `--tick-ms` says otherwise)
+    into one frame: event deliveries per second at the storm's gift rate, and their latency;
 (c) pipelined EVALSHA of the debit script (send_gift.lua) from redis-py asyncio, pipelines of
     100, 4 in flight, against a fresh valkey with the embedded server's persistence
     (AOF, appendfsync always) and without it: calls per second.
@@ -26,13 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests.stats import Hist
+from loadtests.stats import Hist, np
 from loadtests.target import free_port, raise_fd_limit
 
-TICK_S = 0.02
+TICK_MS = 20.0
 WARMUP_S = 1.0
 # kind (0 data, 1 end), events in the frame, wall time when the frame's oldest event came to be
 HEAD = struct.Struct("!BId")
@@ -43,7 +45,7 @@ EVENT = (b"\x89\xa4type\xa4gift\xa7gift_id\xa8g3-12345\xa4from\x82\xa2id\xa8g1a2
 
 # (a) and (b): the bare broadcast server ------------------------------------------------------
 
-async def _serve(port: int, viewers: int, mode: str, rate: float, duration: float) -> None:
+async def _serve(port: int, viewers: int, mode: str, rate: float, duration: float, tick_ms: float = TICK_MS) -> None:
     import websockets
     from websockets.asyncio.server import serve
 
@@ -89,7 +91,7 @@ async def _serve(port: int, viewers: int, mode: str, rate: float, duration: floa
             wall0 = time.time()
             sent_events = 0
             while last < end:
-                await asyncio.sleep(max(0.0, last + TICK_S - time.monotonic()))
+                await asyncio.sleep(max(0.0, last + tick_ms / 1000 - time.monotonic()))
                 last = time.monotonic()
                 due = int(rate * (last - start)) - sent_events
                 if due <= 0:
@@ -116,11 +118,14 @@ async def _backpressure(targets: list[Any], limit: int = 256 * 1024) -> None:
         await asyncio.sleep(0.001)
 
 
-async def _clients(port: int, viewers: int, timeout: float) -> dict[str, Any]:
+async def _clients(port: int, viewers: int, timeout: float, rate: float = 0.0) -> dict[str, Any]:
     from loadtests.wsclient import connect
 
     st = {"first": 0.0, "last": 0.0, "frames": 0, "events": 0, "ended": 0}
     latency = Hist()  # binned as the storm's own latencies are, so the two compare bin for bin
+    # Per frame: its oldest event's latency and its event count, for every event's latency after
+    # the run (event j of a frame came to be j / rate after its oldest), as the storm counts them.
+    oldest_ms, counts = array("d"), array("i")
     done = asyncio.Event()
 
     def on_message(payload: bytes, now: float) -> None:
@@ -138,6 +143,8 @@ async def _clients(port: int, viewers: int, timeout: float) -> dict[str, Any]:
             st["last"] = now
             if born:
                 latency.add((now - born) * 1000)
+                oldest_ms.append((now - born) * 1000)
+                counts.append(n)
 
     sem = asyncio.Semaphore(200)
 
@@ -156,18 +163,42 @@ async def _clients(port: int, viewers: int, timeout: float) -> dict[str, Any]:
     if latency.n:
         summary = latency.summary()
         out["latency_p50_ms"], out["latency_p99_ms"] = summary["p50_ms"], summary["p99_ms"]
+    if rate and len(counts) and any(c > 1 for c in counts):
+        summary = _every_event(oldest_ms, counts, rate).summary()
+        out["event_latency_p50_ms"], out["event_latency_p99_ms"] = summary["p50_ms"], summary["p99_ms"]
     return out
 
 
-def broadcast(viewers: int, mode: str, rate: float, duration: float) -> dict[str, Any]:
+def _every_event(oldest_ms: array[float], counts: array[int], rate: float) -> Hist:
+    """Every event's latency from each frame's oldest one's: event j of a frame is j / rate younger."""
+    hist = Hist()
+    step = 1000.0 / rate
+    if np is None:
+        for first, n in zip(oldest_ms, counts, strict=True):
+            for j in range(n):
+                hist.add(first - j * step)
+        return hist
+    firsts = np.frombuffer(oldest_ms, dtype=np.float64)
+    ns = np.frombuffer(counts, dtype=np.int32).astype(np.int64)
+    chunk = 50_000  # frames at a time: about 50 events each at 1,000/s and a 50 ms tick
+    for a in range(0, len(ns), chunk):
+        f, n = firsts[a : a + chunk], ns[a : a + chunk]
+        starts = np.cumsum(n) - n
+        j = np.arange(int(n.sum())) - np.repeat(starts, n)
+        hist.add_many(np.repeat(f, n) - j * step)
+    return hist
+
+
+def broadcast(viewers: int, mode: str, rate: float, duration: float, tick_ms: float = TICK_MS) -> dict[str, Any]:
     port = free_port()
     me = [sys.executable, "-m", "loadtests.ceilings"]
     server = subprocess.Popen([*me, "_serve", "--port", str(port), "--viewers", str(viewers), "--mode", mode,
-                               "--rate", str(rate), "--duration", str(duration)], stdout=subprocess.PIPE, text=True)
+                               "--rate", str(rate), "--duration", str(duration), "--tick-ms", str(tick_ms)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
         server.stdout.readline()  # "listening"
-        out = subprocess.run([*me, "_clients", "--port", str(port), "--viewers", str(viewers),
+        out = subprocess.run([*me, "_clients", "--port", str(port), "--viewers", str(viewers), "--rate", str(rate),
                               "--duration", str(duration)], capture_output=True, text=True, timeout=duration + 600)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
@@ -186,7 +217,7 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
 
     from redis.asyncio import Redis
 
-    from server.store.models import gift_entry
+    from server.movement import Kind, gift_body
 
     redis = Redis.from_url(url, decode_responses=True)
     script = resources.files("server.wallet").joinpath("send_gift.lua").read_text()
@@ -210,9 +241,9 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
                 tag = "{p" + str(u % 16) + "}"
                 now = int(time.time() * 1000)
                 pipe.evalsha(sha, 4, f"gs:{tag}:u:u{u}", f"gs:{tag}:idem:u{u}:c{seq}", f"gs:{tag}:totals",
-                             f"gs:{tag}:outbox", "room|rose|1", 1, "2026-11", 86400, u % 16,
-                             gift_entry(u % 16, f"u{u}", f"user {u}", "host", "room", "rose", 1, 1, 5000, now,
-                                        f"c{seq}"), now)
+                             f"gs:{tag}:outbox", "room|rose|1", 1, "2026-11", 86400, f"g{u % 16}-", now,
+                             Kind.GIFT.code, gift_body(u % 16, f"u{u}", f"user {u}", "host", "room", "rose", 1, 1,
+                                                       5000, now, f"c{seq}"))
             await pipe.execute()
             calls += pipeline
 
@@ -311,25 +342,40 @@ def idle(n: int) -> dict[str, Any]:
 
 # all together --------------------------------------------------------------------------------
 
-def measure(viewers: int, rate: float, duration: float = 8.0) -> dict[str, Any]:
+PARTS = ("one", "coalesced", "paced", "lua")
+
+
+def measure(viewers: int, rate: float, duration: float = 8.0, tick_ms: float = TICK_MS,
+            parts: Sequence[str] = PARTS) -> dict[str, Any]:
+    """The ceilings named in `parts` (the others are None): "one" (one frame per event, as fast as
+    it goes), "coalesced" (one frame per tick), "paced" (one frame per event at `rate`, needs
+    "one"), "lua" (pipelined send_gift.lua, with and without AOF)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown ceiling parts {sorted(unknown)}; choose from {PARTS}")
     raise_fd_limit()
     viewers = viewers or 1000
     rate = rate or 1000
-    one = broadcast(viewers, "one", rate, duration)
-    coalesced = broadcast(viewers, "coalesced", rate, duration)
+    one = broadcast(viewers, "one", rate, duration) if "one" in parts else None
+    coalesced = broadcast(viewers, "coalesced", rate, duration, tick_ms) if "coalesced" in parts else None
     # A one-frame-per-event loop at the storm's own rate, only where it can keep up (quiet rooms).
-    paced = broadcast(viewers, "paced", rate, duration) if rate * viewers <= 0.8 * one["frames_per_s"] else None
-    lua_always = lua(duration, "always")
-    lua_off = lua(duration, "off")
+    paced = None
+    if "paced" in parts and one is not None and rate * viewers <= 0.8 * one["frames_per_s"]:
+        paced = broadcast(viewers, "paced", rate, duration)
+    lua_always = lua(duration, "always") if "lua" in parts else None
+    lua_off = lua(duration, "off") if "lua" in parts else None
     return {
-        "broadcast_one_frame_per_s": one["frames_per_s"],
-        "broadcast_coalesced_per_s": coalesced["events_per_s"],
-        "lua_pipelined_per_s": lua_always["calls_per_s"],
-        # delivery latency of the bare loops (event came to be -> a viewer has it), for the storm's p99
-        "broadcast_coalesced_p99_ms": coalesced.get("latency_p99_ms"),
+        "broadcast_one_frame_per_s": one["frames_per_s"] if one else None,
+        "broadcast_coalesced_per_s": coalesced["events_per_s"] if coalesced else None,
+        "lua_pipelined_per_s": lua_always["calls_per_s"] if lua_always else None,
+        # delivery latency of the bare loops (event came to be -> a viewer has it), for the storm's p99:
+        # of each frame's oldest event (the yardstick of earlier editions), and of every event (as
+        # the storm counts its own deliveries)
+        "broadcast_coalesced_p99_ms": coalesced.get("latency_p99_ms") if coalesced else None,
+        "broadcast_coalesced_event_p99_ms": coalesced.get("event_latency_p99_ms") if coalesced else None,
         "broadcast_one_frame_paced_p99_ms": paced.get("latency_p99_ms") if paced else None,
         "detail": {
-            "viewers": viewers, "event_rate": rate, "tick_ms": TICK_S * 1000, "event_bytes": len(EVENT),
+            "viewers": viewers, "event_rate": rate, "tick_ms": tick_ms, "event_bytes": len(EVENT),
             "one_frame": one, "coalesced": coalesced, "one_frame_paced": paced,
             "lua_pipelined_aof_always": lua_always, "lua_pipelined_no_aof": lua_off,
         },
@@ -344,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=1000)
     p.add_argument("--mode", default="one")
     p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--tick-ms", type=float, default=TICK_MS, help="the coalescing loop's tick")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = p.parse_args(argv)
     raise_fd_limit()
     with contextlib.suppress(ImportError):
@@ -351,15 +399,16 @@ def main(argv: list[str] | None = None) -> int:
 
         uvloop.install()
     if args.part == "_serve":
-        asyncio.run(_serve(args.port, args.viewers, args.mode, args.rate, args.duration))
+        asyncio.run(_serve(args.port, args.viewers, args.mode, args.rate, args.duration, args.tick_ms))
     elif args.part == "_clients":
-        print(json.dumps(asyncio.run(_clients(args.port, args.viewers, args.duration + 120))))
+        print(json.dumps(asyncio.run(_clients(args.port, args.viewers, args.duration + 120, args.rate))))
     elif args.part == "idle":
         print(json.dumps(idle(args.viewers)))
     elif args.part == "_lua":
         print(json.dumps(asyncio.run(_lua(f"redis://127.0.0.1:{args.port}/0", args.duration))))
     else:
-        print(json.dumps(measure(args.viewers, args.rate, args.duration), indent=1))
+        print(json.dumps(measure(args.viewers, args.rate, args.duration, args.tick_ms, args.parts.split(",")),
+                         indent=1))
     return 0
 
 

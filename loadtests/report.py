@@ -8,7 +8,7 @@ from typing import Any
 from loadtests.stats import Hist, percentile
 
 KEYS = ("acks_per_s", "ack_p99_ms", "deliveries_per_s", "delivery_p99_ms", "settle_lag_p99_ms",
-        "rss_per_conn_kib", "verdict", "failures", "ceilings")
+        "rss_per_conn_kib", "verdict", "failures", "ceilings", "room")
 
 
 def merge_gifts(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -79,8 +79,8 @@ def merge_deliveries(results: list[dict[str, Any]], duration: float) -> dict[str
     extra: Counter[str] = Counter()
     close_codes: Counter[str] = Counter()
     for r in results:
-        c = r["counts"]
-        examples += c.pop("examples")
+        c = {k: v for k, v in r["counts"].items() if k != "examples"}
+        examples += r["counts"].get("examples", [])
         counts.update(c)
         lat = r["latency"]
         vs_ack.merge(Hist.load(lat["vs_ack"]))
@@ -151,3 +151,28 @@ def settle_check(settled: tuple[dict[str, tuple[str, str]], int] | None, cols: d
 
 def lag_p99(samples: list[dict[str, Any]]) -> float | None:
     return percentile([s["outbox_lag_ms"] for s in samples if s.get("outbox_lag_ms") is not None], 99)
+
+
+def room_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The big room's figures side by side: the gifters' ack p99, the send-to-viewer p99 (from the
+    moment a gifter wrote the gift frame to a viewer having it), their ratio, and that p99 against
+    the bare coalescing loop's of the same run (when the ceilings were measured)."""
+    d = report["deliveries"]
+    to_viewer = (d.get("viewers_vs_send") or d["vs_send"])["p99_ms"]
+    ack = report["ack_p99_ms"]
+    ceilings = report.get("ceilings") or {}
+    # Every event's latency, as the storm counts its deliveries (the oldest of each frame only,
+    # the earlier editions' yardstick, is up to a tick later and kept beside it).
+    bare = ceilings.get("broadcast_coalesced_event_p99_ms") or ceilings.get("broadcast_coalesced_p99_ms")
+    tick = (ceilings.get("detail") or {}).get("tick_ms")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 2) if a is not None and b else None
+
+    return {"ack_p99_ms": ack, "send_to_viewer_p99_ms": to_viewer,
+            "send_to_viewer_of": "viewer workers" if d.get("viewers_vs_send") else "every socket",
+            "ack_over_send_to_viewer": ratio(ack, to_viewer),
+            "bare_coalescing_p99_ms": bare, "bare_tick_ms": tick,
+            "bare_coalescing_oldest_p99_ms": ceilings.get("broadcast_coalesced_p99_ms"),
+            "send_to_viewer_over_bare": ratio(to_viewer, bare),
+            "deliveries_per_s": report["deliveries_per_s"]}

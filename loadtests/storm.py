@@ -42,8 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="gifts per second, all gifters together")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of gifting")
     p.add_argument("--processes", type=int, default=1, help="client worker processes")
+    p.add_argument("--gifters-apart", action="store_true",
+                   help="every gifter in a client process of its own (worker0), the viewers in the others: "
+                        "a gifter's ack is then never read late because its process was busy reading viewers")
     p.add_argument("--ceilings", action="store_true", help="also measure the bare ceilings on this machine")
     p.add_argument("--ceiling-duration", type=float, default=8.0)
+    p.add_argument("--ceiling-tick-ms", type=float, default=20.0,
+                   help="tick of the bare coalescing loop (its events of one tick go out as one frame)")
+    p.add_argument("--ceiling-parts", default="all",
+                   help="comma-separated subset of one,coalesced,paced,lua (default all)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--secret", help="token signing secret (default: GIFTSTREAM_SECRET, or a fresh one)")
     p.add_argument("--data-dir", help="the target's data dir (audit, SQLite check)")
@@ -115,16 +122,22 @@ async def setup(args: argparse.Namespace, t: Target, run: str) -> tuple[list[str
     return rooms, members
 
 
-def split(members: list[tuple[Any, ...]], n: int) -> list[list[tuple[Any, ...]]]:
-    """Round-robin, so each worker has its share of gifters and of every room."""
+def split(members: list[tuple[Any, ...]], n: int, gifters_apart: bool = False) -> list[list[tuple[Any, ...]]]:
+    """Round-robin, so each worker has its share of gifters and of every room; with
+    `gifters_apart`, worker 0 holds every gifter and the others share the viewers."""
     out: list[list[tuple[Any, ...]]] = [[] for _ in range(n)]
     gifters = [m for m in members if m[3]]
     viewers = [m for m in members if not m[3]]
+    first = 1 if gifters_apart and n > 1 else 0
     for i, m in enumerate(gifters):
-        out[i % n].append(m)
+        out[0 if first else i % n].append(m)
     for i, m in enumerate(viewers):
-        out[i % n].append(m)
+        out[first + i % (n - first)].append(m)
     return out
+
+
+def workers(args: argparse.Namespace) -> int:
+    return max(2 if args.gifters_apart else 1, int(args.processes))
 
 
 # sampling ------------------------------------------------------------------------------------
@@ -198,7 +211,7 @@ async def storm(args: argparse.Namespace, t: Target) -> dict[str, Any]:
     rss_before = rss_kib(t.server_pid) if t.server_pid else None
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
-    shares = split(members, max(1, args.processes))
+    shares = split(members, workers(args), args.gifters_apart)
     for i, share in enumerate(shares):
         ours, theirs = ctx.Pipe()
         rate = args.rate * sum(1 for m in share if m[3]) / max(1, args.gifters)
@@ -245,7 +258,7 @@ async def _drive(args: argparse.Namespace, t: Target, rooms: list[str], members:
     for room in rooms:
         expected.setdefault(room, {})
     for i, p in enumerate(pipes):
-        mine = {m[1] for m in procs_members(members, len(pipes), i)}
+        mine = {m[1] for m in split(members, len(pipes), args.gifters_apart)[i]}
         p.send(("verify", {r: e for r, e in expected.items() if r in mine}, t0))
     log(args, "checking deliveries, audit and ledger")
     delivered = [(await recv(p))[1] for p in pipes]
@@ -257,15 +270,14 @@ async def _drive(args: argparse.Namespace, t: Target, rooms: list[str], members:
     settlement.update(rep.settle_check(await asyncio.to_thread(t.settled_gifts, rooms), cols))
     acks = rep.ack_figures(cols, t0, args.duration)
     deliveries = rep.merge_deliveries(delivered, args.duration)
+    if args.gifters_apart:
+        # The viewers' own figures: the workers that hold no gifter.
+        deliveries["viewers_vs_send"] = rep.merge_deliveries(delivered[1:], args.duration)["vs_send"]
     failures = rep.verdict(gifts, clashes, deliveries, audit, settlement, connect)
     report = build(args, t, gifts, acks, deliveries, settlement, audit, connect, sampler.samples, failures,
                    rss_before, rss_connected, t0)
     report["valkey"] = valkey
     return report
-
-
-def procs_members(members: list[Any], n: int, i: int) -> list[Any]:
-    return split(members, max(1, n))[i]
 
 
 def code_version() -> str:
@@ -327,16 +339,20 @@ def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict
         "verdict": "ok" if not failures else "fail",
         "failures": failures,
         "ceilings": {},
+        "room": {},
         "config": {k: getattr(args, k) for k in ("target", "rooms", "viewers_per_room", "gifters", "rate",
-                                                  "duration", "processes", "stall_viewers", "stall_after",
-                                                  "server_env", "separate_settler", "valkey_fsync")},
+                                                  "duration", "processes", "gifters_apart", "stall_viewers",
+                                                  "stall_after", "server_env", "separate_settler",
+                                                  "valkey_fsync")},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         "server_code": code_version(),
         "gifts": dict(gifts),
         "acks": {**ack_hist.summary(), "in_window": acks["acks_in_window"]},
         "deliveries": {"vs_ack": d_ack.summary(), "vs_send": d_send.summary(), "in_window": deliveries["in_window"],
+                       **({"viewers_vs_send": deliveries["viewers_vs_send"].summary()}
+                          if "viewers_vs_send" in deliveries else {}),
                        **{k: v for k, v in deliveries.items()
-                          if k not in ("vs_ack", "vs_send", "in_window", "series")}},
+                          if k not in ("vs_ack", "vs_send", "viewers_vs_send", "in_window", "series")}},
         "settlement": settlement,
         "audit": audit,
         "connections": connect,
@@ -374,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         from loadtests.ceilings import measure
 
         log(args, "measuring ceilings")
-        report["ceilings"] = measure(args.viewers_per_room, args.rate, args.ceiling_duration)
+        report["ceilings"] = measure(args.viewers_per_room, args.rate, args.ceiling_duration, args.ceiling_tick_ms,
+                                     args.ceiling_parts.split(","))
+    report["room"] = rep.room_figures(report)
     text = json.dumps(report, indent=1, default=str)
     if args.report:
         Path(args.report).write_text(text)
