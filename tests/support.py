@@ -338,7 +338,17 @@ class TcpProxy:
         self._conns.clear()
 
     def cut(self) -> None:
-        self._loop.call_soon_threadsafe(self._cut)
+        """Drop every connection and refuse new ones; returns once that is done."""
+        import threading
+
+        done = threading.Event()
+
+        def cut_now() -> None:
+            self._cut()
+            done.set()
+
+        self._loop.call_soon_threadsafe(cut_now)
+        assert done.wait(5), "the proxy's loop did not answer"
 
     def restore(self) -> None:
         self.down = False

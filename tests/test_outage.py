@@ -10,9 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.support import Api, ServerProc, TcpProxy, join, run_cli, token, wait_until
-
-FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000"}
+from tests.support import FAST, Api, ServerProc, TcpProxy, join, run_cli, token, wait_until
 
 
 async def test_database_outage_during_storm(make_server: Callable[..., ServerProc], redis_url: str,
@@ -44,7 +42,7 @@ async def test_database_outage_during_storm(make_server: Callable[..., ServerPro
                     acked.append(gid)
                     if outage["on"]:
                         during.append(gid)
-                    await asyncio.sleep(0.004)
+                    await asyncio.sleep(0.004)  # pacing: the storm spans the whole outage
 
         tasks = [asyncio.create_task(storm(s)) for s in senders]
         await wait_until(lambda: len(acked) > 300, timeout=30, interval=0.02)
@@ -52,11 +50,11 @@ async def test_database_outage_during_storm(make_server: Callable[..., ServerPro
         outage["on"] = True
         started = time.monotonic()
         health_seen = None
-        while time.monotonic() - started < 10:
+        while time.monotonic() - started < 10:  # the outage lasts 10 s: the window is what is tested
             r = await host.client.get("/healthz")
             if r.status_code == 503:
                 health_seen = r.json()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a health probe's period, as a load balancer's
         assert health_seen is not None, "healthz must report the outage"
         assert health_seen["status"] == "degraded" and health_seen["database"] != "ok"
         assert health_seen["outbox_entries"] > 0 and health_seen["outbox_lag_ms"] > 1000

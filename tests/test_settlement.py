@@ -12,9 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT, SECRET, Api, ServerProc, join, run_cli, token, wait_until
-
-FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000"}
+from tests.support import FAST, ROOT, SECRET, Api, ServerProc, join, run_cli, token, wait_until
 
 
 def _settler(redis_url: str, database_url: str, data_dir: Path, name: str) -> subprocess.Popen[bytes]:
