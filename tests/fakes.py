@@ -99,8 +99,12 @@ class FakeTransport(asyncio.Transport):
         if self.closing:
             return
         self.closing = True
-        if self.protocol is not None:  # as asyncio: connection_lost in a later loop step
+        if self.protocol is None:
+            return
+        try:  # as asyncio: connection_lost in a later loop step
             asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+        except RuntimeError:  # no loop (a test of bytes alone): at once
+            self.protocol.connection_lost(None)
 
     def drain_peer(self) -> None:
         self.buffered = 0

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,11 +60,8 @@ class Watch:
         return next(i for i, line in enumerate(list(self.lines)) if text in line)
 
     async def wait_for(self, text: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.count(text):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"watch never printed {text!r}; output:\n" + "\n".join(self.lines))
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: self.count(text) > 0, timeout=timeout, interval=0.05,
+                         message=lambda: f"watch never printed {text!r}; output:\n" + "\n".join(self.lines))
 
     async def wait_exit(self, timeout: float = 15) -> int:
         code = await asyncio.to_thread(self.proc.wait, timeout)

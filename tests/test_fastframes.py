@@ -8,10 +8,10 @@ import random
 from websockets.frames import Close as CloseFrame
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
-from websockets.server import ServerProtocol
 
 from server.rooms.fastframes import split_small_frames, wire_size
 from server.rooms.takeover import RoomProtocol
+from tests.fakes import FakeTransport, room_socket
 
 
 def _wire(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
@@ -33,25 +33,8 @@ def test_wire_size_is_the_serialized_size() -> None:
         assert wire_size(n) == len(_wire(Opcode.BINARY, b"\0" * n))
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
-def _room(got: list[bytes | str]) -> tuple[RoomProtocol, _Transport]:
-    transport = _Transport()
-    ws = ServerProtocol(state=State.OPEN, max_size=64 * 1024)
-    return RoomProtocol(ws, transport, got.append, lambda: None), transport  # type: ignore[arg-type]
+def _room(got: list[bytes | str]) -> tuple[RoomProtocol, FakeTransport]:
+    return room_socket(got.append)
 
 
 def test_any_mix_of_frames_cut_anywhere_reads_as_the_full_parser_would() -> None:
@@ -87,7 +70,7 @@ def test_any_mix_of_frames_cut_anywhere_reads_as_the_full_parser_would() -> None
             pos += step
         assert got == want
         # every ping answered by the full parser, in the order received
-        assert transport.out.count(b"\x8a\x02hi") == pings
+        assert transport.data.count(b"\x8a\x02hi") == pings
         assert room.ws.state is State.OPEN
 
 
@@ -98,7 +81,7 @@ def test_a_close_frame_goes_to_the_full_parser_and_nothing_after_it_is_read() ->
     room.data_received(_wire(Opcode.TEXT, b"a") + close + _wire(Opcode.TEXT, b"b"))
     room.data_received(_wire(Opcode.TEXT, b"c"))
     assert got == ["a"]
-    assert room.ws.state is not State.OPEN and transport.out.startswith(b"\x88")
+    assert room.ws.state is not State.OPEN and transport.data.startswith(b"\x88")
 
 
 def test_a_protocol_error_closes_with_1002_and_reads_nothing_more() -> None:
@@ -108,7 +91,7 @@ def test_a_protocol_error_closes_with_1002_and_reads_nothing_more() -> None:
     room.data_received(_wire(Opcode.TEXT, b"a") + unmasked + _wire(Opcode.TEXT, b"b"))
     room.data_received(_wire(Opcode.TEXT, b"c"))
     assert got == ["a"]
-    assert transport.out[0] == 0x88 and transport.out[2:4] == b"\x03\xea"  # close frame, code 1002
+    assert transport.data[0] == 0x88 and transport.data[2:4] == b"\x03\xea"  # close frame, code 1002
 
 
 def test_small_frames_skip_the_full_parser_once_it_is_known_to_sit_between_frames() -> None:

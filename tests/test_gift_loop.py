@@ -267,7 +267,7 @@ async def test_per_socket_rate_limit_admits_the_burst_exactly(server: ServerProc
         limited = [r for r in replies if r["type"] == "error"]
         assert 50 <= len(acked) <= 52 and all(r["code"] == "rate_limited" for r in limited)
         # refused gifts cost nothing, and their ids can be retried once tokens come back
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # tokens come back with time (20/s): the refill is what is tested
         retry_id = limited[0]["id"]
         del c.replies[retry_id]
         await c.gift(retry_id)
