@@ -20,16 +20,28 @@ import pytest
 import websockets
 
 from server.keys import RoomKeys
-from tests.support import Api, Client, ServerProc, join, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, token, wait_until
 
 # Slices of 2 sockets: every multi-socket room here is written in several steps per frame.
-FAST = {"GIFTSTREAM_GIFT_RATE_PER_S": "100000", "GIFTSTREAM_GIFT_BURST": "100000",
-        "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2", "GIFTSTREAM_PASS_SLICE": "2"}
+ROOM_ENV = {**FAST, "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2", "GIFTSTREAM_PASS_SLICE": "2"}
 
 
 @pytest.fixture
 def fast_server(make_server: Callable[..., ServerProc], redis_url: str) -> ServerProc:
-    return make_server(redis_url=redis_url, env=FAST).start()
+    return make_server(redis_url=redis_url, env=ROOM_ENV).start()
+
+
+@pytest.fixture(params=["takeover", "no_takeover"])
+def socket_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The room socket path both ways: handed from uvicorn to RoomProtocol after the join (the
+    default), or left with uvicorn (GIFTSTREAM_TAKEOVER=0: uvicorn's keepalive and receive loop)."""
+    return {**ROOM_ENV, "GIFTSTREAM_TAKEOVER": "1" if request.param == "takeover" else "0"}
+
+
+@pytest.fixture
+def socket_server(make_server: Callable[..., ServerProc], redis_url: str, socket_env: dict[str, str]) -> ServerProc:
+    """`fast_server`, with takeover on and off."""
+    return make_server(redis_url=redis_url, env=socket_env).start()
 
 
 async def _setup(server: ServerProc, host_id: str, *senders: str, coins: int = 5000) -> str:
@@ -55,7 +67,8 @@ async def _send_all(client: Client, ids: list[str], gift: str = "rose") -> list[
     return replies
 
 
-async def test_resume_returns_exactly_the_missed_events_in_order(fast_server: ServerProc) -> None:
+async def test_resume_returns_exactly_the_missed_events_in_order(socket_server: ServerProc) -> None:
+    fast_server = socket_server
     room = await _setup(fast_server, "rh", "ra")
     async with join(fast_server, room, token("ra")) as sender, join(fast_server, room, token("rw")) as watcher:
         await _send_all(sender, [f"a{i}" for i in range(5)])
@@ -80,7 +93,7 @@ async def test_events_older_than_the_resume_age_are_trimmed_while_viewers_watch(
         make_server: Callable[..., ServerProc], redis_url: str) -> None:
     """The room stream keeps about resume_max_age_s of events: room_tick.lua trims it by age once a
     presence tick, so a resume from before that fails as too old, and one from after it works."""
-    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_RESUME_MAX_AGE_S": "1"}).start()
+    server = make_server(redis_url=redis_url, env={**ROOM_ENV, "GIFTSTREAM_RESUME_MAX_AGE_S": "1"}).start()
     room = await _setup(server, "th", "ta")
     async with join(server, room, token("ta")) as sender:
         start, epoch = sender.welcome["offset"], sender.welcome["epoch"]
@@ -90,14 +103,10 @@ async def test_events_older_than_the_resume_age_are_trimmed_while_viewers_watch(
         events = f"gs:{{r:{room}}}:events"
         assert redis.xlen(events) >= 600
 
-        async def trimmed() -> bool:
-            await asyncio.sleep(0.2)
-            return int(redis.xlen(events)) < 100
-
-        await wait_until(trimmed, timeout=10)
+        await wait_until(lambda: int(redis.xlen(events)) < 100, timeout=10, interval=0.2)
         redis.close()
         [late_ack] = await _send_all(sender, ["t-late"])
-        await wait_until(lambda: _saw(sender, late_ack["gift_id"]))
+        await sender.until(lambda: sender.count(gift_id=late_ack["gift_id"]) > 0)
         late = next(e["offset"] for e in sender.events if e.get("gift_id") == late_ack["gift_id"])
         [after_ack] = await _send_all(sender, ["t-after"])
     async with join(server, room, token("tw")) as w:
@@ -105,19 +114,13 @@ async def test_events_older_than_the_resume_age_are_trimmed_while_viewers_watch(
         assert (await _next_of(w, "resume_failed"))["reason"] == "too_old"
     async with join(server, room, token("tw")) as w:
         await w.send({"type": "resume", "since": late, "epoch": epoch})
-        await wait_until(lambda: _saw(w, after_ack["gift_id"]))
+        await w.until(lambda: w.count(gift_id=after_ack["gift_id"]) > 0)
         assert [e["gift_id"] for e in w.events if e["type"] == "gift"] == [after_ack["gift_id"]]
-
-
-async def _saw(client: Client, gift_id: str) -> bool:
-    with contextlib.suppress(TimeoutError):
-        await client.recv(0.2)
-    return any(e.get("gift_id") == gift_id for e in client.events)
 
 
 async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable[..., ServerProc],
                                                            redis_url: str) -> None:
-    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_RESUME_MAX_EVENTS": "20"}).start()
+    server = make_server(redis_url=redis_url, env={**ROOM_ENV, "GIFTSTREAM_RESUME_MAX_EVENTS": "20"}).start()
     room = await _setup(server, "oh", "oa")
     async with join(server, room, token("ow")) as w:
         start, epoch = w.welcome["offset"], w.welcome["epoch"]
@@ -156,7 +159,8 @@ async def _next_of(client: Client, kind: str) -> dict[str, Any]:
             return msg
 
 
-async def test_coalesced_frames_carry_every_event_once_and_combos_count(fast_server: ServerProc) -> None:
+async def test_coalesced_frames_carry_every_event_once_and_combos_count(socket_server: ServerProc) -> None:
+    fast_server = socket_server
     room = await _setup(fast_server, "ch", "c1", "c2")
     async with join(fast_server, room, token("cw")) as w, join(fast_server, room, token("c1")) as a, \
             join(fast_server, room, token("c2")) as b:
@@ -186,11 +190,11 @@ async def test_coalesced_frames_carry_every_event_once_and_combos_count(fast_ser
 
 
 async def test_combo_resets_after_window(make_server: Callable[..., ServerProc], redis_url: str) -> None:
-    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_COMBO_WINDOW_S": "0.3"}).start()
+    server = make_server(redis_url=redis_url, env={**ROOM_ENV, "GIFTSTREAM_COMBO_WINDOW_S": "0.3"}).start()
     room = await _setup(server, "wh", "wa")
     async with join(server, room, token("wa")) as a:
         await _send_all(a, ["w1", "w2"])
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # the combo window (0.3 s) passes: what is tested
         await _send_all(a, ["w3"])
         await _send_all(a, ["w4"], gift="panda")
         gifts = await a.wait_events(4)
@@ -199,13 +203,13 @@ async def test_combo_resets_after_window(make_server: Callable[..., ServerProc],
 
 async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
         make_server: Callable[..., ServerProc], redis_url: str, tmp_path: Path) -> None:
-    node_a = make_server(tmp_path / "a", redis_url=redis_url, env=FAST).start()
-    node_b = make_server(tmp_path / "b", redis_url=redis_url, env=FAST,
+    node_a = make_server(tmp_path / "a", redis_url=redis_url, env=ROOM_ENV).start()
+    node_b = make_server(tmp_path / "b", redis_url=redis_url, env=ROOM_ENV,
                          database_url=f"sqlite:///{tmp_path / 'a' / 'giftstream.sqlite3'}").start()
     room = await _setup(node_a, "nh", "na")
     async with join(node_a, room, token("na")) as a, join(node_b, room, token("nb1")) as b1, \
             join(node_b, room, token("nb2")) as b2:
-        await wait_until(lambda: _presence_seen(b1, 3), timeout=10)
+        await b1.until(lambda: b1.count("presence", viewers=3) > 0)
         info = (await Api(node_b, token("nb1")).client.get(f"/v1/rooms/{room}")).json()
         assert info["viewers"] == 3
         replies = await _send_all(a, [f"n{i}" for i in range(20)])
@@ -213,7 +217,8 @@ async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
             gifts = await client.wait_events(20)
             assert sorted(g["gift_id"] for g in gifts) == sorted(r["gift_id"] for r in replies)
         # leaderboard pushed to node B's sockets too
-        await wait_until(lambda: _leaderboard_seen(b1, "na"), timeout=10)
+        await b1.until(lambda: any(e["type"] == "leaderboard" and e["top"] and e["top"][0]["id"] == "na"
+                                   for e in b1.events))
         last = [e for e in b1.events if e["type"] == "gift"][-1]["offset"]
         epoch = b1.welcome["epoch"]
         await b1.ws.close()
@@ -236,39 +241,17 @@ async def test_leaderboard_ranks_gifters_by_coins_with_names(fast_server: Server
         await _send_all(b, [f"b{i}" for i in range(7)], gift="finger_heart")  # 35 coins
         want = [{"id": "la", "name": "Ada", "coins": 60}, {"id": "lb", "name": "Bo", "coins": 35}]
 
-        async def pushed() -> bool:
-            with contextlib.suppress(TimeoutError):
-                await b.recv(0.2)
+        def pushed() -> bool:
             boards = [e["top"] for e in b.events if e["type"] == "leaderboard"]
             return bool(boards) and boards[-1] == want
 
-        await wait_until(pushed, timeout=10)
+        await b.until(pushed)
         info = (await Api(fast_server, token("lb")).client.get(f"/v1/rooms/{room}")).json()
         assert info["top_gifters"] == want
         # Pushed only when it changes: a quiet second adds no leaderboard event.
         count = sum(e["type"] == "leaderboard" for e in b.events)
-        await b.drain(0.7)
+        await b.drain(0.7)  # a quiet while: that nothing comes in it is what is tested
         assert sum(e["type"] == "leaderboard" for e in b.events) == count
-
-
-def _presence_seen(client, n: int):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        try:
-            await client.recv(0.2)
-        except TimeoutError:
-            pass
-        return any(e["type"] == "presence" and e["viewers"] == n for e in client.events)
-    return check()
-
-
-def _leaderboard_seen(client, user: str):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        try:
-            await client.recv(0.2)
-        except TimeoutError:
-            pass
-        return any(e["type"] == "leaderboard" and e["top"] and e["top"][0]["id"] == user for e in client.events)
-    return check()
 
 
 def _raw_ws_connect(port: int, path: str) -> socket.socket:
@@ -288,8 +271,8 @@ def _raw_ws_connect(port: int, path: str) -> socket.socket:
 
 
 async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
-        make_server: Callable[..., ServerProc], redis_url: str) -> None:
-    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_SEND_BUFFER_CAP": "131072",
+        make_server: Callable[..., ServerProc], redis_url: str, socket_env: dict[str, str]) -> None:
+    server = make_server(redis_url=redis_url, env={**socket_env, "GIFTSTREAM_SEND_BUFFER_CAP": "131072",
                                                      "GIFTSTREAM_SOCKET_SNDBUF": "16384"}).start()
     room = await _setup(server, "sh", "sa", coins=100_000)
     stalled = _raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('stall')}")
@@ -326,8 +309,8 @@ async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
 
 
 async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Callable[..., ServerProc],
-                                                              redis_url: str) -> None:
-    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_PING_INTERVAL_S": "0.5",
+                                                              redis_url: str, socket_env: dict[str, str]) -> None:
+    server = make_server(redis_url=redis_url, env={**socket_env, "GIFTSTREAM_PING_INTERVAL_S": "0.5",
                                                    "GIFTSTREAM_PING_TIMEOUT_S": "0.5"}).start()
     room = await _setup(server, "kh")
     dead = _raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('dead')}")
@@ -348,7 +331,8 @@ async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Calla
         dead.close()
 
 
-async def test_fragmented_messages_are_reassembled(fast_server: ServerProc) -> None:
+async def test_fragmented_messages_are_reassembled(socket_server: ServerProc) -> None:
+    fast_server = socket_server
     room = await _setup(fast_server, "fh", "fa")
     async with join(fast_server, room, token("fa")) as a:
         payload = msgpack.packb({"type": "gift", "id": "frag-1", "gift": "rose", "count": 3})
@@ -376,7 +360,7 @@ async def test_bus_reconnect_catches_up_without_gaps(fast_server: ServerProc, re
 
 
 async def test_workers_share_one_port_as_one_system(make_server: Callable[..., ServerProc], redis_url: str) -> None:
-    server = make_server(redis_url=redis_url, env=FAST, args=["--workers", "2"]).start()
+    server = make_server(redis_url=redis_url, env=ROOM_ENV, args=["--workers", "2"]).start()
     probe = Api(server, token("wp"))
     nodes = set()
     for _ in range(40):
@@ -396,7 +380,8 @@ async def test_workers_share_one_port_as_one_system(make_server: Callable[..., S
             assert sorted(g["gift_id"] for g in got) == sorted(r["gift_id"] for r in sent)
 
 
-async def test_gifts_sent_before_the_welcome_are_not_lost(fast_server: ServerProc) -> None:
+async def test_gifts_sent_before_the_welcome_are_not_lost(socket_server: ServerProc) -> None:
+    fast_server = socket_server
     room = await _setup(fast_server, "eh", "ea")
     url = f"{fast_server.ws_base}/v1/rooms/{room}/ws?token={token('ea')}"
     async with websockets.connect(url, subprotocols=["giftstream.msgpack"]) as ws:  # type: ignore[list-item]
@@ -419,15 +404,10 @@ async def test_a_published_gift_record_without_expiry_gets_one_from_the_presence
     room = await _setup(fast_server, "xh")
     redis = __import__("redis").Redis.from_url(redis_url)
     async with join(fast_server, room, token("xv")):
-        while time.time() % 60 > 55:  # stay inside one minute
-            await asyncio.sleep(0.5)
+        await wait_until(lambda: time.time() % 60 <= 55, timeout=10, interval=0.5)  # stay inside one minute
         key = RoomKeys(room).published(int(time.time() * 1000))
         redis.hset(key, "g0-0", "1")
         assert redis.pttl(key) == -1
 
-        async def expiring() -> bool:
-            await asyncio.sleep(0.1)
-            return 0 < int(redis.pttl(key)) <= (120 + 120) * 1000
-
-        await wait_until(expiring, timeout=5)
+        await wait_until(lambda: 0 < int(redis.pttl(key)) <= (120 + 120) * 1000, timeout=5)
     redis.close()
