@@ -38,13 +38,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from server import catalog as catalog_mod
 from server.batcher import ScriptBatcher
 from server.keys import UserKeys, outbox_key, totals_key
+from server.movement import Kind, Movement, encode
 from server.scripts import Scripts
 from server.settings import Settings
 from server.settlement.audit import run_audit
 from server.settlement.settler import Settler, ensure_groups, outbox_lag
 from server.store import open_store
 from server.store.base import Store
-from server.store.models import gift_entry
 from server.wallet.service import GiftOrder, Wallet
 
 # Gifts in flight while filling: enough for the batcher to send pipelines of hundreds.
@@ -171,7 +171,7 @@ async def _fill_lua(redis: Redis, args: argparse.Namespace, traffic: Traffic) ->
 
 
 async def _fill_xadd(redis: Redis, args: argparse.Namespace, traffic: Traffic) -> int:
-    """The fields send_gift.lua writes, appended directly: no wallets, no credits."""
+    """The entries send_gift.lua writes (the movement codec's), appended directly: no wallets, no credits."""
     seqs = [0] * args.partitions
     share_bp = Settings.host_share_bp
     pipe = redis.pipeline(transaction=False)
@@ -180,9 +180,11 @@ async def _fill_xadd(redis: Redis, args: argparse.Namespace, traffic: Traffic) -
         k = UserKeys(g.sender_id, args.partitions)
         seqs[k.partition] += 1
         seq = seqs[k.partition]
-        pipe.xadd(outbox_key(k.partition), {"k": "g", "seq": seq, "j": gift_entry(
-            k.partition, g.sender_id, g.sender_name, g.host_id, g.room_id, g.gift, g.count, g.coins, share_bp,
-            int(time.time() * 1000), g.client_id)})
+        entry: Any = encode(Movement(k.partition, seq, Kind.GIFT, g.sender_id, g.coins, int(time.time() * 1000),
+                                     gift_id=f"g{k.partition}-{seq}", sender_name=g.sender_name, host_id=g.host_id,
+                                     room_id=g.room_id, gift=g.gift, count=g.count, share_bp=share_bp,
+                                     client_id=g.client_id))
+        pipe.xadd(outbox_key(k.partition), entry)
         if len(pipe) >= 1000:
             await pipe.execute()
     await pipe.execute()

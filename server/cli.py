@@ -151,9 +151,7 @@ def DrainingServer(config: Any) -> Any:
 
 async def print_demo(app: Any, settings: Settings) -> None:
     """A demo room and two tokens to try it with."""
-    import time
-
-    from server.store.models import Room
+    from server.store.models import Room, now_ms
 
     node = app.state.node
     secret = settings.secret or ""
@@ -163,7 +161,7 @@ async def print_demo(app: Any, settings: Settings) -> None:
     state = await node.rooms.get(room_id)
     if state is None or not state.live:
         if await node.store.get_room(room_id) is None:
-            await node.store.create_room(Room(room_id, "demo_host", "Demo LIVE", time.time(), None))
+            await node.store.create_room(Room(room_id, "demo_host", "Demo LIVE", now_ms(), None))
         await node.rooms.create(room_id, "demo_host", "Demo Host", "Demo LIVE")
     base = f"http://{settings.host}:{settings.port}"
     print(
@@ -280,10 +278,8 @@ def cmd_settle(args: argparse.Namespace) -> int:
             moved = await requeue(redis, settings.partitions)
             print(f"moved {moved} quarantined movements back to the outbox", flush=True)
             return 0
-        settler = Settler(redis, store, partitions=settings.partitions,
-                          consumer=args.consumer or f"{socket.gethostname()}:settle:{os.getpid()}",
-                          max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms,
-                          linger_ms=settings.settle_linger_ms)
+        settler = Settler.from_settings(
+            redis, store, settings, consumer=args.consumer or f"{socket.gethostname()}:settle:{os.getpid()}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

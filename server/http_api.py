@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,7 +18,7 @@ from server.codes import Err, GiftstreamError
 from server.metrics import Figure, exposition
 from server.node import Node
 from server.protocol import plain
-from server.store.models import UNITS_PER_DIAMOND, Room
+from server.store.models import UNITS_PER_DIAMOND, Room, now_ms
 
 MAX_BODY = 16 * 1024
 
@@ -87,7 +86,7 @@ async def create_room(request: Request) -> Response:
     title = plain(title)
     room_id = node.rooms.new_id()
     await node.store.upsert_user(p.user_id, p.name)
-    await node.store.create_room(Room(room_id, p.user_id, title, time.time(), None))
+    await node.store.create_room(Room(room_id, p.user_id, title, now_ms(), None))
     state = await node.rooms.create(room_id, p.user_id, p.name, title)
     return JSONResponse({"room_id": room_id, "epoch": state.epoch, "title": title,
                          "ws": f"/v1/rooms/{room_id}/ws"}, status_code=201)
@@ -103,7 +102,7 @@ async def end_room(request: Request) -> Response:
     if p.role != "admin" and p.user_id != state.host_id:
         raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can end it")
     offset = await node.rooms.end(room_id)
-    await node.store.end_room(room_id, time.time())
+    await node.store.end_room(room_id, now_ms())
     return JSONResponse({"room_id": room_id, "live": False, "offset": offset})
 
 

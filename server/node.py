@@ -76,9 +76,7 @@ class Node:
         consumer = f"{socket.gethostname()}:{settings.port}"
         if settings.workers > 1:
             consumer += f":{os.getpid()}"
-        self.settler = Settler(self.redis, self.store, partitions=settings.partitions, consumer=consumer,
-                               max_batch=settings.settle_batch, claim_idle_ms=settings.settle_claim_idle_ms,
-                               linger_ms=settings.settle_linger_ms)
+        self.settler = Settler.from_settings(self.redis, self.store, settings, consumer=consumer)
         # Room sockets taken over from uvicorn, for the node-wide keepalive.
         self.sockets: set[RoomProtocol] = set()
         self.keepalive = Keepalive(lambda: self.sockets, settings.ping_interval_s, settings.ping_timeout_s)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -11,7 +10,7 @@ from server.catalog import Catalog, Package
 from server.codes import Err, GiftstreamError
 from server.payments.base import PaymentProvider
 from server.store.base import Store
-from server.store.models import ORDER_CREDITED, ORDER_DECLINED, ORDER_PAID, ORDER_PENDING, Order
+from server.store.models import ORDER_CREDITED, ORDER_DECLINED, ORDER_PAID, ORDER_PENDING, Order, now_ms
 from server.wallet.service import Wallet
 
 
@@ -44,7 +43,7 @@ class Recharges:
                                   f"payment_method must be one of {', '.join(self.provider.methods)}")
         pkg = self.package_for(body)
         draft = Order(uuid.uuid4().hex, principal.user_id, key, pkg.id, pkg.coins, pkg.price_cents,
-                      pkg.currency, method, ORDER_PENDING, time.time())
+                      pkg.currency, method, ORDER_PENDING, now_ms())
         await self.store.upsert_user(principal.user_id, principal.name)
         order, created = await self.store.create_order(draft)
         if not created and (order.package_id, order.coins, order.payment_method) != (

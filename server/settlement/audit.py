@@ -14,8 +14,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from server.keys import quarantine_key, user_from_wallet_key, wallet_pattern
+from server.movement import Kind
 from server.settlement.outbox import quarantined, snapshot
 from server.store.base import Store
+
+# Offenders named one by one in a failure; the count covers all of them.
+NAMED = 5
 
 
 def _i(value: Any) -> int:
@@ -37,8 +41,8 @@ async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int]
                         f"(stream {quarantine_key(p)}, with the error); fix the cause, then `giftstream settle "
                         f"--requeue`")
     count = sql.count + len(unsettled)
-    c_sum = sql.credited + sum(c for k, c in unsettled.values() if k == "c")
-    s_sum = sql.spent + sum(c for k, c in unsettled.values() if k == "g")
+    c_sum = sql.credited + sum(c for k, c in unsettled.values() if k is Kind.CREDIT)
+    s_sum = sql.spent + sum(c for k, c in unsettled.values() if k is Kind.GIFT)
     if count != seq_max:
         failures.append(f"partition {p}: {seq_max} movements acknowledged, {count} settled or in the outbox")
     if c_sum != credited:
@@ -85,6 +89,12 @@ async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, An
         failures.append(f"{diamonds['gifts']} gifts settled but hosts received {diamonds['host_gifts_received']}")
     if diamonds["unbalanced_units"]:
         failures.append("ledger entries do not sum to zero")
+    unbalanced, offenders = await store.unbalanced_movements(NAMED)
+    if unbalanced:
+        named = ", ".join(f"movement {p}-{seq} ({unit} {total:+d})" for p, seq, unit, total in offenders)
+        more = f" and {unbalanced - len(offenders)} more" if unbalanced > len(offenders) else ""
+        failures.append(f"ledger entries do not sum to zero per movement and unit in {unbalanced} case(s): "
+                        f"{named}{more}")
     totals = {
         "movements": sum(p["movements"] for p in parts),
         "unsettled": sum(p["unsettled"] for p in parts),
@@ -92,4 +102,4 @@ async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, An
         "coins_spent": sum(p["spent"] for p in parts),
     }
     return {"ok": not failures, "failures": failures, "totals": totals, "wallets": wallets,
-            "diamonds": diamonds, "partitions": parts}
+            "diamonds": diamonds, "unbalanced_movements": unbalanced, "partitions": parts}

@@ -3,7 +3,7 @@
 Reading is most of a settler's own CPU: with redis-py, turning XREADGROUP replies into
 (stream, id, dict) triples cost about as much as building the SQL rows. Here the commands
 are packed by hiredis, the replies are parsed (and decoded) by hiredis in C, and each
-entry's flat field list goes straight to a Movement.
+entry's flat field list goes straight to the codec (server/movement.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 
 from server.fastpipe import Arg, FastPipe
 from server.keys import SETTLER_GROUP
-from server.store.models import Movement
+from server.movement import Movement, from_flat
 
 
 @dataclass(slots=True)
@@ -30,11 +30,10 @@ class Batch:
 
     def add(self, stream: str, messages: list[Any]) -> None:
         ids = self.ids.setdefault(stream, [])
-        append_id, append_movement, from_fields = ids.append, self.movements.append, Movement.from_fields
+        append_id, append_movement = ids.append, self.movements.append
         for mid, flat in messages:
             if flat:  # an entry deleted while still pending comes back without fields: skip it
-                it = iter(flat)
-                append_movement(from_fields(dict(zip(it, it, strict=True))))
+                append_movement(from_flat(flat))
                 append_id(mid)
 
 

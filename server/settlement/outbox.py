@@ -8,7 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from server.keys import outbox_key, quarantine_key, totals_key
-from server.store.models import Movement
+from server.movement import Movement, encode
 
 PAGE = 5000
 
@@ -56,7 +56,7 @@ async def requeue(redis: Redis, partitions: int) -> int:
         while True:
             page: Any = await redis.xrange(quarantine_key(p), count=PAGE) or []
             for mid, fields in page:
-                entry = {k: v for k, v in fields.items() if k not in ("error", "at")}
+                entry: Any = encode(Movement.from_fields(fields))  # without the error and time
                 tx = redis.pipeline(transaction=True)
                 tx.xadd(outbox_key(p), entry)
                 tx.xdel(quarantine_key(p), mid)

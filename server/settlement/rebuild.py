@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from server.keys import UserKeys, totals_key, user_from_wallet_key, wallet_pattern
+from server.movement import Kind
 from server.settlement.outbox import quarantined, snapshot
 from server.store.base import Store
 
@@ -35,8 +36,8 @@ class _Partition:
     """What Redis held for one partition at one instant: its sequence number and outbox."""
 
     seq: int
-    # seq -> (kind 'c'|'g', user, coins) for every outbox entry up to the snapshot
-    pending: dict[int, tuple[str, str, int]] = field(default_factory=dict)
+    # seq -> (kind, user, coins) for every outbox entry up to the snapshot
+    pending: dict[int, tuple[Kind, str, int]] = field(default_factory=dict)
     wallet_users: set[str] = field(default_factory=set)
 
 
@@ -89,7 +90,7 @@ def _expected(parts: dict[int, _Partition], totals: dict[str, tuple[int, int]], 
     for p, part in parts.items():
         for seq, (kind, user, coins) in part.pending.items():
             if seq not in settled[p]:
-                add(p, user, coins if kind == "c" else 0, coins if kind == "g" else 0)
+                add(p, user, coins if kind is Kind.CREDIT else 0, coins if kind is Kind.GIFT else 0)
     return out
 
 
@@ -159,8 +160,8 @@ async def _totals_behind(redis: Redis, store: Store, p: int, part: _Partition, s
         return None
     unsettled = [v for seq, v in part.pending.items() if seq not in settled_seqs]
     restored = {"seq": max([settled.count, *part.pending]),
-                "credited": settled.credited + sum(c for k, _u, c in unsettled if k == "c"),
-                "spent": settled.spent + sum(c for k, _u, c in unsettled if k == "g")}
+                "credited": settled.credited + sum(c for k, _u, c in unsettled if k is Kind.CREDIT),
+                "spent": settled.spent + sum(c for k, _u, c in unsettled if k is Kind.GIFT)}
     done = not dry_run and await _write_partition(redis, p, part.seq, {totals_key(p): restored})
     return {"partition": p, "redis_seq": part.seq, "settled_movements": settled.count,
             "restored": restored if done else None}

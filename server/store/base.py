@@ -1,10 +1,11 @@
-"""The durable store interface; SQLite and PostgreSQL implement it the same way."""
+"""The durable store interface; SQLite and PostgreSQL implement it the same way. Times are integer ms."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from server.store.models import Movement, Order, PartitionTotals, Room, SettleResult
+from server.movement import Movement
+from server.store.models import Order, PartitionTotals, Room, SettleResult
 
 
 class Store(Protocol):
@@ -25,7 +26,7 @@ class Store(Protocol):
     async def orders_with_status(self, status: str, limit: int = 1000) -> list[Order]: ...
 
     async def create_room(self, room: Room) -> None: ...
-    async def end_room(self, room_id: str, ended_at: float) -> None: ...
+    async def end_room(self, room_id: str, ended_ms: int) -> None: ...
     async def get_room(self, room_id: str) -> Room | None: ...
 
     async def settle(self, movements: list[Movement]) -> SettleResult:
@@ -47,6 +48,11 @@ class Store(Protocol):
     async def partition_totals(self, partition: int, max_seq: int) -> PartitionTotals: ...
     async def settled_seqs(self, partition: int, seqs: list[int]) -> set[int]: ...
     async def diamond_figures(self) -> dict[str, int]: ...
+    async def unbalanced_movements(self, limit: int) -> tuple[int, list[tuple[int, int, str, int]]]:
+        """Movements whose ledger entries do not sum to zero in some unit: how many (movement,
+        unit) pairs in all, and the first `limit` of them as (partition, seq, unit, sum)."""
+        ...
+
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
         """user -> (coins credited, coins spent) from settled movements."""
         ...

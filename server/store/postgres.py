@@ -8,24 +8,26 @@ parameters expanded by unnest() with ON CONFLICT telling which are new.
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 import zlib
 from typing import Any
 
 import asyncpg
 
+from server.movement import Kind, Movement
+from server.store import queries
 from server.store import rows as rowbuild
 from server.store.migrations import migrations, statements
 from server.store.models import (
     ORDER_CREDITED,
     ORDER_PAID,
     ORDER_PENDING,
-    Movement,
     Order,
     PartitionTotals,
     ReusedSequence,
     Room,
     SettleResult,
+    now_ms,
 )
 
 POOL_MIN = 1
@@ -37,23 +39,30 @@ CONNECT_TIMEOUT_S = 10.0
 # One key for every process migrating the same database; any constant works.
 MIGRATE_LOCK = zlib.crc32(b"giftstream.migrate")
 
-_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
-                 " payment_method, status, created_at FROM orders")
 
-_MOVEMENT_COLUMNS = ["part", "seq", "kind", "user_id", "coins", "ref", "created_at"]
+
+@functools.cache
+def _pg(sql: str) -> str:
+    """A statement both backends share (store/queries.py), in asyncpg's placeholders."""
+    return queries.numbered(sql)
+
+
+_MOVEMENT_COLUMNS = ["part", "seq", "kind", "user_id", "coins", "ref", "ts_ms"]
 # The keyed insert, for batches holding movements settled before.
 _INSERT_MOVEMENTS = (
-    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
+    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, ts_ms)"
     " SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
-    " $7::float8[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
+    " $7::bigint[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
+# A movement settled before, to tell a redelivery (the same row) from a reused number; every
+# column compared is an integer or text.
 _SETTLED_MOVEMENTS = (
-    "SELECT m.part, m.seq, m.kind, m.user_id, m.coins, m.ref, m.created_at FROM movements m"
+    "SELECT m.part, m.seq, m.kind, m.user_id, m.coins, m.ref, m.ts_ms FROM movements m"
     " JOIN unnest($1::int[], $2::bigint[]) AS k(part, seq) ON m.part = k.part AND m.seq = k.seq")
 # Gift and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
 # keyed by movements inserted just now, so no conflict is possible; if one happens the ledger
 # is inconsistent, and COPY fails the batch loudly (as SQLite does) instead of skipping rows.
 _GIFT_COLUMNS = ["id", "part", "seq", "sender_id", "sender_name", "host_id", "room_id", "gift", "count",
-                 "coins", "share_bp", "diamond_units", "client_id", "sent_at", "settled_at"]
+                 "coins", "share_bp", "diamond_units", "client_id", "sent_ms", "settled_ms"]
 _LEDGER_COLUMNS = ["part", "seq", "leg", "account", "unit", "delta"]
 _UPSERT_HOSTS = (
     "INSERT INTO host_earnings (host_id, diamond_units, gifts_received)"
@@ -62,7 +71,7 @@ _UPSERT_HOSTS = (
     " SET diamond_units = host_earnings.diamond_units + excluded.diamond_units,"
     " gifts_received = host_earnings.gifts_received + excluded.gifts_received")
 _CREDIT_ORDERS = (
-    f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = $1 WHERE id = ANY($2::text[])"
+    f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_ms = $1 WHERE id = ANY($2::text[])"
     f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
 
 
@@ -152,57 +161,43 @@ class PostgresStore:
             return current
 
     async def upsert_user(self, user_id: str, name: str) -> None:
-        await self._execute(
-            "INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)"
-            " ON CONFLICT (id) DO UPDATE SET name = excluded.name", user_id, name, time.time())
+        await self._execute(_pg(queries.UPSERT_USER), user_id, name, now_ms())
 
     async def create_order(self, order: Order) -> tuple[Order, bool]:
         pool = await self._get_pool()
         async with pool.acquire() as conn:
-            inserted = await conn.fetchval(
-                "INSERT INTO orders (id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
-                " payment_method, status, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$10)"
-                " ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id",
-                order.id, order.user_id, order.idempotency_key, order.package_id, order.coins,
-                order.price_cents, order.currency, order.payment_method, order.status, order.created_at)
-            if inserted is not None:
+            tag = await conn.execute(
+                _pg(queries.INSERT_ORDER), order.id, order.user_id, order.idempotency_key, order.package_id,
+                order.coins, order.price_cents, order.currency, order.payment_method, order.status,
+                order.created_ms, order.created_ms)
+            if _affected(tag) == 1:
                 return order, True
-            row = await conn.fetchrow(_ORDER_SELECT + " WHERE user_id = $1 AND idempotency_key = $2",
-                                      order.user_id, order.idempotency_key)
+            row = await conn.fetchrow(_pg(queries.ORDER_BY_KEY), order.user_id, order.idempotency_key)
         assert row is not None, "conflicting order vanished: orders are never deleted"
         return Order(*row), False
 
     async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool:
         if only_from is None:
-            tag = await self._execute("UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3",
-                                      status, time.time(), order_id)
+            tag = await self._execute(_pg(queries.SET_ORDER_STATUS), status, now_ms(), order_id)
         else:
-            tag = await self._execute(
-                "UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4",
-                status, time.time(), order_id, only_from)
+            tag = await self._execute(_pg(queries.SET_ORDER_STATUS_FROM), status, now_ms(), order_id, only_from)
         return _affected(tag) == 1
 
     async def get_order(self, order_id: str) -> Order | None:
-        row = await self._fetchrow(_ORDER_SELECT + " WHERE id = $1", order_id)
+        row = await self._fetchrow(_pg(queries.ORDER_BY_ID), order_id)
         return Order(*row) if row else None
 
     async def orders_with_status(self, status: str, limit: int = 1000) -> list[Order]:
-        rows = await self._fetch(_ORDER_SELECT + " WHERE status = $1 ORDER BY created_at LIMIT $2",
-                                 status, limit)
-        return [Order(*r) for r in rows]
+        return [Order(*r) for r in await self._fetch(_pg(queries.ORDERS_WITH_STATUS), status, limit)]
 
     async def create_room(self, room: Room) -> None:
-        await self._execute(
-            "INSERT INTO rooms (id, host_id, title, created_at, ended_at) VALUES ($1,$2,$3,$4,$5)",
-            room.id, room.host_id, room.title, room.created_at, room.ended_at)
+        await self._execute(_pg(queries.INSERT_ROOM), room.id, room.host_id, room.title, room.created_ms, room.ended_ms)
 
-    async def end_room(self, room_id: str, ended_at: float) -> None:
-        await self._execute("UPDATE rooms SET ended_at = $1 WHERE id = $2 AND ended_at IS NULL",
-                            ended_at, room_id)
+    async def end_room(self, room_id: str, ended_ms: int) -> None:
+        await self._execute(_pg(queries.END_ROOM), ended_ms, room_id)
 
     async def get_room(self, room_id: str) -> Room | None:
-        row = await self._fetchrow("SELECT id, host_id, title, created_at, ended_at FROM rooms WHERE id = $1",
-                                   room_id)
+        row = await self._fetchrow(_pg(queries.ROOM_BY_ID), room_id)
         return Room(*row) if row else None
 
     async def settle(self, movements: list[Movement]) -> SettleResult:
@@ -210,7 +205,7 @@ class PostgresStore:
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
             fresh = await self._insert_movements(conn, distinct)
-            gifts = [m for m in fresh if m.kind != "c"]
+            gifts = [m for m in fresh if m.kind is Kind.GIFT]
             await self._insert_rows(conn, fresh, gifts)
         return SettleResult(len(fresh), len(gifts), len(fresh) - len(gifts), len(movements) - len(fresh))
 
@@ -244,7 +239,7 @@ class PostgresStore:
     async def _insert_rows(conn: asyncpg.Connection, fresh: list[Movement], gifts: list[Movement]) -> None:
         """Gifts, ledger, host credit and credited orders for movements inserted just now."""
         if gifts:
-            await conn.copy_records_to_table("gifts", records=rowbuild.gift_rows(gifts, time.time()),
+            await conn.copy_records_to_table("gifts", records=rowbuild.gift_rows(gifts, now_ms()),
                                              columns=_GIFT_COLUMNS)
         if fresh:
             await conn.copy_records_to_table("ledger", records=rowbuild.ledger_rows(fresh), columns=_LEDGER_COLUMNS)
@@ -255,18 +250,14 @@ class PostgresStore:
             await conn.execute(_UPSERT_HOSTS, hosts, units, received)
         orders = rowbuild.credited_orders(fresh)
         if orders:
-            await conn.execute(_CREDIT_ORDERS, time.time(), sorted(orders))
+            await conn.execute(_CREDIT_ORDERS, now_ms(), sorted(orders))
 
     async def earnings(self, host_id: str) -> tuple[int, int]:
-        row = await self._fetchrow(
-            "SELECT diamond_units, gifts_received FROM host_earnings WHERE host_id = $1", host_id)
+        row = await self._fetchrow(_pg(queries.EARNINGS), host_id)
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def partition_totals(self, partition: int, max_seq: int) -> PartitionTotals:
-        row = await self._fetchrow(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
-            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0)"
-            " FROM movements WHERE part = $1 AND seq <= $2", partition, max_seq)
+        row = await self._fetchrow(_pg(queries.PARTITION_TOTALS), partition, max_seq)
         assert row is not None
         return PartitionTotals(int(row[0]), int(row[1]), int(row[2]))
 
@@ -281,21 +272,18 @@ class PostgresStore:
         pool = await self._get_pool()
         # One snapshot for all four figures, so a batch committing meanwhile cannot skew them.
         async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            gifts = await conn.fetchrow("SELECT COALESCE(SUM(diamond_units), 0), COUNT(*) FROM gifts")
-            hosts = await conn.fetchrow(
-                "SELECT COALESCE(SUM(diamond_units), 0), COALESCE(SUM(gifts_received), 0) FROM host_earnings")
-            ledger = await conn.fetchval(
-                "SELECT COALESCE(SUM(delta), 0) FROM ledger"
-                " WHERE unit = 'diamond_unit' AND account LIKE 'host:%'")
-            unbalanced = await conn.fetchval(
-                "SELECT COUNT(*) FROM (SELECT unit FROM ledger GROUP BY unit HAVING SUM(delta) <> 0) AS u")
+            gifts = await conn.fetchrow(_pg(queries.GIFT_DIAMONDS))
+            hosts = await conn.fetchrow(_pg(queries.HOST_DIAMONDS))
+            ledger = await conn.fetchval(_pg(queries.LEDGER_HOST_DIAMONDS))
+            unbalanced = await conn.fetchval(_pg(queries.UNBALANCED_UNITS))
         assert gifts is not None and hosts is not None
         return {"gift_diamond_units": int(gifts[0]), "gifts": int(gifts[1]),
                 "host_diamond_units": int(hosts[0]), "host_gifts_received": int(hosts[1]),
                 "ledger_host_diamond_units": int(ledger), "unbalanced_units": int(unbalanced)}
 
+    async def unbalanced_movements(self, limit: int) -> tuple[int, list[tuple[int, int, str, int]]]:
+        rows = await self._fetch(_pg(queries.UNBALANCED_MOVEMENTS), limit)
+        return (int(rows[0][4]) if rows else 0), [(int(r[0]), int(r[1]), str(r[2]), int(r[3])) for r in rows]
+
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
-        rows = await self._fetch(
-            "SELECT user_id, COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
-            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0) FROM movements GROUP BY user_id")
-        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+        return {r[0]: (int(r[1]), int(r[2])) for r in await self._fetch(_pg(queries.WALLET_TOTALS))}

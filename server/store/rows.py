@@ -1,7 +1,7 @@
 """Rows a settled batch writes, built from movements not seen before.
 
 PostgreSQL COPYs these. SQLite derives the same rows in SQL from staged movements
-(sqlite_settle.py), so that its thread binds few values; tests/test_store.py pins the rows
+(sqlite_settle.py), so that its thread binds few values; tests/test_store_settle.py pins the rows
 of both backends column by column, so the two derivations cannot drift apart.
 
 The row functions are generators: COPY encodes each row as it is made and drops it, so a
@@ -13,40 +13,43 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from server.movement import Kind, Movement
 from server.store.models import (
     DIAMOND_POOL_ACCOUNT,
     GIFT_REVENUE_ACCOUNT,
     HOST_ACCOUNT_PREFIX,
     PAYMENTS_ACCOUNT,
     USER_ACCOUNT_PREFIX,
-    Movement,
 )
 
-MovementRow = tuple[int, int, str, str, int, str, float]
-GiftRow = tuple[str, int, int, str, str, str, str, str, int, int, int, int, str, float, float]
+MovementRow = tuple[int, int, str, str, int, str, int]
+GiftRow = tuple[str, int, int, str, str, str, str, str, int, int, int, int, str, int, int]
 LedgerRow = tuple[int, int, int, str, str, int]
+
+GIFT = Kind.GIFT
+CREDIT = Kind.CREDIT
 
 
 def movement_rows(movements: list[Movement]) -> Iterator[MovementRow]:
+    """(part, seq, kind, user_id, coins, ref, ts_ms): a movements row, and what a redelivery is
+    compared with."""
     for m in movements:
-        if m.kind == "c":
-            yield m.partition, m.seq, "credit", m.user_id, m.coins, m.order_id, m.ts_ms / 1000.0
-        else:
-            yield m.partition, m.seq, "gift", m.user_id, m.coins, m.gift_id, m.ts_ms / 1000.0
+        yield (m.partition, m.seq, m.kind, m.user_id, m.coins, m.order_id if m.kind is CREDIT else m.gift_id,
+               m.ts_ms)
 
 
-def gift_rows(movements: list[Movement], now: float) -> Iterator[GiftRow]:
+def gift_rows(movements: list[Movement], now_ms: int) -> Iterator[GiftRow]:
     for m in movements:
-        if m.kind != "c":
+        if m.kind is GIFT:
             yield (m.gift_id, m.partition, m.seq, m.user_id, m.sender_name, m.host_id, m.room_id, m.gift, m.count,
-                   m.coins, m.share_bp, m.diamond_units, m.client_id, m.ts_ms / 1000.0, now)
+                   m.coins, m.share_bp, m.diamond_units, m.client_id, m.ts_ms, now_ms)
 
 
 def ledger_rows(movements: list[Movement]) -> Iterator[LedgerRow]:
     """Double entry: each movement's legs sum to zero per unit."""
     for m in movements:
         p, s, coins = m.partition, m.seq, m.coins
-        if m.kind == "c":  # coins from payments to the user
+        if m.kind is CREDIT:  # coins from payments to the user
             yield p, s, 0, PAYMENTS_ACCOUNT, "coin", -coins
             yield p, s, 1, USER_ACCOUNT_PREFIX + m.user_id, "coin", coins
             continue
@@ -62,7 +65,7 @@ def host_credit(movements: list[Movement]) -> dict[str, list[int]]:
     """host -> [diamond units, gifts received] from the batch's gifts."""
     hosts: dict[str, list[int]] = {}
     for m in movements:
-        if m.kind != "c":
+        if m.kind is GIFT:
             units = m.diamond_units
             host = hosts.get(m.host_id)
             if host is None:
@@ -74,4 +77,4 @@ def host_credit(movements: list[Movement]) -> dict[str, list[int]]:
 
 
 def credited_orders(movements: list[Movement]) -> list[str]:
-    return [m.order_id for m in movements if m.kind == "c"]
+    return [m.order_id for m in movements if m.kind is CREDIT]

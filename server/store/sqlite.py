@@ -13,15 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server.movement import Movement
+from server.store import queries as q
 from server.store import sqlite_settle
 from server.store.migrations import migrations, statements
-from server.store.models import (
-    Movement,
-    Order,
-    PartitionTotals,
-    Room,
-    SettleResult,
-)
+from server.store.models import Order, PartitionTotals, Room, SettleResult, now_ms
 
 T = TypeVar("T")
 _CHUNK = 400  # host parameters per IN (...) query, under SQLite's limit
@@ -100,71 +96,54 @@ class SQLiteStore:
         return await self._run(_migrate)
 
     async def upsert_user(self, user_id: str, name: str) -> None:
-        await self._run(lambda c: c.execute(
-            "INSERT INTO users (id, name, created_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET name = excluded.name", (user_id, name, time.time())))
+        await self._run(lambda c: c.execute(q.UPSERT_USER, (user_id, name, now_ms())))
 
     async def create_order(self, order: Order) -> tuple[Order, bool]:
         def _create(conn: sqlite3.Connection) -> tuple[Order, bool]:
-            cur = conn.execute(
-                "INSERT INTO orders (id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
-                " payment_method, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (user_id, idempotency_key) DO NOTHING",
-                (order.id, order.user_id, order.idempotency_key, order.package_id, order.coins,
-                 order.price_cents, order.currency, order.payment_method, order.status,
-                 order.created_at, order.created_at))
+            cur = conn.execute(q.INSERT_ORDER, (
+                order.id, order.user_id, order.idempotency_key, order.package_id, order.coins, order.price_cents,
+                order.currency, order.payment_method, order.status, order.created_ms, order.created_ms))
             if cur.rowcount == 1:
                 return order, True
-            row = conn.execute(_ORDER_SELECT + " WHERE user_id = ? AND idempotency_key = ?",
-                               (order.user_id, order.idempotency_key)).fetchone()
-            return _order(row), False
+            return Order(*conn.execute(q.ORDER_BY_KEY, (order.user_id, order.idempotency_key)).fetchone()), False
 
         return await self._run(_create)
 
     async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool:
-        sql = "UPDATE orders SET status = ?, updated_at = ? WHERE id = ?"
-        args: tuple[Any, ...] = (status, time.time(), order_id)
+        sql: str = q.SET_ORDER_STATUS
+        args: tuple[Any, ...] = (status, now_ms(), order_id)
         if only_from is not None:
-            sql += " AND status = ?"
-            args += (only_from,)
+            sql, args = q.SET_ORDER_STATUS_FROM, (*args, only_from)
         return await self._run(lambda c: c.execute(sql, args).rowcount == 1)
 
     async def get_order(self, order_id: str) -> Order | None:
-        row = await self._run(lambda c: c.execute(_ORDER_SELECT + " WHERE id = ?", (order_id,)).fetchone())
-        return _order(row) if row else None
+        row = await self._run(lambda c: c.execute(q.ORDER_BY_ID, (order_id,)).fetchone())
+        return Order(*row) if row else None
 
     async def orders_with_status(self, status: str, limit: int = 1000) -> list[Order]:
-        rows = await self._run(lambda c: c.execute(
-            _ORDER_SELECT + " WHERE status = ? ORDER BY created_at LIMIT ?", (status, limit)).fetchall())
-        return [_order(r) for r in rows]
+        rows = await self._run(lambda c: c.execute(q.ORDERS_WITH_STATUS, (status, limit)).fetchall())
+        return [Order(*r) for r in rows]
 
     async def create_room(self, room: Room) -> None:
         await self._run(lambda c: c.execute(
-            "INSERT INTO rooms (id, host_id, title, created_at, ended_at) VALUES (?,?,?,?,?)",
-            (room.id, room.host_id, room.title, room.created_at, room.ended_at)))
+            q.INSERT_ROOM, (room.id, room.host_id, room.title, room.created_ms, room.ended_ms)))
 
-    async def end_room(self, room_id: str, ended_at: float) -> None:
-        await self._run(lambda c: c.execute(
-            "UPDATE rooms SET ended_at = ? WHERE id = ? AND ended_at IS NULL", (ended_at, room_id)))
+    async def end_room(self, room_id: str, ended_ms: int) -> None:
+        await self._run(lambda c: c.execute(q.END_ROOM, (ended_ms, room_id)))
 
     async def get_room(self, room_id: str) -> Room | None:
-        row = await self._run(lambda c: c.execute(
-            "SELECT id, host_id, title, created_at, ended_at FROM rooms WHERE id = ?", (room_id,)).fetchone())
+        row = await self._run(lambda c: c.execute(q.ROOM_BY_ID, (room_id,)).fetchone())
         return Room(*row) if row else None
 
     async def settle(self, movements: list[Movement]) -> SettleResult:
         return await self._run(lambda c: sqlite_settle.settle(c, movements))
 
     async def earnings(self, host_id: str) -> tuple[int, int]:
-        row = await self._run(lambda c: c.execute(
-            "SELECT diamond_units, gifts_received FROM host_earnings WHERE host_id = ?", (host_id,)).fetchone())
+        row = await self._run(lambda c: c.execute(q.EARNINGS, (host_id,)).fetchone())
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def partition_totals(self, partition: int, max_seq: int) -> PartitionTotals:
-        row = await self._run(lambda c: c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
-            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0)"
-            " FROM movements WHERE part = ? AND seq <= ?", (partition, max_seq)).fetchone())
+        row = await self._run(lambda c: c.execute(q.PARTITION_TOTALS, (partition, max_seq)).fetchone())
         return PartitionTotals(int(row[0]), int(row[1]), int(row[2]))
 
     async def settled_seqs(self, partition: int, seqs: list[int]) -> set[int]:
@@ -183,16 +162,10 @@ class SQLiteStore:
         def _figures(conn: sqlite3.Connection) -> dict[str, int]:
             conn.execute("BEGIN")  # one snapshot for all four figures
             try:
-                gifts = conn.execute("SELECT COALESCE(SUM(diamond_units), 0), COUNT(*) FROM gifts").fetchone()
-                hosts = conn.execute(
-                    "SELECT COALESCE(SUM(diamond_units), 0), COALESCE(SUM(gifts_received), 0) FROM host_earnings"
-                ).fetchone()
-                ledger = conn.execute(
-                    "SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE unit = 'diamond_unit' AND account LIKE 'host:%'"
-                ).fetchone()
-                unbalanced = conn.execute(
-                    "SELECT COUNT(*) FROM (SELECT unit FROM ledger GROUP BY unit HAVING SUM(delta) <> 0)"
-                ).fetchone()
+                gifts = conn.execute(q.GIFT_DIAMONDS).fetchone()
+                hosts = conn.execute(q.HOST_DIAMONDS).fetchone()
+                ledger = conn.execute(q.LEDGER_HOST_DIAMONDS).fetchone()
+                unbalanced = conn.execute(q.UNBALANCED_UNITS).fetchone()
             finally:
                 conn.execute("COMMIT")
             return {"gift_diamond_units": int(gifts[0]), "gifts": int(gifts[1]),
@@ -201,15 +174,13 @@ class SQLiteStore:
 
         return await self._run(_figures)
 
+    async def unbalanced_movements(self, limit: int) -> tuple[int, list[tuple[int, int, str, int]]]:
+        rows = await self._run(lambda c: c.execute(q.UNBALANCED_MOVEMENTS, (limit,)).fetchall())
+        return (int(rows[0][4]) if rows else 0), [(int(r[0]), int(r[1]), str(r[2]), int(r[3])) for r in rows]
+
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
-        rows = await self._run(lambda c: c.execute(
-            "SELECT user_id, COALESCE(SUM(CASE WHEN kind='credit' THEN coins END), 0),"
-            " COALESCE(SUM(CASE WHEN kind='gift' THEN coins END), 0) FROM movements GROUP BY user_id").fetchall())
+        rows = await self._run(lambda c: c.execute(q.WALLET_TOTALS).fetchall())
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
-
-
-_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method,"
-                 " status, created_at FROM orders")
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
@@ -223,7 +194,3 @@ def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-def _order(row: Any) -> Order:
-    return Order(*row)

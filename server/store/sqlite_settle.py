@@ -6,14 +6,14 @@ values and took the GIL back six times per gift, so the settler's event loop and
 mostly took turns. Here Python binds the 14 staged columns of each movement in multi-row
 INSERTs, and SQLite derives movements, gifts, ledger legs, host credit and credited orders
 from the stage in one statement each, without the GIL. The rows are the ones rows.py
-gives (PostgreSQL COPYs those); tests/test_store.py pins them column by column on both.
+gives (PostgreSQL COPYs those); tests/test_store_settle.py pins them column by column on both.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
 
+from server.movement import Kind, Movement
 from server.store.models import (
     DIAMOND_POOL_ACCOUNT,
     GIFT_REVENUE_ACCOUNT,
@@ -23,13 +23,14 @@ from server.store.models import (
     ORDER_PENDING,
     PAYMENTS_ACCOUNT,
     USER_ACCOUNT_PREFIX,
-    Movement,
     ReusedSequence,
     SettleResult,
+    now_ms,
 )
 
-# Keyed on (part, seq) like movements: a movement delivered twice in one batch is staged once
-# (the first copy), and the stage reads back in key order, the order the tables' keys want.
+# kind is the movement's Kind (its ledger name). Keyed on (part, seq) like movements: a movement
+# delivered twice in one batch is staged once (the first copy), and the stage reads back in key
+# order, the order the tables' keys want.
 _CREATE_STAGE = """CREATE TEMP TABLE IF NOT EXISTS settle_stage (
     part INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, user_id TEXT NOT NULL,
     coins INTEGER NOT NULL, ts_ms INTEGER NOT NULL, ref TEXT NOT NULL, sender_name TEXT NOT NULL,
@@ -48,47 +49,47 @@ _STAGE_SQL = {n: f"INSERT INTO settle_stage VALUES {','.join([_ROW] * n)} ON CON
               for n in (1 << k for k in range(_MAX_ROWS.bit_length()))}
 
 # Settled before under the same number but with other content: not a redelivery (ReusedSequence).
+# Every column compared is an integer or text: equal means the same movement.
 _REUSED = (
     "SELECT s.part, s.seq FROM settle_stage s JOIN movements m ON m.part = s.part AND m.seq = s.seq"
-    " WHERE m.user_id <> s.user_id OR m.coins <> s.coins OR m.ref <> s.ref OR m.created_at <> s.ts_ms / 1000.0"
-    " OR m.kind <> CASE WHEN s.kind = 'c' THEN 'credit' ELSE 'gift' END LIMIT 1")
+    " WHERE m.user_id <> s.user_id OR m.coins <> s.coins OR m.ref <> s.ref OR m.ts_ms <> s.ts_ms"
+    " OR m.kind <> s.kind LIMIT 1")
 # Settled before (a redelivery): not new, so nothing below may write it again.
 _DROP_SETTLED = ("DELETE FROM settle_stage WHERE EXISTS"
                  " (SELECT 1 FROM movements m WHERE m.part = settle_stage.part AND m.seq = settle_stage.seq)")
 _MOVEMENTS = (
-    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, created_at)"
-    " SELECT part, seq, CASE WHEN kind = 'c' THEN 'credit' ELSE 'gift' END, user_id, coins, ref, ts_ms / 1000.0"
-    " FROM settle_stage")
+    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, ts_ms)"
+    " SELECT part, seq, kind, user_id, coins, ref, ts_ms FROM settle_stage")
 _GIFTS = (
     "INSERT INTO gifts (id, part, seq, sender_id, sender_name, host_id, room_id, gift, count,"
-    " coins, share_bp, diamond_units, client_id, sent_at, settled_at)"
+    " coins, share_bp, diamond_units, client_id, sent_ms, settled_ms)"
     " SELECT ref, part, seq, user_id, sender_name, host_id, room_id, gift, count,"
-    " coins, share_bp, coins * share_bp, client_id, ts_ms / 1000.0, :now FROM settle_stage WHERE kind <> 'c'")
+    " coins, share_bp, coins * share_bp, client_id, ts_ms, :now FROM settle_stage WHERE kind = 'gift'")
 # Double entry: a credit moves coins from payments to the user (legs 0, 1); a gift moves coins
 # from the user to gift revenue (0, 1) and diamond units from the pool to the host (2, 3).
 _LEDGER = (
     "INSERT INTO ledger (part, seq, leg, account, unit, delta)"
     " SELECT s.part, s.seq, l.leg,"
-    " CASE WHEN s.kind = 'c' THEN CASE l.leg WHEN 0 THEN :payments ELSE :user_prefix || s.user_id END"
+    " CASE WHEN s.kind = 'credit' THEN CASE l.leg WHEN 0 THEN :payments ELSE :user_prefix || s.user_id END"
     " ELSE CASE l.leg WHEN 0 THEN :user_prefix || s.user_id WHEN 1 THEN :gift_revenue"
     " WHEN 2 THEN :diamond_pool ELSE :host_prefix || s.host_id END END,"
     " CASE WHEN l.leg < 2 THEN 'coin' ELSE 'diamond_unit' END,"
     " CASE l.leg WHEN 0 THEN -s.coins WHEN 1 THEN s.coins WHEN 2 THEN -s.coins * s.share_bp"
     " ELSE s.coins * s.share_bp END"
     " FROM settle_stage s CROSS JOIN (SELECT 0 AS leg UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) l"
-    " WHERE l.leg < 2 OR s.kind <> 'c'")
+    " WHERE l.leg < 2 OR s.kind = 'gift'")
 _LEDGER_NAMES = {"payments": PAYMENTS_ACCOUNT, "gift_revenue": GIFT_REVENUE_ACCOUNT,
                  "diamond_pool": DIAMOND_POOL_ACCOUNT, "user_prefix": USER_ACCOUNT_PREFIX,
                  "host_prefix": HOST_ACCOUNT_PREFIX}
 _HOSTS = (
     "INSERT INTO host_earnings (host_id, diamond_units, gifts_received)"
-    " SELECT host_id, SUM(coins * share_bp), COUNT(*) FROM settle_stage WHERE kind <> 'c'"
+    " SELECT host_id, SUM(coins * share_bp), COUNT(*) FROM settle_stage WHERE kind = 'gift'"
     " GROUP BY host_id ORDER BY host_id"
     " ON CONFLICT (host_id) DO UPDATE SET diamond_units = diamond_units + excluded.diamond_units,"
     " gifts_received = gifts_received + excluded.gifts_received")
 _ORDERS = (
-    f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_at = :now"
-    " WHERE id IN (SELECT ref FROM settle_stage WHERE kind = 'c')"
+    f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_ms = :now"
+    " WHERE id IN (SELECT ref FROM settle_stage WHERE kind = 'credit')"
     f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
 
 
@@ -98,8 +99,9 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
         return SettleResult(0, 0, 0, 0)
     flat: list[int | str] = []
     put = flat.extend
+    credit = Kind.CREDIT
     for m in movements:
-        put((m.partition, m.seq, m.kind, m.user_id, m.coins, m.ts_ms, m.order_id if m.kind == "c" else m.gift_id,
+        put((m.partition, m.seq, m.kind, m.user_id, m.coins, m.ts_ms, m.order_id if m.kind is credit else m.gift_id,
              m.sender_name, m.host_id, m.room_id, m.gift, m.count, m.share_bp, m.client_id))
     conn.execute(_CREATE_STAGE)
     conn.execute("BEGIN IMMEDIATE")
@@ -110,7 +112,7 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
             raise ReusedSequence(f"movement {reused[0]}-{reused[1]} is settled already with other content")
         conn.execute(_DROP_SETTLED)
         fresh = conn.execute(_MOVEMENTS).rowcount
-        now = {"now": time.time()}
+        now = {"now": now_ms()}
         gifts = conn.execute(_GIFTS, now).rowcount
         conn.execute(_LEDGER, _LEDGER_NAMES)
         conn.execute(_HOSTS)

@@ -5,12 +5,12 @@
 -- KEYS[3] partition totals (seq, credited, spent)
 -- KEYS[4] partition outbox stream
 -- ARGV[1] fingerprint (room|gift|count)   ARGV[2] coins to debit   ARGV[3] month YYYY-MM
--- ARGV[4] idempotency ttl s   ARGV[5] partition
--- ARGV[6] the gift as the settler reads it: JSON [partition, sender id, sender name, host id,
---         room id, gift, count, coins, host share bp, now ms, client id] (models.gift_entry)
--- ARGV[7] now ms (the debit's time: a replay returns the first one's, to publish it late)
+-- ARGV[4] idempotency ttl s   ARGV[5] gift id prefix (movement.gift_id_prefix: the id is it + seq)
+-- ARGV[6] now ms (the debit's time: a replay returns the first one's, to publish it late)
+-- ARGV[7] the movement's kind code, ARGV[8] its body: the outbox entry the settler reads, built
+--         by server/movement.py (gift_body)
 -- Returns {"ok", gift_id, balance, replayed 0|1, debit ms} or {"err", code}. Every check
--- precedes the first write. A record from before the debit time was kept gives debit ms 0.
+-- precedes the first write.
 --
 -- Each write reaches the AOF (appendfsync always) as its own command, so the counters are
 -- read once and written back with one HSET per hash rather than one HINCRBY per field, and
@@ -18,9 +18,9 @@
 -- bytes per gift of the first version.
 local seen = redis.call('GET', KEYS[2])
 if seen then
-  local fp, gift_id, balance, at = string.match(seen, '^(.-)\n(.-)\n([^\n]*)\n?(%d*)$')
+  local fp, gift_id, balance, at = string.match(seen, '^(.-)\n(.-)\n([^\n]*)\n(%d+)$')
   if fp ~= ARGV[1] then return {'err', 'idempotency_conflict'} end
-  return {'ok', gift_id, tonumber(balance), 1, tonumber(at) or 0}
+  return {'ok', gift_id, tonumber(balance), 1, tonumber(at)}
 end
 local month = 'm:' .. ARGV[3]
 local w = redis.call('HMGET', KEYS[1], 'coins', 'restricted', 'budget', month, 'spent', 'gifts')
@@ -40,7 +40,7 @@ redis.call('HSET', KEYS[1], 'coins', int(balance), 'spent', int(tonumber(w[5] or
 local t = redis.call('HMGET', KEYS[3], 'seq', 'spent')
 local seq = int(tonumber(t[1] or '0') + 1)
 redis.call('HSET', KEYS[3], 'seq', seq, 'spent', int(tonumber(t[2] or '0') + cost))
-local gift_id = 'g' .. ARGV[5] .. '-' .. seq
-redis.call('XADD', KEYS[4], '*', 'k', 'g', 'seq', seq, 'j', ARGV[6])
-redis.call('SET', KEYS[2], ARGV[1] .. '\n' .. gift_id .. '\n' .. int(balance) .. '\n' .. ARGV[7], 'EX', ARGV[4])
-return {'ok', gift_id, balance, 0, tonumber(ARGV[7])}
+local gift_id = ARGV[5] .. seq
+redis.call('XADD', KEYS[4], '*', 'k', ARGV[7], 'seq', seq, 'j', ARGV[8])
+redis.call('SET', KEYS[2], ARGV[1] .. '\n' .. gift_id .. '\n' .. int(balance) .. '\n' .. ARGV[6], 'EX', ARGV[4])
+return {'ok', gift_id, balance, 0, tonumber(ARGV[6])}

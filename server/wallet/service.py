@@ -13,8 +13,11 @@ from redis.asyncio import Redis
 from server.batcher import ScriptBatcher
 from server.codes import Err, GiftstreamError
 from server.keys import UserKeys
+from server.movement import Kind, credit_body, gift_body, gift_id_prefix
 from server.settings import Settings
-from server.store.models import gift_entry
+
+_GIFT_CODE = Kind.GIFT.code
+_CREDIT_CODE = Kind.CREDIT.code
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +25,7 @@ class Debit:
     gift_id: str
     balance: int
     replayed: bool
-    # When the gift was first charged (ms); 0 for a charge recorded before this was kept.
+    # When the gift was first charged (ms): a replay gives the first charge's time.
     debit_ms: int
 
 
@@ -85,9 +88,10 @@ class Wallet:
         return self.batcher.call(
             "send_gift",
             [k.wallet, k.idempotency(order.client_id), k.totals, k.outbox],
-            [order.fingerprint, coins, month_of(now), self.settings.idempotency_ttl_s, k.partition,
-             gift_entry(k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id, order.gift,
-                        order.count, coins, share_bp, now_ms, order.client_id), now_ms],
+            [order.fingerprint, coins, month_of(now), self.settings.idempotency_ttl_s, gift_id_prefix(k.partition),
+             now_ms, _GIFT_CODE,
+             gift_body(k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id, order.gift,
+                       order.count, coins, share_bp, now_ms, order.client_id)],
         )
 
     @staticmethod
@@ -126,7 +130,8 @@ class Wallet:
         return self.batcher.call(
             "credit",
             [k.wallet, k.orders, k.totals, k.outbox],
-            [order_id, coins, kind, k.partition, user_id, int(time.time() * 1000)],
+            [order_id, coins, _CREDIT_CODE,
+             credit_body(k.partition, user_id, coins, int(time.time() * 1000), order_id, kind)],
         )
 
     async def balance(self, user_id: str) -> dict[str, int]:

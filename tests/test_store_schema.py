@@ -1,0 +1,72 @@
+"""The ledger schema: versioned migrations, applied once however many processes migrate."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.store import open_store
+from server.store.migrations import migrations
+from server.store.sqlite import SQLiteStore
+from tests.ledger import Backend
+
+# The fixtures: backend, redis, wallet, ...
+pytest_plugins = ["tests.ledger_fixtures"]
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_migrate_is_idempotent_and_versioned(backend: Backend) -> None:
+    latest = max(v for v, _ in migrations())
+    assert await backend.store.migrate() == latest  # the fixture migrated once already
+    assert await backend.store.migrate() == latest
+    versions = [r[0] for r in await backend.query("SELECT version FROM schema_version ORDER BY version")]
+    assert versions == [v for v, _ in migrations()]
+    assert (await backend.query("SELECT COUNT(*) FROM movements"))[0][0] == 0
+
+
+async def test_two_processes_migrating_at_once(empty_url: str) -> None:
+    """Two stores (as two processes would have) migrate one empty database at once:
+    the schema is applied once and both report the latest version."""
+    stores = [open_store(empty_url), open_store(empty_url)]
+    try:
+        # Connect one after the other: SQLite's first-connection switch to WAL can fail with
+        # "database is locked" when two connections open a new file at the same instant (a
+        # separate bug in sqlite.py `_connect`); this test is about the migrations themselves.
+        for s in stores:
+            await s.ping()
+        results = await asyncio.gather(*(s.migrate() for s in stores))
+        latest = max(v for v, _ in migrations())
+        assert results == [latest, latest]
+        check = Backend(stores[0], empty_url)
+        versions = [r[0] for r in await check.query("SELECT version FROM schema_version ORDER BY version")]
+        assert versions == [v for v, _ in migrations()]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+TIME_COLUMNS = {("users", "created_ms"), ("orders", "created_ms"), ("orders", "updated_ms"), ("rooms", "created_ms"),
+                ("rooms", "ended_ms"), ("movements", "ts_ms"), ("gifts", "sent_ms"), ("gifts", "settled_ms")}
+
+
+async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_secondary_index(
+        backend: Backend) -> None:
+    if isinstance(backend.store, SQLiteStore):
+        tables = [r[0] for r in await backend.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        columns = {(t, str(c[1]), str(c[2]).lower()) for t in tables
+                   for c in await backend.query(f"PRAGMA table_info({t})")}
+        indexes = {r[0] for r in await backend.query(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    else:
+        columns = {(str(r[0]), str(r[1]), str(r[2])) for r in await backend.query(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = 'public'")}
+        indexes = {r[0] for r in await backend.query(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND indexname NOT LIKE '%_pkey'"
+            " AND indexname NOT LIKE '%_key'")}
+    times = {(t, c): kind for t, c, kind in columns if c.endswith(("_ms", "_at"))}
+    assert times == dict.fromkeys(TIME_COLUMNS, "bigint")
+    # Settlement writes movements, gifts and ledger rows by the hundred thousand: no index but
+    # their keys (the comment in sql/0001_init.sql gives the figures).
+    assert indexes == {"orders_status", "rooms_host"}
