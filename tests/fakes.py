@@ -137,8 +137,8 @@ class FakeTransport(asyncio.Transport):
         return None
 
 
-def principal(user_id: str = "viewer") -> Principal:
-    return Principal(user_id, user_id, "viewer", dt.date(1990, 1, 1))
+def principal(user_id: str = "viewer", birthdate: dt.date = dt.date(1990, 1, 1)) -> Principal:
+    return Principal(user_id, user_id, "viewer", birthdate)
 
 
 def room_socket(on_message: Any = None, on_lost: Any = None) -> tuple[RoomProtocol, FakeTransport]:
@@ -151,9 +151,9 @@ def room_socket(on_message: Any = None, on_lost: Any = None) -> tuple[RoomProtoc
 
 
 def taken_over_conn(room_id: str = "r1", subprotocol: str = "giftstream.msgpack", cap: int = 1 << 20,
-                    user_id: str = "viewer") -> tuple[Conn, FakeTransport]:
+                    user_id: str = "viewer", birthdate: dt.date = dt.date(1990, 1, 1)) -> tuple[Conn, FakeTransport]:
     """A `Conn` writing through a `RoomProtocol`, as every room socket does with takeover on."""
-    conn = Conn(None, subprotocol, principal(user_id), room_id, cap)
+    conn = Conn(None, subprotocol, principal(user_id, birthdate), room_id, cap)
     room, transport = room_socket()
     conn.adopt(room)
     return conn, transport
