@@ -9,7 +9,9 @@
 -- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)   ARGV[5] oldest stream id to keep (ms)
 -- ARGV[6] the record's lifetime ms
 -- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
--- The event stream is trimmed by age here, once per tick, rather than on every publish; and the
+-- The event stream is trimmed by age here, once per tick, rather than on every publish, and its
+-- newest event is always kept: an emptied stream would make `welcome` offsets "0-0" and hide
+-- from a resume that events were trimmed after its `since`. The
 -- published-gift records of this minute and the last get their expiry here when they have none
 -- (the previous one too: its last gifts may have come after its last tick).
 if ARGV[1] == '' then
@@ -18,7 +20,10 @@ elseif ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('XTRIM', KEYS[4], 'MINID', '~', ARGV[5])
+  local minid = ARGV[5]
+  local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+  if newest and tonumber(string.match(newest[1], '^(%d+)')) < tonumber(minid) then minid = newest[1] end
+  redis.call('XTRIM', KEYS[4], 'MINID', '~', minid)
   for i = 5, 6 do
     if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
   end
