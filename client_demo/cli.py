@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import sys
@@ -49,9 +50,21 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def close_info(exc: ConnectionClosed) -> tuple[int, str]:
-    # No close frame from the server (a crash, a cut cable) reads as 1006, abnormal closure.
-    return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (1006, "connection lost")
+def close_info(exc: ConnectionClosed) -> tuple[int, str, int | None]:
+    """(code, reason, advised retry ms) of the server's close. Its reason is JSON advice,
+    {"reason", "reconnect", "retry_ms"}; a close from elsewhere (the WebSocket layer, a proxy)
+    may be plain text. No close frame (a crash, a cut cable) reads as 1006, abnormal closure."""
+    if exc.rcvd is None:
+        return 1006, "connection lost", None
+    code, reason = exc.rcvd.code, exc.rcvd.reason
+    try:
+        advice = json.loads(reason)
+    except ValueError:
+        return code, reason, None
+    if not isinstance(advice, dict):
+        return code, reason, None
+    retry = advice.get("retry_ms")
+    return code, str(advice.get("reason", "")), retry if isinstance(retry, int) else None
 
 
 class Backoff:
@@ -62,9 +75,13 @@ class Backoff:
     def reset(self) -> None:
         self.delay, self.attempts = BACKOFF_MIN_S, 0
 
-    async def wait(self) -> None:
+    async def wait(self, advised_ms: int | None = None) -> None:
+        """The next backoff delay, or the server's advised one (already jittered) when it gave one."""
         self.attempts += 1
-        await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
+        if advised_ms is not None:
+            await asyncio.sleep(min(BACKOFF_MAX_S, advised_ms / 1000))
+        else:
+            await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
         self.delay = min(BACKOFF_MAX_S, self.delay * 2)
 
 
@@ -99,18 +116,20 @@ class Watcher:
 
     async def run(self) -> int:
         while True:
+            advised = None
             try:
                 async with await connect(self.args) as ws:
                     await self.session(ws)
             except ConnectionClosed as exc:
-                code, reason = close_info(exc)
+                code, reason, advised = close_info(exc)
                 if code in STOP_CODES:
                     say(f"closed {code}: {reason or STOP_CODES[code]}")
                     return 0 if code == 4410 else 1
-                say(f"disconnected ({code} {reason}); reconnecting in {self.backoff.delay:.1f}s")
+                delay = advised / 1000 if advised is not None else self.backoff.delay
+                say(f"disconnected ({code} {reason}); reconnecting in {delay:.1f}s")
             except CONNECT_ERRORS as exc:
                 say(f"cannot connect ({type(exc).__name__}); retrying in {self.backoff.delay:.1f}s")
-            await self.backoff.wait()
+            await self.backoff.wait(advised)
 
     async def session(self, ws: Any) -> None:
         welcome = await read_welcome(ws)
@@ -176,12 +195,13 @@ class GiftRun:
 
     async def run(self) -> int:
         while self.unsent or self.pending:
+            advised = None
             try:
                 async with await connect(self.args) as ws:
                     await self.session(ws)
                     continue
             except ConnectionClosed as exc:
-                code, reason = close_info(exc)
+                code, reason, advised = close_info(exc)
                 if code in STOP_CODES:
                     say(f"closed {code}: {reason or STOP_CODES[code]}; {len(self.pending)} gift(s) unconfirmed")
                     self.failed += len(self.pending) + len(self.unsent)
@@ -193,7 +213,7 @@ class GiftRun:
                 say("giving up")
                 self.failed += len(self.pending) + len(self.unsent)
                 break
-            await self.backoff.wait()
+            await self.backoff.wait(advised)
         tail = f"; balance {self.balance}" if self.balance is not None else ""
         say(f"done: {self.acked} acked ({self.replayed} replayed), {self.failed} failed{tail}")
         return 0 if self.failed == 0 else 1
