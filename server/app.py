@@ -29,7 +29,7 @@ log = logging.getLogger("giftstream.app")
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own refusals (no such route, method not allowed) in the one error body."""
     assert isinstance(exc, HTTPException)
-    code = Err.NOT_FOUND if exc.status_code == 404 else Err.BAD_REQUEST
+    code = {404: Err.NOT_FOUND, 405: Err.METHOD_NOT_ALLOWED}.get(exc.status_code, Err.BAD_REQUEST)
     _, body = errors.http_status_and_body(GiftstreamError(code, str(exc.detail)))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 

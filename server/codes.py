@@ -13,6 +13,7 @@ class Err(StrEnum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     UNKNOWN_GIFT = "unknown_gift"
     UNKNOWN_PACKAGE = "unknown_package"
@@ -36,6 +37,7 @@ HTTP_STATUS: dict[Err, int] = {
     Err.UNAUTHORIZED: 401,
     Err.FORBIDDEN: 403,
     Err.NOT_FOUND: 404,
+    Err.METHOD_NOT_ALLOWED: 405,
     Err.INSUFFICIENT_FUNDS: 402,
     Err.UNKNOWN_GIFT: 400,
     Err.UNKNOWN_PACKAGE: 400,

@@ -34,6 +34,8 @@ class Gift:
 class Resume:
     since: str
     epoch: str | None
+    # Echoed in an error reply about this resume, when the client gave a string one.
+    id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,7 @@ def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
         if not isinstance(since, str) or not _valid_offset(since):
             raise ProtocolError("'since' must be an offset from an earlier event or welcome", msg_id)
         epoch = _str(obj, "epoch", MAX_OFFSET_LEN, msg_id, required=False)
-        return Resume(since, epoch)
+        return Resume(since, epoch, msg_id)
     if kind == "ping":
         return Ping(msg_id)
     raise ProtocolError(f"unknown message type {kind!r:.40}" if kind is not None else "missing 'type'", msg_id)

@@ -182,7 +182,7 @@ class Session:
             # An offset Redis will not take (e.g. beyond any id it could have made).
             self.conn.ready = True
             bad = GiftstreamError(Err.BAD_REQUEST, "'since' is not an offset of this room")
-            self.conn.reply(errors.reply_for(bad, msg.since))
+            self.conn.reply(errors.reply_for(bad, msg.id))
         except Exception as exc:
             self.conn.ready = True
             self.conn.close_now(errors.close_for(exc))

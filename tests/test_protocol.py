@@ -99,3 +99,8 @@ def test_offsets_order_numerically() -> None:
 def test_plain_drops_control_characters_only() -> None:
     assert protocol.plain("Zoë\x00 🌹\x07\x9b\u200b") == "Zoë 🌹\u200b"
     assert protocol.plain("plain") == "plain"
+
+
+def test_a_resume_carries_its_id_for_the_error_reply_about_it() -> None:
+    assert protocol.decode('{"type":"resume","since":"5-1","id":"r1"}', JSON) == Resume("5-1", None, "r1")
+    assert protocol.decode('{"type":"resume","since":"5-1","id":7}', JSON) == Resume("5-1", None, None)
