@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from server.movement import Kind, Movement
@@ -153,15 +154,25 @@ async def test_a_settled_number_with_other_content_is_refused_not_dropped(backen
     assert await backend.store.settled_seqs(5, [1, 2, 3]) == {1, 2}
 
 
+def _observations() -> tuple[float, float]:
+    """How many settlement batches were timed, and how many lags observed, in this process."""
+    return (REGISTRY.get_sample_value("giftstream_settle_batch_seconds_count") or 0.0,
+            REGISTRY.get_sample_value("giftstream_settle_lag_seconds_count") or 0.0)
+
+
 async def test_settler_with_batches_committing_at_once_settles_each_movement_once(
         backend: Backend, redis: Redis, wallet: Wallet) -> None:
     users = [f"user-{i}" for i in range(10)]
     await make_traffic(wallet, users, gifts=2000)
     entries = (await outbox_lag(redis, PARTITIONS))["outbox_entries"]
+    observed = _observations()
     settler = Settler(redis, backend.store, partitions=PARTITIONS, consumer="test", max_batch=64, commits=3)
     await drain(settler, redis)
     assert (settler.settled, settler.duplicates) == (entries, 0)
     assert settler.batches > 10
+    # Each batch is timed (commit and ack) and gives its oldest movement's settlement lag.
+    batch_seconds, lag_seconds = (after - before for after, before in zip(_observations(), observed, strict=True))
+    assert batch_seconds == lag_seconds == settler.batches
     report = await run_audit(redis, backend.store, PARTITIONS)
     assert report["ok"], report["failures"]
 
