@@ -70,3 +70,10 @@ async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_sec
     # Settlement writes movements, gifts and ledger rows by the hundred thousand: no index but
     # their keys (the comment in sql/0001_init.sql gives the figures).
     assert indexes == {"orders_status", "rooms_host"}
+
+
+async def test_a_schema_past_every_migration_is_refused_not_used(backend: Backend) -> None:
+    """A pre-release ledger (schema version 2: float-second times) is not taken for this one."""
+    await backend.query("INSERT INTO schema_version (version) VALUES (2)")
+    with pytest.raises(RuntimeError, match="version 2"):
+        await backend.store.migrate()

@@ -17,7 +17,7 @@ import asyncpg
 from server.movement import Kind, Movement
 from server.store import queries
 from server.store import rows as rowbuild
-from server.store.migrations import migrations, statements
+from server.store.migrations import check_known, migrations, statements
 from server.store.models import (
     ORDER_CREDITED,
     ORDER_PAID,
@@ -152,6 +152,7 @@ class PostgresStore:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
             current = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+            check_known(current)
             for version, script in migrations():
                 if version > current:
                     for stmt in statements(script):

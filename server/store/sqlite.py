@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from server.movement import Movement
 from server.store import queries as q
 from server.store import sqlite_settle
-from server.store.migrations import migrations, statements
+from server.store.migrations import check_known, migrations, statements
 from server.store.models import Order, PartitionTotals, Room, SettleResult, now_ms
 
 T = TypeVar("T")
@@ -81,6 +81,7 @@ class SQLiteStore:
                 conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
                 row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
                 current = row[0] or 0
+                check_known(current)
                 for version, script in migrations():
                     if version > current:
                         for stmt in statements(script):
