@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 
+from server.rooms import hub as hub_module
 from server.rooms.conn import Conn
 from server.rooms.hub import Hub, catch_up_from
 from tests.fakes import OP_BINARY, OP_TEXT, FakeTransport, taken_over_conn
@@ -176,3 +178,68 @@ async def test_a_catch_up_starts_at_the_newest_event_seen_or_the_oldest_socket()
     assert catch_up_from(room) == "1-3"  # no event seen yet: the oldest socket's welcome
     hub.deliver("r1", _gift("1-10"))
     assert catch_up_from(room) == "1-10"
+
+
+def _logged(transport: FakeTransport, name: str, log: list[tuple[str, float]], cost_s: float = 0.0) -> None:
+    """Record each write to `transport` in one log shared by several; `cost_s`: each write takes
+    that long (a busy wait), as a real socket write costs CPU."""
+    write = transport.write
+
+    def logged(data: bytes | bytearray | memoryview) -> None:
+        if cost_s:
+            until = time.perf_counter() + cost_s
+            while time.perf_counter() < until:
+                pass
+        log.append((name, time.monotonic()))
+        write(data)
+
+    transport.write = logged  # type: ignore[method-assign]
+
+
+async def test_replies_made_during_a_pass_go_out_before_its_next_slice() -> None:
+    hub = Hub(tick_ms=0, pass_slice=2)
+    viewers = await _viewers(hub, 5)
+    order: list[tuple[str, float]] = []
+    conns = list(hub.rooms["r1"].conns)  # the order a pass writes them in
+    for conn, t in viewers:
+        _logged(t, f"v{conns.index(conn)}", order)
+    gifter = conns[4]
+    hub.deliver("r1", _gift("1-1"))
+    await asyncio.sleep(0)
+    assert [n for n, _ in order] == ["v0", "v1"]
+    # An ack made between two slices (its debit's reply came meanwhile): it does not wait for
+    # the slice to be written, nor for the rest of the pass.
+    gifter.reply({"type": "ack", "id": "a1", "gift_id": "g1", "balance": 9})
+    await asyncio.sleep(0)
+    assert [n for n, _ in order] == ["v0", "v1", "v4", "v2", "v3"]
+    await asyncio.sleep(0)
+    gifter_t = next(t for c, t in viewers if c is gifter)
+    assert [m["type"] for m in gifter_t.messages()] == ["ack", "events"]
+
+
+async def test_a_slice_ends_when_its_time_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "CLOCK_EVERY", 1)
+    hub = Hub(tick_ms=0, slice_ms=3)
+    viewers = await _viewers(hub, 8)
+    log: list[tuple[str, float]] = []
+    for i, (_, t) in enumerate(viewers):
+        _logged(t, f"v{i}", log, cost_s=0.002)
+    hub.deliver("r1", _gift("1-1"))
+    await asyncio.sleep(0)
+    assert 1 <= len(log) <= 2  # 2 ms a socket: the 3 ms are up after the second at the latest
+    await wait_until(lambda: len(log) == 8, timeout=2, interval=0.005)
+
+
+async def test_a_room_whose_frame_costs_more_than_its_share_of_the_loop_lowers_its_frame_rate() -> None:
+    hub = Hub(tick_ms=0, fanout_share=0.25)
+    viewers = await _viewers(hub, 4)
+    log: list[tuple[str, float]] = []
+    for i, (_, t) in enumerate(viewers):
+        _logged(t, f"v{i}", log, cost_s=0.005)  # a frame costs the loop about 20 ms
+    hub.deliver("r1", _gift("1-1"))
+    await wait_until(lambda: len(log) == 4, timeout=2, interval=0.001)
+    first_frame = log[0][1]
+    hub.deliver("r1", _gift("1-2"))  # tick 0: would go at once, but the room has used its share
+    await wait_until(lambda: len(log) == 8, timeout=2, interval=0.001)
+    assert log[4][1] - first_frame >= 0.075  # at least 20 ms / 0.25 after the first frame began
+    assert all([e["offset"] for e in t.events()] == ["1-1", "1-2"] for _, t in viewers)

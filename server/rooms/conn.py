@@ -72,6 +72,13 @@ class _Cork:
             conn.uncork()
 
 
+def flush_replies() -> None:
+    """Write every corked reply now. A room's fan-out calls this before each slice, so an ack or
+    an error made in this loop step never waits behind the next slice of a big room's frame."""
+    if _Cork.dirty:
+        _Cork.flush()
+
+
 class Conn:
     __slots__ = ("ws", "subprotocol", "principal", "room_id", "cap", "_proto", "_transport", "_queue",
                  "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",

@@ -2,6 +2,11 @@
 
 A quiet room's event goes out at once; a busy room's events of one tick go out as one
 `events` frame, so the cost follows frames, not events.
+
+A frame is written in slices of a few milliseconds of CPU each; the replies made meanwhile
+(acks, errors) are written before every slice, and whatever else is ready (Redis replies, the
+sockets' reads) runs between two slices, so a gifter never waits behind a big room. A room
+whose pass costs more than its share of the loop lowers its frame rate to stay within it.
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ from server import errors
 from server.errors import Disconnect
 from server.metrics import ROOM_DELIVERY_LAG_SECONDS
 from server.protocol import parse_offset
-from server.rooms.conn import Conn
+from server.rooms.conn import Conn, flush_replies
 from server.rooms.frames import OutFrame
 
 log = logging.getLogger("giftstream.hub")
+
+# Sockets written between two looks at the clock within a slice.
+CLOCK_EVERY = 32
 
 
 class _Pass:
     """One frame on its way to every socket of a room."""
 
-    __slots__ = ("ends_room", "events", "first", "frame", "last", "oldest_ms")
+    __slots__ = ("busy", "ends_room", "events", "first", "frame", "last", "oldest_ms", "started")
 
     def __init__(self, events: list[dict[str, Any]]) -> None:
         self.events = events
@@ -35,10 +43,13 @@ class _Pass:
         self.ends_room = any(e.get("type") == "room_ended" for e in events)
         # The oldest event time (ms; a gift's debit) in the frame, for its delivery lag.
         self.oldest_ms: int | None = min((e["ts"] for e in events if "ts" in e), default=None)
+        self.started = time.monotonic()
+        # Seconds spent writing this frame, all slices together: what the pass cost the loop.
+        self.busy = 0.0
 
 
 class LocalRoom:
-    __slots__ = ("room_id", "conns", "pending", "scheduled", "last_flush", "last_offset", "ended",
+    __slots__ = ("room_id", "conns", "pending", "scheduled", "next_frame_at", "last_offset", "ended",
                  "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing")
 
     def __init__(self, room_id: str) -> None:
@@ -46,7 +57,9 @@ class LocalRoom:
         self.conns: set[Conn] = set()
         self.pending: list[dict[str, Any]] = []
         self.scheduled = False
-        self.last_flush = 0.0
+        # Earliest start of the room's next frame (monotonic): a tick after the last one began, or
+        # later when the last pass cost more than the room's share of the loop.
+        self.next_frame_at = 0.0
         # Offset of the newest event seen from the bus: where a catch-up after a bus outage starts.
         self.last_offset: str | None = None
         self.ended = False
@@ -80,10 +93,16 @@ def catch_up_from(room: LocalRoom) -> str | None:
 
 
 class Hub:
-    def __init__(self, tick_ms: float, pass_slice: int = 1000) -> None:
+    def __init__(self, tick_ms: float, pass_slice: int = 1000, slice_ms: float = 2.0,
+                 fanout_share: float = 1.0) -> None:
         self.tick = tick_ms / 1000.0
-        # Sockets written per step of a pass before other callbacks get the loop.
+        # A step of a pass ends after this many sockets or this much time, whichever comes first;
+        # then other callbacks get the loop.
         self.pass_slice = max(1, pass_slice)
+        self.slice_s = max(0.0, slice_ms) / 1000.0
+        # The share of the loop's time one room's fan-out may take: a room whose pass took B
+        # seconds starts its next frame no sooner than B / share after the last one began.
+        self.share = min(1.0, max(0.01, fanout_share))
         self.rooms: dict[str, LocalRoom] = {}
         # Set by the app: subscribe / unsubscribe the room's bus channel.
         self.on_first_join: Callable[[str], Awaitable[None]] | None = None
@@ -157,49 +176,74 @@ class Hub:
             return
         if not room.scheduled:
             room.scheduled = True
-            loop = asyncio.get_running_loop()
-            wait = room.last_flush + self.tick - time.monotonic()
-            if wait <= 0:
-                loop.call_soon(self.flush, room)  # quiet room: no delay
-            else:
-                loop.call_later(wait, self.flush, room)
+            self._schedule(room)
+
+    def _schedule(self, room: LocalRoom) -> None:
+        loop = asyncio.get_running_loop()
+        wait = room.next_frame_at - time.monotonic()
+        if wait <= 0:
+            loop.call_soon(self._due, room)  # quiet room: no delay
+        else:
+            loop.call_later(wait, self._due, room)
+
+    def _due(self, room: LocalRoom) -> None:
+        wait = room.next_frame_at - time.monotonic()
+        if wait > 0.001 and not room.passing:
+            # A pass that ended after this was scheduled pushed the next frame back.
+            asyncio.get_running_loop().call_later(wait, self._due, room)
+            return
+        self.flush(room)
 
     def flush(self, room: LocalRoom) -> None:
         room.scheduled = False
         if room.passing or not room.pending:
             return  # a pass in progress schedules the next flush when it is done
         events, room.pending = room.pending, []
-        room.last_flush = time.monotonic()
+        p = _Pass(events)
+        room.next_frame_at = p.started + self.tick
         self.frames += 1
         room.passing = True
-        self._pass(room, _Pass(events), list(room.conns), 0)
+        self._pass(room, p, list(room.conns), 0)
 
     def _pass(self, room: LocalRoom, p: _Pass, conns: list[Conn], start: int) -> None:
         """Write one frame to a slice of the room's sockets; the next slice runs after whatever
-        else is ready (acks, other rooms), so a 5,000-socket pass never holds the loop whole."""
-        end = min(len(conns), start + self.pass_slice)
+        else is ready (acks, Redis replies, other rooms), so a 5,000-socket pass never holds the
+        loop whole. Replies already made go out first."""
+        flush_replies()
+        began = time.perf_counter()
+        deadline = began + self.slice_s
+        limit = min(len(conns), start + self.pass_slice)
+        end = start
         sent = 0
         events, frame, first, last = p.events, p.frame, p.first, p.last
-        for conn in conns[start:end]:
-            if not conn.ready:
-                conn.held.extend(events)
-                continue
-            if (first is not None and conn.last_offset is not None and conn.last_offset != room.flushed_upto
-                    and not offset_after(first, conn.last_offset)):
-                # This socket already has some of these (its welcome or resume came after them,
-                # while they were still on the bus): send it only the newer ones.
-                self._send_newer(conn, events)
-                continue
-            if conn.send(frame):
-                sent += 1
-                if last is not None:
-                    conn.last_offset = last
+        while end < limit:
+            upto = min(limit, end + CLOCK_EVERY)
+            for conn in conns[end:upto]:
+                if not conn.ready:
+                    conn.held.extend(events)
+                    continue
+                if (first is not None and conn.last_offset is not None and conn.last_offset != room.flushed_upto
+                        and not offset_after(first, conn.last_offset)):
+                    # This socket already has some of these (its welcome or resume came after them,
+                    # while they were still on the bus): send it only the newer ones.
+                    self._send_newer(conn, events)
+                    continue
+                if conn.send(frame):
+                    sent += 1
+                    if last is not None:
+                        conn.last_offset = last
+            end = upto
+            if time.perf_counter() >= deadline:
+                break
+        p.busy += time.perf_counter() - began
         self.deliveries += sent * len(events)
         loop = asyncio.get_running_loop()
         if end < len(conns):
             loop.call_soon(self._pass, room, p, conns, end)
             return
         room.passing = False
+        # A pass that cost more than the room's share of the loop pushes the next frame back.
+        room.next_frame_at = max(room.next_frame_at, p.started + p.busy / self.share)
         if p.oldest_ms is not None:  # once per frame pass, never per socket
             ROOM_DELIVERY_LAG_SECONDS.observe(max(0.0, time.time() - p.oldest_ms / 1000))
         if last is not None:
@@ -211,7 +255,7 @@ class Hub:
                 task.add_done_callback(self._closing.discard)
         elif room.pending and not room.scheduled:
             room.scheduled = True
-            loop.call_soon(self.flush, room)
+            self._schedule(room)
 
     def _send_newer(self, conn: Conn, events: list[dict[str, Any]]) -> None:
         newer = [e for e in events if "offset" not in e or offset_after(e["offset"], conn.last_offset)]
