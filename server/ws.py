@@ -22,8 +22,7 @@ from server.gifts import Sender
 from server.node import Node
 from server.rooms.conn import Conn
 from server.rooms.hub import offset_after
-from server.rooms.takeover import RoomProtocol, take_over
-from server.transport_probe import SCOPE_KEY
+from server.rooms.takeover import RoomProtocol
 
 log = logging.getLogger("giftstream.ws")
 
@@ -115,15 +114,11 @@ class Session:
 
     def take_over(self) -> bool:
         """Hand the socket from uvicorn to a light protocol of our own (rooms/takeover.py)."""
-        ws = self.conn.ws
-        proto = ws.scope.get(SCOPE_KEY) if ws is not None else None
-        if proto is None or not self.node.settings.takeover:
+        if not self.node.settings.takeover:
             return False
-        room = take_over(proto, self.on_message, self._lost)
+        room = self.conn.take_over(self.on_message, self._lost)
         if room is None:
             return False
-        ws.scope.pop(SCOPE_KEY, None)  # type: ignore[union-attr]
-        self.conn.adopt(room)
         self.node.sockets.add(room)
         self.room = room
         self.taken_over = True

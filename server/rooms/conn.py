@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from starlette.websockets import WebSocket
@@ -22,7 +23,7 @@ from server import errors
 from server.auth import Principal
 from server.errors import Disconnect
 from server.rooms.frames import OutFrame
-from server.rooms.takeover import RoomProtocol
+from server.rooms.takeover import RoomProtocol, take_over
 from server.transport_probe import SCOPE_KEY
 
 log = logging.getLogger("giftstream.conn")
@@ -107,9 +108,19 @@ class Conn:
         self.last_offset: str | None = None
         self._corked: list[bytes] | None = None
 
+    def take_over(self, on_message: Callable[[bytes | str], None], on_lost: Callable[[], None]) -> RoomProtocol | None:
+        """Move the socket from uvicorn to a light protocol of ours (see takeover.py), which hands
+        each whole message to `on_message`; None when it stays with uvicorn (not its sans-I/O
+        protocol, or caught mid-message). An idle viewer then costs only what it needs."""
+        ws = self.ws
+        proto = ws.scope.pop(SCOPE_KEY, None) if ws is not None else None
+        room = take_over(proto, on_message, on_lost) if proto is not None else None
+        if room is not None:
+            self.adopt(room)
+        return room
+
     def adopt(self, room: RoomProtocol) -> None:
-        """The socket left uvicorn (see takeover.py): write through the new protocol, and let go
-        of the ASGI objects so an idle viewer costs only what it needs."""
+        """Write through `room` from now on, and let go of the ASGI objects."""
         self._proto = room
         self._transport = room.transport
         self.ws = None
