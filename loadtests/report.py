@@ -24,6 +24,7 @@ def merge_gifts(results: list[dict[str, Any]]) -> dict[str, Any]:
             out[k] += r[k]
         out["behind_max"] = max(out["behind_max"], r["behind_max"])
         out["client_loop_lag_max_ms"] = max(out.get("client_loop_lag_max_ms", 0.0), r["loop_lag_max_ms"])
+        out.setdefault("client_loop_lag_max_ms_by_worker", []).append(r["loop_lag_max_ms"])
         errors.update(r["errors"])
         refused.update(r["refused"])
         conflicts += r["conflicts"]
