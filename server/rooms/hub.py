@@ -27,7 +27,7 @@ from server.rooms.frames import OutFrame
 log = logging.getLogger("giftstream.hub")
 
 # Sockets written between two looks at the clock within a slice.
-CLOCK_EVERY = 32
+CLOCK_EVERY = 16
 
 
 class _Pass:
