@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from server.movement import Movement
-from server.store.models import Order, PartitionTotals, Room, SettleResult
+from server.store.models import Applied, Order, PartitionTotals, PaymentEvent, Plan, Room, SettleResult, Transition
+
+# Decides what an outcome does to an order, from the order and the transitions it has made
+# (payments/orders.py); the store calls it inside the transaction that holds the order.
+Planner = Callable[[Order, list[Transition]], Plan]
 
 
 class Store(Protocol):
@@ -18,7 +23,35 @@ class Store(Protocol):
     async def upsert_user(self, user_id: str, name: str) -> None: ...
 
     async def create_order(self, order: Order) -> tuple[Order, bool]:
-        """Insert, or return the order already stored under (user_id, idempotency_key)."""
+        """Insert, or return the order already stored under (user_id, idempotency_key). A new order
+        gets the transition to its first status."""
+        ...
+
+    async def order_by_payment(self, payment_id: str) -> Order | None: ...
+    async def user_orders(self, user_id: str, before: tuple[int, str] | None, limit: int) -> list[Order]:
+        """A user's orders newest first, older than `before` (created_ms, order id) when given."""
+        ...
+
+    async def order_transitions(self, order_id: str) -> list[Transition]: ...
+
+    async def apply(self, order_id: str, event: PaymentEvent | None, plan: Planner) -> Applied:
+        """In one transaction holding the order: record `event` (a duplicate id changes nothing
+        and says so), ask `plan` what it does, write those transitions keyed (order, status) and
+        the order's new status. A transition that moves coins is written not done."""
+        ...
+
+    async def transitions_todo(self, limit: int = 1000) -> list[Transition]:
+        """Transitions whose coin movement is still to make, oldest first."""
+        ...
+
+    async def transition_done(self, order_id: str, status: str) -> None: ...
+    async def pending_before(self, created_ms: int, limit: int = 1000) -> list[Order]:
+        """Orders still pending that were created before `created_ms` (the expiry sweep)."""
+        ...
+
+    async def payment_figures(self, limit: int) -> dict[str, Any]:
+        """For `giftstream audit`: events and transitions, paid orders (id, user, coins) whose credit
+        is made, and the first `limit` credits that do not match their order."""
         ...
 
     async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool: ...

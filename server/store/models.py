@@ -7,9 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 ORDER_PENDING = "pending"
-ORDER_PAID = "paid"
+ORDER_PAID = "paid"  # before payments had transitions: paid, credit to make (Recharges.reconcile)
 ORDER_CREDITED = "credited"
 ORDER_DECLINED = "declined"
+ORDER_EXPIRED = "expired"
+ORDER_REFUNDED = "refunded"
+ORDER_DISPUTED = "disputed"
+ORDER_DISPUTE_WON = "dispute_won"
+ORDER_DISPUTE_LOST = "dispute_lost"
+# Every status in the order an order reaches them (transitions made in one step share a time).
+ORDER_STATUSES = (ORDER_PENDING, ORDER_DECLINED, ORDER_EXPIRED, ORDER_PAID, ORDER_CREDITED, ORDER_REFUNDED,
+                  ORDER_DISPUTED, ORDER_DISPUTE_WON, ORDER_DISPUTE_LOST)
+# An order in one of these was paid: it holds (or held) a credit movement of its coins.
+ORDERS_PAID = (ORDER_PAID, ORDER_CREDITED, ORDER_REFUNDED, ORDER_DISPUTED, ORDER_DISPUTE_WON, ORDER_DISPUTE_LOST)
 
 # Ledger accounts. Each movement's entries sum to zero per unit (double entry).
 PAYMENTS_ACCOUNT = "platform:payments"  # coins issued against money received
@@ -39,14 +49,71 @@ class Order:
     payment_method: str
     status: str
     created_ms: int
+    channel: str = "web"
+    # The provider's id of the payment: webhooks name the order by it.
+    payment_id: str | None = None
+    decline_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "order_id": self.id, "user_id": self.user_id, "package_id": self.package_id,
-            "coins": self.coins, "price_cents": self.price_cents, "currency": self.currency,
-            "payment_method": self.payment_method, "status": self.status,
+            "order_id": self.id, "payment_id": self.payment_id, "user_id": self.user_id,
+            "package_id": self.package_id, "coins": self.coins, "price_cents": self.price_cents,
+            "currency": self.currency, "channel": self.channel, "payment_method": self.payment_method,
+            "status": self.status, "decline_reason": self.decline_reason,
             "idempotency_key": self.idempotency_key, "created_at": self.created_ms,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A status an order reached, once: keyed (order, status)."""
+
+    order_id: str
+    status: str
+    at_ms: int
+    # The webhook event that made it; None for the recharge request or the expiry sweep.
+    event_id: str | None
+    # The signed coin movement it makes: + a credit or a reversal, - a claw-back, 0 none.
+    coins: int
+    # When that movement was made in Redis; None while it is still to make.
+    done_ms: int | None
+
+
+def in_order(transitions: list[Transition]) -> list[Transition]:
+    """An order's transitions as they were made."""
+    return sorted(transitions, key=lambda t: (t.at_ms, ORDER_STATUSES.index(t.status)
+                                              if t.status in ORDER_STATUSES else len(ORDER_STATUSES)))
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentEvent:
+    """A provider's webhook event as received, keyed by its id."""
+
+    id: str
+    provider: str
+    type: str
+    payment_id: str
+    order_id: str
+    received_ms: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What applying an outcome to an order does: the statuses it reaches, in order, with the
+    coins each moves, and the decline reason to record (if any)."""
+
+    steps: tuple[tuple[str, int], ...]
+    decline_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The result of applying an outcome: `duplicate` when its event was applied before."""
+
+    order: Order
+    new: tuple[Transition, ...]
+    duplicate: bool = False
 
 
 class ReusedSequence(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import zlib
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -17,16 +18,21 @@ import asyncpg
 from server.movement import Kind, Movement
 from server.store import queries
 from server.store import rows as rowbuild
+from server.store.base import Planner
 from server.store.migrations import check_known, migrations, statements
 from server.store.models import (
     ORDER_CREDITED,
     ORDER_PAID,
     ORDER_PENDING,
+    Applied,
     Order,
     PartitionTotals,
+    PaymentEvent,
     ReusedSequence,
     Room,
     SettleResult,
+    Transition,
+    in_order,
     now_ms,
 )
 
@@ -73,6 +79,16 @@ _UPSERT_HOSTS = (
 _CREDIT_ORDERS = (
     f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_ms = $1 WHERE id = ANY($2::text[])"
     f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
+
+
+def _order_row(o: Order) -> tuple[Any, ...]:
+    """INSERT_ORDER's values: created_ms twice (created, updated)."""
+    return (o.id, o.user_id, o.idempotency_key, o.package_id, o.coins, o.price_cents, o.currency, o.payment_method,
+            o.status, o.created_ms, o.channel, o.payment_id, o.decline_reason, o.created_ms)
+
+
+def _event_row(e: PaymentEvent) -> tuple[Any, ...]:
+    return (e.id, e.provider, e.type, e.payment_id, e.order_id, "applied", e.received_ms, e.body)
 
 
 def _affected(status: str) -> int:
@@ -166,16 +182,88 @@ class PostgresStore:
 
     async def create_order(self, order: Order) -> tuple[Order, bool]:
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
-            tag = await conn.execute(
-                _pg(queries.INSERT_ORDER), order.id, order.user_id, order.idempotency_key, order.package_id,
-                order.coins, order.price_cents, order.currency, order.payment_method, order.status,
-                order.created_ms, order.created_ms)
+        async with pool.acquire() as conn, conn.transaction():
+            tag = await conn.execute(_pg(queries.INSERT_ORDER), *_order_row(order))
             if _affected(tag) == 1:
+                await conn.execute(_pg(queries.INSERT_TRANSITION), order.id, order.status, order.created_ms, None, 0,
+                                   order.created_ms)
                 return order, True
             row = await conn.fetchrow(_pg(queries.ORDER_BY_KEY), order.user_id, order.idempotency_key)
         assert row is not None, "conflicting order vanished: orders are never deleted"
         return Order(*row), False
+
+    async def order_by_payment(self, payment_id: str) -> Order | None:
+        row = await self._fetchrow(_pg(queries.ORDER_BY_PAYMENT), payment_id)
+        return Order(*row) if row else None
+
+    async def user_orders(self, user_id: str, before: tuple[int, str] | None, limit: int) -> list[Order]:
+        if before is None:
+            rows = await self._fetch(_pg(queries.USER_ORDERS), user_id, limit)
+        else:
+            rows = await self._fetch(_pg(queries.USER_ORDERS_BEFORE), user_id, before[0], before[0], before[1], limit)
+        return [Order(*r) for r in rows]
+
+    async def order_transitions(self, order_id: str) -> list[Transition]:
+        return in_order([Transition(*r) for r in await self._fetch(_pg(queries.ORDER_TRANSITIONS), order_id)])
+
+    async def apply(self, order_id: str, event: PaymentEvent | None, plan: Planner) -> Applied:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            if event is not None:
+                # A second delivery of the same event waits here for the first one's commit,
+                # then inserts nothing: a duplicate.
+                fresh = await conn.fetchval(_pg(queries.INSERT_EVENT) + " RETURNING id", *_event_row(event))
+                if fresh is None:
+                    row = await conn.fetchrow(_pg(queries.ORDER_BY_ID), order_id)
+                    assert row is not None
+                    return Applied(Order(*row), (), duplicate=True)
+            # Held to commit: outcomes of one order (other events, the expiry sweep) apply one at a
+            # time, each reading the transitions the one before made.
+            row = await conn.fetchrow(_pg(queries.ORDER_BY_ID) + " FOR UPDATE", order_id)
+            assert row is not None, "orders are never deleted"
+            order = Order(*row)
+            reached = in_order([Transition(*r) for r in await conn.fetch(_pg(queries.ORDER_TRANSITIONS), order_id)])
+            decided = plan(order, reached)
+            now = now_ms()
+            new = tuple(Transition(order_id, status, now, event.id if event else None, coins, None if coins else now)
+                        for status, coins in decided.steps)
+            for t in new:
+                await conn.execute(_pg(queries.INSERT_TRANSITION), t.order_id, t.status, t.at_ms, t.event_id,
+                                   t.coins, t.done_ms)
+            if new:
+                await conn.execute(_pg(queries.APPLY_ORDER), new[-1].status, decided.decline_reason, now, order_id)
+                order = replace(order, status=new[-1].status,
+                                decline_reason=decided.decline_reason or order.decline_reason)
+            elif event is not None:
+                await conn.execute(_pg(queries.SET_EVENT_OUTCOME), "ignored", event.id)
+        return Applied(order, new)
+
+    async def transitions_todo(self, limit: int = 1000) -> list[Transition]:
+        return [Transition(*r) for r in await self._fetch(_pg(queries.TRANSITIONS_TODO), limit)]
+
+    async def transition_done(self, order_id: str, status: str) -> None:
+        await self._execute(_pg(queries.TRANSITION_DONE), now_ms(), order_id, status)
+
+    async def pending_before(self, created_ms: int, limit: int = 1000) -> list[Order]:
+        return [Order(*r) for r in await self._fetch(_pg(queries.PENDING_BEFORE), created_ms, limit)]
+
+    async def payment_figures(self, limit: int) -> dict[str, Any]:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            events = await conn.fetchrow(_pg(queries.EVENT_FIGURES))
+            assert events is not None
+            return {
+                "events": int(events[0]), "events_applied": int(events[1]),
+                "transitions_without_event": int(await conn.fetchval(_pg(queries.TRANSITIONS_WITHOUT_EVENT))),
+                "clawbacks_twice": [(str(r[0]), str(r[1]), int(r[2])) for r in
+                                    await conn.fetch(_pg(queries.CLAWBACKS_TWICE), limit)],
+                "events_without_transitions": int(await conn.fetchval(_pg(queries.EVENTS_WITHOUT_TRANSITIONS))),
+                "paid_orders": [(str(r[0]), str(r[1]), int(r[2])) for r in await conn.fetch(_pg(queries.PAID_ORDERS))],
+                "credits_of_unpaid_orders": [(str(r[0]), str(r[1])) for r in
+                                             await conn.fetch(_pg(queries.CREDITS_OF_UNPAID_ORDERS), limit)],
+                "credits_not_matching": [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in
+                                         await conn.fetch(_pg(queries.CREDITS_PER_ORDER), limit)],
+            }
 
     async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool:
         if only_from is None:

@@ -11,22 +11,72 @@ from __future__ import annotations
 import itertools
 import re
 
+from server.store.models import ORDERS_PAID
+
 UPSERT_USER = ("INSERT INTO users (id, name, created_ms) VALUES (?, ?, ?)"
                " ON CONFLICT (id) DO UPDATE SET name = excluded.name")
 
 # orders
-_ORDER_SELECT = ("SELECT id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method,"
-                 " status, created_ms FROM orders")
+_ORDER_COLUMNS = ("id, user_id, idempotency_key, package_id, coins, price_cents, currency, payment_method, status,"
+                  " created_ms, channel, payment_id, decline_reason")
+_ORDER_SELECT = f"SELECT {_ORDER_COLUMNS} FROM orders"
 # created_ms is given twice: once as created, once as updated.
 INSERT_ORDER = (
     "INSERT INTO orders (id, user_id, idempotency_key, package_id, coins, price_cents, currency,"
-    " payment_method, status, created_ms, updated_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " payment_method, status, created_ms, channel, payment_id, decline_reason, updated_ms)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     " ON CONFLICT (user_id, idempotency_key) DO NOTHING")
 ORDER_BY_KEY = _ORDER_SELECT + " WHERE user_id = ? AND idempotency_key = ?"
 ORDER_BY_ID = _ORDER_SELECT + " WHERE id = ?"
+ORDER_BY_PAYMENT = _ORDER_SELECT + " WHERE payment_id = ?"
 ORDERS_WITH_STATUS = _ORDER_SELECT + " WHERE status = ? ORDER BY created_ms LIMIT ?"
 SET_ORDER_STATUS = "UPDATE orders SET status = ?, updated_ms = ? WHERE id = ?"
 SET_ORDER_STATUS_FROM = SET_ORDER_STATUS + " AND status = ?"
+# A user's orders newest first, from a cursor (created_ms, id) exclusive.
+USER_ORDERS = _ORDER_SELECT + " WHERE user_id = ? ORDER BY created_ms DESC, id DESC LIMIT ?"
+USER_ORDERS_BEFORE = (_ORDER_SELECT + " WHERE user_id = ? AND (created_ms < ? OR (created_ms = ? AND id < ?))"
+                      " ORDER BY created_ms DESC, id DESC LIMIT ?")
+PENDING_BEFORE = _ORDER_SELECT + " WHERE status = 'pending' AND created_ms < ? ORDER BY created_ms LIMIT ?"
+# Applying an outcome (payments/recharges.py): transitions keyed (order, status).
+_TRANSITION_COLUMNS = "order_id, status, at_ms, event_id, coins, done_ms"
+INSERT_TRANSITION = f"INSERT INTO order_transitions ({_TRANSITION_COLUMNS}) VALUES (?,?,?,?,?,?)"
+ORDER_TRANSITIONS = f"SELECT {_TRANSITION_COLUMNS} FROM order_transitions WHERE order_id = ? ORDER BY at_ms, status"
+TRANSITIONS_TODO = (f"SELECT {_TRANSITION_COLUMNS} FROM order_transitions WHERE done_ms IS NULL"
+                    " ORDER BY at_ms LIMIT ?")
+TRANSITION_DONE = "UPDATE order_transitions SET done_ms = ? WHERE order_id = ? AND status = ? AND done_ms IS NULL"
+APPLY_ORDER = "UPDATE orders SET status = ?, decline_reason = COALESCE(?, decline_reason), updated_ms = ? WHERE id = ?"
+INSERT_EVENT = (
+    "INSERT INTO payment_events (id, provider, type, payment_id, order_id, outcome, received_ms, body)"
+    " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (id) DO NOTHING")
+SET_EVENT_OUTCOME = "UPDATE payment_events SET outcome = ? WHERE id = ?"
+# audit: every applied event made transitions and every transition an event made names it; every
+# paid order's credit is one movement of its coins, no credit names an order that was not paid,
+# and no order's claw-back or reversal was made twice.
+TRANSITIONS_WITHOUT_EVENT = (
+    "SELECT COUNT(*) FROM order_transitions t WHERE t.event_id IS NOT NULL AND NOT EXISTS"
+    " (SELECT 1 FROM payment_events e WHERE e.id = t.event_id AND e.outcome = 'applied' AND e.order_id = t.order_id)")
+# A claw-back or reversal settled twice for one order (each is keyed (kind, order) in Redis).
+CLAWBACKS_TWICE = (
+    "SELECT kind, ref, COUNT(*) FROM movements WHERE kind IN ('refund', 'dispute', 'dispute_reversal')"
+    " GROUP BY kind, ref HAVING COUNT(*) > 1 ORDER BY kind, ref LIMIT ?")
+EVENTS_WITHOUT_TRANSITIONS = (
+    "SELECT COUNT(*) FROM payment_events e WHERE e.outcome = 'applied'"
+    " AND NOT EXISTS (SELECT 1 FROM order_transitions t WHERE t.event_id = e.id)")
+EVENT_FIGURES = ("SELECT COUNT(*), COALESCE(SUM(CASE WHEN outcome = 'applied' THEN 1 ELSE 0 END), 0)"
+                 " FROM payment_events")
+_PAID = ",".join(f"'{status}'" for status in ORDERS_PAID)
+# A paid order whose credit is still to make (between the SQL commit and Redis) is not asked about.
+PAID_ORDERS = (
+    f"SELECT o.id, o.user_id, o.coins FROM orders o WHERE o.status IN ({_PAID}) AND NOT EXISTS"
+    " (SELECT 1 FROM order_transitions t WHERE t.order_id = o.id AND t.status = 'credited' AND t.done_ms IS NULL)"
+    " ORDER BY o.id")
+CREDITS_OF_UNPAID_ORDERS = (
+    "SELECT m.ref, o.status FROM movements m JOIN orders o ON o.id = m.ref"
+    f" WHERE m.kind = 'credit' AND o.status NOT IN ({_PAID}) ORDER BY m.ref LIMIT ?")
+CREDITS_PER_ORDER = (
+    "SELECT m.ref, COUNT(*), SUM(m.coins), MIN(o.coins) FROM movements m JOIN orders o ON o.id = m.ref"
+    " WHERE m.kind = 'credit' GROUP BY m.ref HAVING COUNT(*) <> 1 OR SUM(m.coins) <> MIN(o.coins)"
+    " ORDER BY m.ref LIMIT ?")
 
 # rooms
 INSERT_ROOM = "INSERT INTO rooms (id, host_id, title, created_ms, ended_ms) VALUES (?,?,?,?,?)"

@@ -10,14 +10,26 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from server.movement import Movement
 from server.store import queries as q
 from server.store import sqlite_settle
+from server.store.base import Planner
 from server.store.migrations import check_known, migrations, statements
-from server.store.models import Order, PartitionTotals, Room, SettleResult, now_ms
+from server.store.models import (
+    Applied,
+    Order,
+    PartitionTotals,
+    PaymentEvent,
+    Room,
+    SettleResult,
+    Transition,
+    in_order,
+    now_ms,
+)
 
 T = TypeVar("T")
 _CHUNK = 400  # host parameters per IN (...) query, under SQLite's limit
@@ -101,14 +113,103 @@ class SQLiteStore:
 
     async def create_order(self, order: Order) -> tuple[Order, bool]:
         def _create(conn: sqlite3.Connection) -> tuple[Order, bool]:
-            cur = conn.execute(q.INSERT_ORDER, (
-                order.id, order.user_id, order.idempotency_key, order.package_id, order.coins, order.price_cents,
-                order.currency, order.payment_method, order.status, order.created_ms, order.created_ms))
-            if cur.rowcount == 1:
-                return order, True
-            return Order(*conn.execute(q.ORDER_BY_KEY, (order.user_id, order.idempotency_key)).fetchone()), False
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(q.INSERT_ORDER, _order_row(order))
+                if cur.rowcount == 1:
+                    conn.execute(q.INSERT_TRANSITION, (order.id, order.status, order.created_ms, None, 0,
+                                                       order.created_ms))
+                    result = order, True
+                else:
+                    row = conn.execute(q.ORDER_BY_KEY, (order.user_id, order.idempotency_key)).fetchone()
+                    result = Order(*row), False
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
         return await self._run(_create)
+
+    async def order_by_payment(self, payment_id: str) -> Order | None:
+        row = await self._run(lambda c: c.execute(q.ORDER_BY_PAYMENT, (payment_id,)).fetchone())
+        return Order(*row) if row else None
+
+    async def user_orders(self, user_id: str, before: tuple[int, str] | None, limit: int) -> list[Order]:
+        sql: str = q.USER_ORDERS
+        args: tuple[Any, ...] = (user_id, limit)
+        if before is not None:
+            sql, args = q.USER_ORDERS_BEFORE, (user_id, before[0], before[0], before[1], limit)
+        return [Order(*r) for r in await self._run(lambda c: c.execute(sql, args).fetchall())]
+
+    async def order_transitions(self, order_id: str) -> list[Transition]:
+        rows = await self._run(lambda c: c.execute(q.ORDER_TRANSITIONS, (order_id,)).fetchall())
+        return in_order([Transition(*r) for r in rows])
+
+    async def apply(self, order_id: str, event: PaymentEvent | None, plan: Planner) -> Applied:
+        def _apply(conn: sqlite3.Connection) -> Applied:
+            # IMMEDIATE: the write lock first, so the order read below is the one this transaction
+            # changes (one connection per process; other processes wait on the lock).
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                order = Order(*conn.execute(q.ORDER_BY_ID, (order_id,)).fetchone())
+                if event is not None and conn.execute(q.INSERT_EVENT, _event_row(event)).rowcount == 0:
+                    conn.execute("ROLLBACK")
+                    return Applied(order, (), duplicate=True)
+                reached = in_order([Transition(*r) for r in conn.execute(q.ORDER_TRANSITIONS, (order_id,))])
+                decided = plan(order, reached)
+                now = now_ms()
+                new = tuple(Transition(order_id, status, now, event.id if event else None, coins,
+                                       None if coins else now) for status, coins in decided.steps)
+                for t in new:
+                    conn.execute(q.INSERT_TRANSITION, (t.order_id, t.status, t.at_ms, t.event_id, t.coins, t.done_ms))
+                if new:
+                    conn.execute(q.APPLY_ORDER, (new[-1].status, decided.decline_reason, now, order_id))
+                    order = replace(order, status=new[-1].status,
+                                    decline_reason=decided.decline_reason or order.decline_reason)
+                elif event is not None:
+                    conn.execute(q.SET_EVENT_OUTCOME, ("ignored", event.id))
+                conn.execute("COMMIT")
+                return Applied(order, new)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        return await self._run(_apply)
+
+    async def transitions_todo(self, limit: int = 1000) -> list[Transition]:
+        rows = await self._run(lambda c: c.execute(q.TRANSITIONS_TODO, (limit,)).fetchall())
+        return [Transition(*r) for r in rows]
+
+    async def transition_done(self, order_id: str, status: str) -> None:
+        await self._run(lambda c: c.execute(q.TRANSITION_DONE, (now_ms(), order_id, status)))
+
+    async def pending_before(self, created_ms: int, limit: int = 1000) -> list[Order]:
+        rows = await self._run(lambda c: c.execute(q.PENDING_BEFORE, (created_ms, limit)).fetchall())
+        return [Order(*r) for r in rows]
+
+    async def payment_figures(self, limit: int) -> dict[str, Any]:
+        def _figures(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute("BEGIN")  # one snapshot
+            try:
+                events, applied = conn.execute(q.EVENT_FIGURES).fetchone()
+                return {
+                    "events": int(events), "events_applied": int(applied),
+                    "transitions_without_event": int(conn.execute(q.TRANSITIONS_WITHOUT_EVENT).fetchone()[0]),
+                    "clawbacks_twice": [(str(r[0]), str(r[1]), int(r[2]))
+                                        for r in conn.execute(q.CLAWBACKS_TWICE, (limit,))],
+                    "events_without_transitions": int(conn.execute(q.EVENTS_WITHOUT_TRANSITIONS).fetchone()[0]),
+                    "paid_orders": [(str(r[0]), str(r[1]), int(r[2])) for r in conn.execute(q.PAID_ORDERS)],
+                    "credits_of_unpaid_orders": [(str(r[0]), str(r[1]))
+                                                 for r in conn.execute(q.CREDITS_OF_UNPAID_ORDERS, (limit,))],
+                    "credits_not_matching": [(str(r[0]), int(r[1]), int(r[2]), int(r[3]))
+                                             for r in conn.execute(q.CREDITS_PER_ORDER, (limit,))],
+                }
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._run(_figures)
 
     async def set_order_status(self, order_id: str, status: str, *, only_from: str | None = None) -> bool:
         sql: str = q.SET_ORDER_STATUS
@@ -182,6 +283,16 @@ class SQLiteStore:
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
         rows = await self._run(lambda c: c.execute(q.WALLET_TOTALS).fetchall())
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def _order_row(o: Order) -> tuple[Any, ...]:
+    """INSERT_ORDER's values: created_ms twice (created, updated)."""
+    return (o.id, o.user_id, o.idempotency_key, o.package_id, o.coins, o.price_cents, o.currency, o.payment_method,
+            o.status, o.created_ms, o.channel, o.payment_id, o.decline_reason, o.created_ms)
+
+
+def _event_row(e: PaymentEvent) -> tuple[Any, ...]:
+    return (e.id, e.provider, e.type, e.payment_id, e.order_id, "applied", e.received_ms, e.body)
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
