@@ -6,7 +6,9 @@ Both subprotocols carry the same maps; only the encoding differs.
 
 from __future__ import annotations
 
+import functools
 import json
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -84,14 +86,28 @@ def _str(obj: dict[str, Any], name: str, limit: int, msg_id: str | None, require
     return value
 
 
-# C0 controls, DEL and C1 controls.
-_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)])
+# Format characters (category Cf) a name or title still needs: the zero-width joiner and
+# non-joiner (emoji sequences, Persian and Indic scripts) and the tag characters of emoji flag
+# sequences. Every other one goes: bidi embeddings, overrides, isolates and marks reorder the
+# text shown around them (U+202E turns "gift" into "tfig"), others make a name invisible.
+_FORMAT_KEPT = frozenset([0x200C, 0x200D, *range(0xE0020, 0xE0080)])
+
+
+@functools.cache
+def _stripped() -> dict[int, None]:
+    """C0 controls, DEL, C1 controls and the format characters not kept. Built on first use:
+    the scan of every code point takes about 0.2 s, too much for every CLI start."""
+    return dict.fromkeys([
+        *range(0x20), *range(0x7F, 0xA0),
+        *(c for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf" and c not in _FORMAT_KEPT),
+    ])
 
 
 def plain(text: str) -> str:
-    """`text` without control characters. Display names and titles are stored in SQL (PostgreSQL
-    text cannot hold NUL) and shown on every viewer's screen."""
-    return text if text.isprintable() else text.translate(_CONTROLS)
+    """`text` without control characters or format characters that reorder or hide text. Display
+    names and titles are stored in SQL (PostgreSQL text cannot hold NUL) and shown on every
+    viewer's screen. (A printable string holds neither: that common case costs one scan.)"""
+    return text if text.isprintable() else text.translate(_stripped())
 
 
 def decode(data: bytes | str, subprotocol: str) -> ClientMessage:

@@ -96,9 +96,21 @@ def test_offsets_order_numerically() -> None:
     assert protocol.parse_offset("5") == (5, 0)
 
 
-def test_plain_drops_control_characters_only() -> None:
-    assert protocol.plain("Zoë\x00 🌹\x07\x9b\u200b") == "Zoë 🌹\u200b"
+def test_plain_drops_control_characters_and_format_characters_that_reorder_or_hide_text() -> None:
+    assert protocol.plain("Zoë\x00 🌹\x07\x9b\u200b") == "Zoë 🌹"
     assert protocol.plain("plain") == "plain"
+    # Bidi embeddings and overrides, isolates, marks: a name cannot reorder the text around it.
+    for c in [*"\u202a\u202b\u202c\u202d\u202e", *"\u2066\u2067\u2068\u2069", "\u200e", "\u200f", "\u061c"]:
+        assert protocol.plain(f"gift{c}tfig") == "gifttfig", hex(ord(c))
+    # Other format characters with no use in a name: word joiner, BOM, invisible operators.
+    assert protocol.plain("a\u2060b\ufeffc\u2062d\u00ade") == "abcde"
+    # Those a name still needs stay: emoji joiners, ZWNJ in Persian, emoji tag sequences.
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    assert protocol.plain(family) == family
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    assert protocol.plain(persian) == persian
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    assert protocol.plain(england) == england
 
 
 def test_a_resume_carries_its_id_for_the_error_reply_about_it() -> None:
