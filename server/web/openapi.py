@@ -80,7 +80,8 @@ def _summary(endpoint: Any) -> str:
 def _operation(method: str, path: str, summary: str, upgrade: bool) -> dict[str, Any]:
     doc = _documented(method, path)
     op: dict[str, Any] = {"summary": summary or f"{method} {path}"}
-    notes = [f"Auth: {doc.auth}." if doc.auth else "", f"Success: {doc.success}." if doc.success else ""]
+    notes = [f"Auth: {_plain(doc.auth)}." if doc.auth else "",
+             f"Success: {_plain(doc.success)}." if doc.success else ""]
     if upgrade:
         notes.insert(0, "WebSocket upgrade (subprotocol giftstream.msgpack or giftstream.json); "
                         "the messages are in /docs.")
@@ -107,8 +108,9 @@ def _responses(doc: Documented, upgrade: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if upgrade:
         out["101"] = {"description": "Switching Protocols: the room socket"}
-    for code in STATUS.findall(doc.success):
-        out[code] = {"description": doc.success}
+    for part in doc.success.split(","):
+        if m := STATUS.search(part):
+            out[m.group(1)] = {"description": part.replace(m.group(1), "", 1).strip() or "OK"}
     for status, example in sorted(doc.responses.items()):
         entry = out.setdefault(str(status), {"description": _describe(status, example)})
         if isinstance(example, str):
@@ -123,6 +125,11 @@ def _responses(doc: Documented, upgrade: bool) -> dict[str, Any]:
     out["default"] = {"description": "An error: {code, message} (codes in /docs)",
                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     return out
+
+
+def _plain(markdown: str) -> str:
+    """A table cell without its Markdown: links become their text, code its content."""
+    return re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", markdown).replace("`", "")
 
 
 def _describe(status: int, example: Any) -> str:
@@ -165,8 +172,8 @@ def _protocol() -> dict[tuple[str, str], Documented]:
             continue
         doc = out.setdefault((m.group(1), m.group(2)), Documented())
         _, _, body = request.partition("\n\n")
-        if body.strip() and doc.request is None:
-            doc.request = _json_or_text(body)
+        if doc.request is None and isinstance(example := _json_or_text(body), dict):
+            doc.request = example
         doc.responses.setdefault(int(r.group(1)), _json_or_text(response.partition("\n")[2]))
     return out
 
