@@ -24,6 +24,8 @@ class Err(StrEnum):
     NOT_ALLOWED = "not_allowed"
     ACCOUNT_RESTRICTED = "account_restricted"
     BUDGET_EXCEEDED = "budget_exceeded"
+    INSUFFICIENT_POINTS = "insufficient_points"
+    ALREADY_CHECKED_IN = "already_checked_in"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"
     PAYMENT_DECLINED = "payment_declined"
@@ -48,6 +50,8 @@ HTTP_STATUS: dict[Err, int] = {
     Err.NOT_ALLOWED: 403,
     Err.ACCOUNT_RESTRICTED: 403,
     Err.BUDGET_EXCEEDED: 402,
+    Err.INSUFFICIENT_POINTS: 402,
+    Err.ALREADY_CHECKED_IN: 409,
     Err.IDEMPOTENCY_CONFLICT: 409,
     Err.RATE_LIMITED: 429,
     Err.PAYMENT_DECLINED: 402,

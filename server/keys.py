@@ -32,6 +32,11 @@ class UserKeys:
     def idempotency(self, client_id: str) -> str:
         return f"{PREFIX}:{self.tag}:idem:{self.user_id}:{client_id}"
 
+    def done(self, kind_code: str) -> str:
+        """Keyed movements of one kind made in the partition: "<user>\n<ref>" -> "<seq>\n<fingerprint>"
+        (move.lua), so each is made once per (kind, user, ref)."""
+        return f"{PREFIX}:{self.tag}:done:{kind_code}"
+
 
 def partition_tag(partition: int) -> str:
     return "{p" + str(partition) + "}"
@@ -82,3 +87,7 @@ def room_id_from_channel(channel: str) -> str:
 
 
 SETTLER_GROUP = "settlers"
+
+# Balance changes a user did not make with their own gift (a late credit, a refund, a reward), for
+# their room sockets on every node: one channel every node subscribes to (low volume).
+WALLET_CHANNEL = f"{PREFIX}:wallet-events"

@@ -13,6 +13,11 @@ bytes in the AOF, the stream and the settler's reads (about half the AOF bytes p
 field per attribute). Only this module encodes or decodes an entry: scripts, settler, audit,
 rebuild and quarantine all go through it. A new kind adds a member to Kind, a body layout
 below, and its ledger legs (store/rows.py, store/sqlite_settle.py).
+
+Gifts and credits carry their amount in `coins` (a gift takes it, a credit gives it). Every other
+kind is a *keyed* movement (wallet/move.lua, exactly once per (kind, user, ref)): `coins` and
+`points` are the signed changes it made to the two balances (a refund's coins are negative), and
+`order_id` holds its reference (the order it claws back, the grant's key, the check-in day).
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ class Kind(StrEnum):
 
     GIFT = "gift"
     CREDIT = "credit"  # coins for a paid recharge order (or an admin grant)
-    # Reserved for the coin economy and the creator side; no script makes them yet.
-    REFUND = "refund"
-    REWARD = "reward"
-    ADJUSTMENT = "adjustment"
+    REFUND = "refund"  # a refunded order's coins taken back (the balance may go negative)
+    DISPUTE = "dispute"  # a disputed (charged-back) order's coins taken back
+    DISPUTE_REVERSAL = "dispute_reversal"  # a won dispute gives them back
+    REWARD = "reward"  # points redeemed into coins
+    ADJUSTMENT = "adjustment"  # support's signed correction of a balance
+    CHECK_IN = "check_in"  # the daily check-in's points
+    POINTS_GRANT = "points_grant"  # points granted by an admin
+    # Reserved for the creator side; no script makes it yet.
     WITHDRAWAL = "withdrawal"
 
     @property
@@ -39,9 +48,29 @@ class Kind(StrEnum):
         return _CODE[self]
 
 
-_CODE = {Kind.GIFT: "g", Kind.CREDIT: "c", Kind.REFUND: "r", Kind.REWARD: "w", Kind.ADJUSTMENT: "a",
-         Kind.WITHDRAWAL: "x"}
+_CODE = {Kind.GIFT: "g", Kind.CREDIT: "c", Kind.REFUND: "r", Kind.DISPUTE: "d", Kind.DISPUTE_REVERSAL: "v",
+         Kind.REWARD: "w", Kind.ADJUSTMENT: "a", Kind.CHECK_IN: "i", Kind.POINTS_GRANT: "p", Kind.WITHDRAWAL: "x"}
 _BY_CODE = {code: kind for kind, code in _CODE.items()}
+
+# Kinds move.lua makes, each exactly once per (kind, user, ref).
+KEYED = frozenset({Kind.REFUND, Kind.DISPUTE, Kind.DISPUTE_REVERSAL, Kind.REWARD, Kind.ADJUSTMENT, Kind.CHECK_IN,
+                   Kind.POINTS_GRANT})
+# Kinds that change the coin balance, as GET /v1/wallet/transactions names them (a credit is a recharge).
+COIN_KINDS = frozenset({Kind.GIFT, Kind.CREDIT, Kind.REFUND, Kind.DISPUTE, Kind.DISPUTE_REVERSAL, Kind.REWARD,
+                        Kind.ADJUSTMENT})
+# The wallet hash's running sums, per keyed kind (coin field, points field): `audit` checks
+# coins = credited + rewarded + adjusted - spent - clawed + reversed, points = points_earned - points_redeemed.
+# The claw-backs and redemptions are kept as positive sums, so each field only grows (but adjusted, signed).
+COUNTERS: dict[Kind, tuple[str, int, str, int]] = {
+    # kind: (coin field, sign applied to the coin change, points field, sign applied to the points change)
+    Kind.REFUND: ("clawed", -1, "", 0),
+    Kind.DISPUTE: ("clawed", -1, "", 0),
+    Kind.DISPUTE_REVERSAL: ("reversed", 1, "", 0),
+    Kind.REWARD: ("rewarded", 1, "points_redeemed", -1),
+    Kind.ADJUSTMENT: ("adjusted", 1, "", 0),
+    Kind.CHECK_IN: ("", 0, "points_earned", 1),
+    Kind.POINTS_GRANT: ("", 0, "points_earned", 1),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +95,14 @@ class Movement:
     count: int = 0
     share_bp: int = 0
     client_id: str = ""
+    # keyed kinds: the points change, and why (a person's words, for support and the history)
+    points: int = 0
+    reason: str = ""
+
+    @property
+    def signed_coins(self) -> int:
+        """The change to the user's coin balance: a gift's coins are taken, a credit's given."""
+        return -self.coins if self.kind is Kind.GIFT else self.coins
 
     @property
     def diamond_units(self) -> int:
@@ -74,7 +111,7 @@ class Movement:
 
     @property
     def ref(self) -> str:
-        """What the movement is about: the gift id, or the credited order's id."""
+        """What the movement is about: the gift id, the order's id, or a keyed movement's reference."""
         return self.gift_id if self.kind is Kind.GIFT else self.order_id
 
     @classmethod
@@ -104,6 +141,11 @@ def credit_body(partition: int, user_id: str, coins: int, ts_ms: int, order_id: 
     return _dumps([partition, user_id, coins, ts_ms, order_id, credit_kind])
 
 
+def keyed_body(partition: int, user_id: str, coins: int, points: int, ts_ms: int, ref: str, reason: str) -> str:
+    """A keyed movement's `j` field, as move.lua appends it."""
+    return _dumps([partition, user_id, coins, points, ts_ms, ref, reason])
+
+
 def decode(code: str, seq_text: str, body: str) -> Movement:
     """The movement of one entry's three fields (k, seq, j)."""
     # Positional, in field order: the settler builds tens of thousands a second, and keyword
@@ -116,6 +158,9 @@ def decode(code: str, seq_text: str, body: str) -> Movement:
     if kind is Kind.CREDIT:
         p, uid, coins, ts, order, credit_kind = json.loads(body)
         return Movement(p, seq, kind, uid, coins, ts, order, credit_kind)
+    if kind in KEYED:
+        p, uid, coins, points, ts, ref, reason = json.loads(body)
+        return Movement(p, seq, kind, uid, coins, ts, ref, points=points, reason=reason)
     raise ValueError(f"no outbox layout for movements of kind {kind} yet")
 
 
@@ -135,6 +180,8 @@ def encode(m: Movement) -> dict[str, str | int]:
                          m.share_bp, m.ts_ms, m.client_id)
     elif m.kind is Kind.CREDIT:
         body = credit_body(m.partition, m.user_id, m.coins, m.ts_ms, m.order_id, m.credit_kind)
+    elif m.kind in KEYED:
+        body = keyed_body(m.partition, m.user_id, m.coins, m.points, m.ts_ms, m.order_id, m.reason)
     else:
         raise ValueError(f"no outbox layout for movements of kind {m.kind} yet")
     return {"k": m.kind.code, "seq": m.seq, "j": body}

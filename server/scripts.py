@@ -13,6 +13,8 @@ SCRIPTS = {
     "send_gift": "server.wallet",
     "gift_replay": "server.wallet",
     "credit": "server.wallet",
+    "move": "server.wallet",
+    "set_budget": "server.wallet",
     "room_publish": "server.rooms",
     "room_tick": "server.rooms",
 }

@@ -91,6 +91,14 @@ class Settings:
     presence_interval_s: float = 1.0
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     token_ttl_s: int = 7 * 24 * 3600
+    # A raised or removed monthly budget applies this long after it was asked for (lowering applies
+    # at once), as card spending limits do: a moment's impulse cannot lift its own brake.
+    budget_raise_delay_s: int = 24 * 3600
+    # Reward points: what one daily check-in earns, and the redemption rate (rate_points points
+    # make rate_coins coins; a redemption must be a whole multiple of rate_points).
+    check_in_points: int = 10
+    reward_rate_points: int = 100
+    reward_rate_coins: int = 1
     log_level: str = "info"
 
     @property
@@ -108,7 +116,8 @@ class Settings:
 _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
         "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight",
-        "republish_window_s"}
+        "republish_window_s", "budget_raise_delay_s", "check_in_points", "reward_rate_points",
+        "reward_rate_coins"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s", "settle_linger_ms", "fanout_slice_ms", "fanout_share"}
 _BOOL = {"settler", "migrate_on_start", "takeover"}

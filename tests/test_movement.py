@@ -27,10 +27,12 @@ def _flat(fields: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("m", [
     gift(3, 8, user="ann", host="hal", coins=123, bp=4321, room="r9"),
     credit(2, 1, user="bob", coins=500, order="ord-1"),
+    Movement(1, 9, Kind.REFUND, "bob", -500, 1_767_225_600_009, "ord-1", reason="refund"),
+    Movement(1, 10, Kind.REWARD, "bob", 3, 1_767_225_600_010, "key-1", points=-300, reason="points redeemed"),
     Movement(0, 2**40, Kind.GIFT, "zoë", 44_999, 1_767_225_600_123, gift_id=gift_id(0, 2**40),
              sender_name='Zoë 🌹 "quoted"\n\\', host_id="h|1", room_id="r,1", gift="universe", count=1,
              share_bp=10_000, client_id="c-ünï"),
-], ids=["gift", "credit", "odd-text"])
+], ids=["gift", "credit", "refund", "reward", "odd-text"])
 def test_an_entry_reads_back_as_the_movement_it_was_made_from(m: Movement) -> None:
     fields = encode(m)
     assert list(fields) == ["k", "seq", "j"]
@@ -43,17 +45,18 @@ def test_an_entry_reads_back_as_the_movement_it_was_made_from(m: Movement) -> No
 
 
 def test_kinds_have_one_code_each_and_the_ledger_name_as_value() -> None:
-    assert [k.value for k in Kind] == ["gift", "credit", "refund", "reward", "adjustment", "withdrawal"]
+    assert [k.value for k in Kind] == ["gift", "credit", "refund", "dispute", "dispute_reversal", "reward",
+                                       "adjustment", "check_in", "points_grant", "withdrawal"]
     assert len({k.code for k in Kind}) == len(Kind)
     assert (Kind.GIFT.code, Kind.CREDIT.code) == ("g", "c")
 
 
 def test_a_kind_without_an_entry_layout_is_refused_both_ways() -> None:
-    refund = Movement(0, 1, Kind.REFUND, "u", 5, 1)
-    with pytest.raises(ValueError, match="refund"):
-        encode(refund)
-    with pytest.raises(ValueError, match="refund"):
-        decode(Kind.REFUND.code, "1", "[]")
+    withdrawal = Movement(0, 1, Kind.WITHDRAWAL, "u", 5, 1)
+    with pytest.raises(ValueError, match="withdrawal"):
+        encode(withdrawal)
+    with pytest.raises(ValueError, match="withdrawal"):
+        decode(Kind.WITHDRAWAL.code, "1", "[]")
 
 
 def test_the_pre_release_field_per_attribute_entry_is_not_read() -> None:

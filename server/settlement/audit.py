@@ -14,7 +14,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from server.keys import quarantine_key, user_from_wallet_key, wallet_pattern
-from server.movement import Kind
+from server.movement import KEYED, Kind, Movement
+from server.payments.audit import audit_payments
 from server.settlement.outbox import quarantined, snapshot
 from server.store.base import Store
 
@@ -29,45 +30,66 @@ def _i(value: Any) -> int:
 async def _partition(redis: Redis, store: Store, p: int) -> tuple[dict[str, int], list[str]]:
     failures: list[str] = []
     totals, entries = await snapshot(redis, p)
-    held = {m.seq: (m.kind, m.coins) for m in await quarantined(redis, p)}
+    held = {m.seq: m for m in await quarantined(redis, p)}
     seq_max, credited, spent = _i(totals.get("seq")), _i(totals.get("credited")), _i(totals.get("spent"))
-    pending = {m.seq: (m.kind, m.coins) for m in entries} | held
+    pending: dict[int, Movement] = {m.seq: m for m in entries} | held
     sql = await store.partition_totals(p, seq_max)
+    by_kind = await store.partition_kind_totals(p, seq_max)
     already = await store.settled_seqs(p, sorted(pending))
-    unsettled = {s: v for s, v in pending.items() if s not in already}
+    unsettled = {s: m for s, m in pending.items() if s not in already}
     set_aside = [s for s in held if s not in already]
     if set_aside:
         failures.append(f"partition {p}: {len(set_aside)} movements set aside after a permanent settlement error "
                         f"(stream {quarantine_key(p)}, with the error); fix the cause, then `giftstream settle "
                         f"--requeue`")
     count = sql.count + len(unsettled)
-    c_sum = sql.credited + sum(c for k, c in unsettled.values() if k is Kind.CREDIT)
-    s_sum = sql.spent + sum(c for k, c in unsettled.values() if k is Kind.GIFT)
+    c_sum = sql.credited + sum(m.coins for m in unsettled.values() if m.kind is Kind.CREDIT)
+    s_sum = sql.spent + sum(m.coins for m in unsettled.values() if m.kind is Kind.GIFT)
     if count != seq_max:
         failures.append(f"partition {p}: {seq_max} movements acknowledged, {count} settled or in the outbox")
     if c_sum != credited:
         failures.append(f"partition {p}: {credited} coins credited in Redis, ledger+outbox hold {c_sum}")
     if s_sum != spent:
         failures.append(f"partition {p}: {spent} coins spent in Redis, ledger+outbox hold {s_sum}")
+    for kind in sorted(KEYED):
+        coins, points = by_kind.get(kind.value, (0, 0))
+        coins += sum(m.coins for m in unsettled.values() if m.kind is kind)
+        points += sum(m.points for m in unsettled.values() if m.kind is kind)
+        made = (_i(totals.get("c:" + kind.code)), _i(totals.get("q:" + kind.code)))
+        if made != (coins, points):
+            failures.append(f"partition {p}: {kind} movements changed coins and points by {made} in Redis, "
+                            f"ledger+outbox hold {(coins, points)}")
     return {"partition": p, "movements": seq_max, "settled": sql.count, "unsettled": len(unsettled),
             "credited": credited, "spent": spent}, failures
 
 
+# The wallet hash's running sums (movement.COUNTERS), in the order of the audit's formula.
+_WALLET_FIELDS = ["coins", "credited", "rewarded", "adjusted", "spent", "clawed", "reversed", "points",
+                  "points_earned", "points_redeemed"]
+
+
 async def _wallets(redis: Redis, partitions: int) -> tuple[dict[str, int], list[str]]:
+    """Per wallet: coins = credited + rewarded + adjusted - spent - clawed + reversed, and
+    points = points earned - points redeemed."""
     failures: list[str] = []
-    users = balances = credited = spent = 0
+    users = balances = credited = spent = points_total = 0
     for p in range(partitions):
         async for key in redis.scan_iter(match=wallet_pattern(p), count=1000):
-            coins, cred, sp = await redis.hmget(key, ["coins", "credited", "spent"])
+            coins, cred, rew, adj, sp, clawed, rev, points, earned, redeemed = (
+                _i(v) for v in await redis.hmget(key, _WALLET_FIELDS))
             users += 1
-            balances += _i(coins)
-            credited += _i(cred)
-            spent += _i(sp)
-            if _i(coins) != _i(cred) - _i(sp):
-                failures.append(f"wallet {user_from_wallet_key(key)}: {_i(coins)} coins but "
-                                f"{_i(cred)} credited - {_i(sp)} spent")
+            balances += coins
+            credited += cred
+            spent += sp
+            points_total += points
+            if coins != cred + rew + adj - sp - clawed + rev:
+                failures.append(f"wallet {user_from_wallet_key(key)}: {coins} coins but {cred} credited + {rew} "
+                                f"rewarded + {adj} adjusted - {sp} spent - {clawed} clawed back + {rev} reversed")
+            if points != earned - redeemed:
+                failures.append(f"wallet {user_from_wallet_key(key)}: {points} points but {earned} earned - "
+                                f"{redeemed} redeemed")
     return {"wallets": users, "wallet_balances": balances, "wallet_credited": credited,
-            "wallet_spent": spent}, failures
+            "wallet_spent": spent, "wallet_points": points_total}, failures
 
 
 async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, Any]:
@@ -95,6 +117,8 @@ async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, An
         more = f" and {unbalanced - len(offenders)} more" if unbalanced > len(offenders) else ""
         failures.append(f"ledger entries do not sum to zero per movement and unit in {unbalanced} case(s): "
                         f"{named}{more}")
+    payments, fail = await audit_payments(redis, store, partitions)
+    failures += fail
     totals = {
         "movements": sum(p["movements"] for p in parts),
         "unsettled": sum(p["unsettled"] for p in parts),
@@ -102,4 +126,4 @@ async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, An
         "coins_spent": sum(p["spent"] for p in parts),
     }
     return {"ok": not failures, "failures": failures, "totals": totals, "wallets": wallets,
-            "diamonds": diamonds, "unbalanced_movements": unbalanced, "partitions": parts}
+            "diamonds": diamonds, "unbalanced_movements": unbalanced, "payments": payments, "partitions": parts}

@@ -1,9 +1,10 @@
 """Disaster recovery: recompute every Redis wallet from the SQL ledger plus the unsettled outbox.
 
-A wallet's coins, credited and spent follow from its movements: the settled ones are in
-SQL, the rest still in its partition's outbox (the same union `audit` checks). Other
-wallet fields (budget, restriction, monthly spend, gift count) and idempotency keys are
-left alone.
+A wallet's balances and running sums (coins, credited, spent, clawed, reversed, rewarded,
+adjusted; points, points earned and redeemed) follow from its movements: the settled ones are in
+SQL, the rest still in its partition's outbox (the same union `audit` checks). Other wallet
+fields (budget, restriction, monthly spend, gift count), idempotency keys and the keyed
+movements' done hashes are left alone.
 
 Run it with gift traffic stopped. It is still safe if traffic is not: each partition is
 written in one MULTI guarded by WATCH on the partition totals, which every movement bumps,
@@ -20,11 +21,14 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from server.keys import UserKeys, totals_key, user_from_wallet_key, wallet_pattern
-from server.movement import Kind
+from server.movement import COUNTERS, KEYED, Kind, Movement
 from server.settlement.outbox import quarantined, snapshot
 from server.store.base import Store
 
-FIELDS = ("coins", "credited", "spent")
+FIELDS = ("coins", "credited", "spent", "clawed", "reversed", "rewarded", "adjusted", "points", "points_earned",
+          "points_redeemed")
+_COUNTERS = FIELDS[1:]
+Sums = dict[str, int]  # a wallet's running sums, by wallet field (_COUNTERS)
 PAGE = 5000
 STABLE_ATTEMPTS = 20
 # Changed wallets listed one by one in the report; the counts always cover all of them.
@@ -36,8 +40,8 @@ class _Partition:
     """What Redis held for one partition at one instant: its sequence number and outbox."""
 
     seq: int
-    # seq -> (kind, user, coins) for every outbox entry up to the snapshot
-    pending: dict[int, tuple[Kind, str, int]] = field(default_factory=dict)
+    # seq -> movement, for every outbox entry up to the snapshot
+    pending: dict[int, Movement] = field(default_factory=dict)
     wallet_users: set[str] = field(default_factory=set)
 
 
@@ -46,7 +50,7 @@ async def _snapshot(redis: Redis, p: int) -> _Partition:
     entries += await quarantined(redis, p)  # charged in Redis, not in the ledger: as the outbox
     part = _Partition(seq=int(totals.get("seq") or 0))
     for m in entries:
-        part.pending[m.seq] = (m.kind, m.user_id, m.coins)
+        part.pending[m.seq] = m
     async for key in redis.scan_iter(match=wallet_pattern(p), count=1000):
         part.wallet_users.add(user_from_wallet_key(key))
     return part
@@ -57,7 +61,7 @@ async def _settled(store: Store, parts: dict[int, _Partition]) -> dict[int, set[
 
 
 async def _settled_stable(store: Store, parts: dict[int, _Partition]
-                          ) -> tuple[dict[str, tuple[int, int]], dict[int, set[int]]]:
+                          ) -> tuple[dict[str, Sums], dict[int, set[int]]]:
     """SQL wallet totals and which outbox entries they include, from a consistent view.
 
     The two reads are separate queries. An entry the settler commits between them would be
@@ -66,7 +70,7 @@ async def _settled_stable(store: Store, parts: dict[int, _Partition]
     """
     before = await _settled(store, parts)
     for _ in range(STABLE_ATTEMPTS):
-        totals = await store.wallet_totals()
+        totals = _sums(await store.wallet_totals(), await store.wallet_kind_totals())
         after = await _settled(store, parts)
         if after == before:
             return totals, after
@@ -74,24 +78,60 @@ async def _settled_stable(store: Store, parts: dict[int, _Partition]
     raise RuntimeError("the outbox kept being settled during the rebuild; stop the settler and retry")
 
 
-def _expected(parts: dict[int, _Partition], totals: dict[str, tuple[int, int]], settled: dict[int, set[int]],
-              partitions: int) -> dict[int, dict[str, tuple[int, int]]]:
-    """partition -> user -> (credited, spent) that its wallet must show."""
-    # A wallet with no movement at all (say, only a budget set) must show zero coins.
-    out: dict[int, dict[str, tuple[int, int]]] = {
-        p: dict.fromkeys(part.wallet_users, (0, 0)) for p, part in parts.items()}
+def _add(sums: Sums, kind: Kind, coins: int, points: int) -> None:
+    """Add one movement's (or one kind's summed) changes to a wallet's running sums."""
+    if kind is Kind.CREDIT:
+        sums["credited"] += coins
+    elif kind is Kind.GIFT:
+        sums["spent"] += coins
+    elif kind in KEYED:
+        coin_field, coin_sign, points_field, points_sign = COUNTERS[kind]
+        if coin_field:
+            sums[coin_field] += coin_sign * coins
+        if points_field:
+            sums[points_field] += points_sign * points
 
-    def add(p: int, user: str, credited: int, spent: int) -> None:
-        c, s = out[p].get(user, (0, 0))
-        out[p][user] = (c + credited, s + spent)
 
+def _zero() -> Sums:
+    return dict.fromkeys(_COUNTERS, 0)
+
+
+def _sums(totals: dict[str, tuple[int, int]], keyed: dict[str, dict[str, tuple[int, int]]]) -> dict[str, Sums]:
+    """user -> running sums of their settled movements."""
+    out: dict[str, Sums] = {}
     for user, (credited, spent) in totals.items():
-        add(UserKeys(user, partitions).partition, user, credited, spent)
-    for p, part in parts.items():
-        for seq, (kind, user, coins) in part.pending.items():
-            if seq not in settled[p]:
-                add(p, user, coins if kind is Kind.CREDIT else 0, coins if kind is Kind.GIFT else 0)
+        sums = out.setdefault(user, _zero())
+        sums["credited"] += credited
+        sums["spent"] += spent
+    for user, kinds in keyed.items():
+        sums = out.setdefault(user, _zero())
+        for kind, (coins, points) in kinds.items():
+            _add(sums, Kind(kind), coins, points)
     return out
+
+
+def _expected(parts: dict[int, _Partition], totals: dict[str, Sums], settled: dict[int, set[int]],
+              partitions: int) -> dict[int, dict[str, Sums]]:
+    """partition -> user -> the running sums its wallet must show."""
+    # A wallet with no movement at all (say, only a budget set) must show zero coins.
+    out: dict[int, dict[str, Sums]] = {p: {u: _zero() for u in part.wallet_users} for p, part in parts.items()}
+    for user, sums in totals.items():
+        mine = out[UserKeys(user, partitions).partition].setdefault(user, _zero())
+        for name, value in sums.items():
+            mine[name] += value
+    for p, part in parts.items():
+        for seq, m in part.pending.items():
+            if seq not in settled[p]:
+                _add(out[p].setdefault(m.user_id, _zero()), m.kind, m.coins, m.points)
+    return out
+
+
+def _after(sums: Sums) -> tuple[int, ...]:
+    """A wallet's FIELDS from its running sums: the audit's formula."""
+    coins = (sums["credited"] + sums["rewarded"] + sums["adjusted"] - sums["spent"] - sums["clawed"]
+             + sums["reversed"])
+    return (coins, *(sums[f] for f in FIELDS[1:7]), sums["points_earned"] - sums["points_redeemed"],
+            sums["points_earned"], sums["points_redeemed"])
 
 
 def _as_int(value: Any) -> int | None:
@@ -99,10 +139,13 @@ def _as_int(value: Any) -> int | None:
 
 
 async def _current(redis: Redis, partitions: int, users: list[str]) -> list[tuple[int | None, ...]]:
+    """Each wallet's FIELDS. A missing coins, credited or spent is None (written as 0), a missing
+    sum of the coin economy 0 (a wallet that never had that kind of movement needs no field)."""
     pipe = redis.pipeline(transaction=False)
     for user in users:
         pipe.hmget(UserKeys(user, partitions).wallet, list(FIELDS))
-    return [tuple(_as_int(v) for v in row) for row in await pipe.execute()]
+    return [tuple(_as_int(v) if i < 3 else _as_int(v) or 0 for i, v in enumerate(row))
+            for row in await pipe.execute()]
 
 
 async def _write_partition(redis: Redis, p: int, seq: int, writes: dict[str, dict[str, int]]) -> bool:
@@ -121,17 +164,17 @@ async def _write_partition(redis: Redis, p: int, seq: int, writes: dict[str, dic
     return True
 
 
-async def _rebuild_partition(redis: Redis, p: int, part: _Partition, expected: dict[str, tuple[int, int]],
+async def _rebuild_partition(redis: Redis, p: int, part: _Partition, expected: dict[str, Sums],
                              partitions: int, dry_run: bool, report: dict[str, Any]) -> None:
     users = sorted(expected)
     current = await _current(redis, partitions, users)
     writes: dict[str, dict[str, int]] = {}
     for user, before in zip(users, current, strict=True):
-        credited, spent = expected[user]
-        after = (credited - spent, credited, spent)
+        after = _after(expected[user])
         report["coins"] += after[0]
-        report["credited"] += credited
-        report["spent"] += spent
+        report["credited"] += expected[user]["credited"]
+        report["spent"] += expected[user]["spent"]
+        report["points"] += after[7]
         if before == after:
             continue
         writes[UserKeys(user, partitions).wallet] = dict(zip(FIELDS, after, strict=True))
@@ -158,10 +201,15 @@ async def _totals_behind(redis: Redis, store: Store, p: int, part: _Partition, s
     settled = await store.partition_totals(p, 2**62)
     if settled.count <= part.seq:
         return None
-    unsettled = [v for seq, v in part.pending.items() if seq not in settled_seqs]
+    unsettled = [m for seq, m in part.pending.items() if seq not in settled_seqs]
     restored = {"seq": max([settled.count, *part.pending]),
-                "credited": settled.credited + sum(c for k, _u, c in unsettled if k is Kind.CREDIT),
-                "spent": settled.spent + sum(c for k, _u, c in unsettled if k is Kind.GIFT)}
+                "credited": settled.credited + sum(m.coins for m in unsettled if m.kind is Kind.CREDIT),
+                "spent": settled.spent + sum(m.coins for m in unsettled if m.kind is Kind.GIFT)}
+    by_kind = await store.partition_kind_totals(p, 2**62)
+    for kind in KEYED:
+        coins, points = by_kind.get(kind.value, (0, 0))
+        restored["c:" + kind.code] = coins + sum(m.coins for m in unsettled if m.kind is kind)
+        restored["q:" + kind.code] = points + sum(m.points for m in unsettled if m.kind is kind)
     done = not dry_run and await _write_partition(redis, p, part.seq, {totals_key(p): restored})
     return {"partition": p, "redis_seq": part.seq, "settled_movements": settled.count,
             "restored": restored if done else None}
@@ -180,7 +228,7 @@ async def rebuild_wallets(redis: Redis, store: Store, partitions: int, *,
     totals, settled = await _settled_stable(store, parts)
     expected = _expected(parts, totals, settled, partitions)
     report: dict[str, Any] = {
-        "dry_run": dry_run, "users": 0, "changed": 0, "coins": 0, "credited": 0, "spent": 0,
+        "dry_run": dry_run, "users": 0, "changed": 0, "coins": 0, "credited": 0, "spent": 0, "points": 0,
         "unsettled_movements": sum(len(part.pending) - len(settled[p]) for p, part in parts.items()),
         "skipped_partitions": [], "totals_behind": [], "changes": [],
     }

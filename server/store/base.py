@@ -89,3 +89,18 @@ class Store(Protocol):
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
         """user -> (coins credited, coins spent) from settled movements."""
         ...
+
+    # coin economy
+    async def partition_kind_totals(self, partition: int, max_seq: int) -> dict[str, tuple[int, int]]:
+        """kind -> (coin change, points change) summed over the partition's settled keyed movements
+        up to max_seq."""
+        ...
+
+    async def wallet_kind_totals(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """user -> kind -> (coin change, points change) of settled keyed movements."""
+        ...
+
+    async def user_movements(self, user_id: str, before_seq: int, limit: int) -> list[Movement]:
+        """The user's settled coin movements numbered below before_seq, newest first (a gift's and
+        a credit's own fields beyond the movements row are left empty)."""
+        ...

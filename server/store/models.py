@@ -25,6 +25,8 @@ ORDERS_PAID = (ORDER_PAID, ORDER_CREDITED, ORDER_REFUNDED, ORDER_DISPUTED, ORDER
 PAYMENTS_ACCOUNT = "platform:payments"  # coins issued against money received
 GIFT_REVENUE_ACCOUNT = "platform:gifts"  # coins spent on gifts
 DIAMOND_POOL_ACCOUNT = "platform:diamonds"  # diamonds owed to hosts
+REWARDS_ACCOUNT = "platform:rewards"  # reward points issued, and coins bought with them
+ADJUSTMENTS_ACCOUNT = "platform:adjustments"  # support's corrections
 USER_ACCOUNT_PREFIX = "user:"
 HOST_ACCOUNT_PREFIX = "host:"
 

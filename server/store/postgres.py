@@ -35,6 +35,7 @@ from server.store.models import (
     in_order,
     now_ms,
 )
+from server.store.rows import kind_totals, movement_of
 
 POOL_MIN = 1
 POOL_MAX = 8
@@ -53,16 +54,16 @@ def _pg(sql: str) -> str:
     return queries.numbered(sql)
 
 
-_MOVEMENT_COLUMNS = ["part", "seq", "kind", "user_id", "coins", "ref", "ts_ms"]
+_MOVEMENT_COLUMNS = ["part", "seq", "kind", "user_id", "coins", "ref", "ts_ms", "points"]
 # The keyed insert, for batches holding movements settled before.
 _INSERT_MOVEMENTS = (
-    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, ts_ms)"
+    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, ts_ms, points)"
     " SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],"
-    " $7::bigint[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
+    " $7::bigint[], $8::bigint[]) ON CONFLICT (part, seq) DO NOTHING RETURNING part, seq")
 # A movement settled before, to tell a redelivery (the same row) from a reused number; every
 # column compared is an integer or text.
 _SETTLED_MOVEMENTS = (
-    "SELECT m.part, m.seq, m.kind, m.user_id, m.coins, m.ref, m.ts_ms FROM movements m"
+    "SELECT m.part, m.seq, m.kind, m.user_id, m.coins, m.ref, m.ts_ms, m.points FROM movements m"
     " JOIN unnest($1::int[], $2::bigint[]) AS k(part, seq) ON m.part = k.part AND m.seq = k.seq")
 # Gift and ledger rows go in by binary COPY (about 1.5x faster than unnest here). They are
 # keyed by movements inserted just now, so no conflict is possible; if one happens the ledger
@@ -376,3 +377,14 @@ class PostgresStore:
 
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
         return {r[0]: (int(r[1]), int(r[2])) for r in await self._fetch(_pg(queries.WALLET_TOTALS))}
+
+    async def partition_kind_totals(self, partition: int, max_seq: int) -> dict[str, tuple[int, int]]:
+        rows = await self._fetch(_pg(queries.PARTITION_KIND_TOTALS), partition, max_seq)
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    async def wallet_kind_totals(self) -> dict[str, dict[str, tuple[int, int]]]:
+        return kind_totals(await self._fetch(_pg(queries.WALLET_KIND_TOTALS)))
+
+    async def user_movements(self, user_id: str, before_seq: int, limit: int) -> list[Movement]:
+        rows = await self._fetch(_pg(queries.USER_MOVEMENTS), user_id, before_seq, limit)
+        return [movement_of(user_id, r) for r in rows]

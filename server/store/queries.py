@@ -104,6 +104,19 @@ UNBALANCED_MOVEMENTS = (
     " HAVING SUM(delta) <> 0 ORDER BY part, seq, unit LIMIT ?")
 
 
+# coin economy: per-kind figures of keyed movements (audit, rebuild) and a user's statement
+PARTITION_KIND_TOTALS = (
+    "SELECT kind, COALESCE(SUM(coins), 0), COALESCE(SUM(points), 0) FROM movements"
+    " WHERE part = ? AND seq <= ? AND kind NOT IN ('gift', 'credit') GROUP BY kind")
+WALLET_KIND_TOTALS = (
+    "SELECT user_id, kind, COALESCE(SUM(coins), 0), COALESCE(SUM(points), 0) FROM movements"
+    " WHERE kind NOT IN ('gift', 'credit') GROUP BY user_id, kind")
+# Newest first, strictly before the cursor's sequence number (movements_user_seq, 0003_wallet.sql).
+USER_MOVEMENTS = (
+    "SELECT part, seq, kind, coins, ref, ts_ms, points FROM movements"
+    " WHERE user_id = ? AND seq < ? AND kind NOT IN ('check_in', 'points_grant') ORDER BY seq DESC LIMIT ?")
+
+
 def numbered(sql: str) -> str:
     """`?` placeholders as asyncpg's `$1, $2, ...` (none of our statements has `?` in a literal)."""
     counter = itertools.count(1)

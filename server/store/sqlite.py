@@ -30,6 +30,7 @@ from server.store.models import (
     in_order,
     now_ms,
 )
+from server.store.rows import kind_totals, movement_of
 
 T = TypeVar("T")
 _CHUNK = 400  # host parameters per IN (...) query, under SQLite's limit
@@ -283,6 +284,17 @@ class SQLiteStore:
     async def wallet_totals(self) -> dict[str, tuple[int, int]]:
         rows = await self._run(lambda c: c.execute(q.WALLET_TOTALS).fetchall())
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    async def partition_kind_totals(self, partition: int, max_seq: int) -> dict[str, tuple[int, int]]:
+        rows = await self._run(lambda c: c.execute(q.PARTITION_KIND_TOTALS, (partition, max_seq)).fetchall())
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    async def wallet_kind_totals(self) -> dict[str, dict[str, tuple[int, int]]]:
+        return kind_totals(await self._run(lambda c: c.execute(q.WALLET_KIND_TOTALS).fetchall()))
+
+    async def user_movements(self, user_id: str, before_seq: int, limit: int) -> list[Movement]:
+        rows = await self._run(lambda c: c.execute(q.USER_MOVEMENTS, (user_id, before_seq, limit)).fetchall())
+        return [movement_of(user_id, r) for r in rows]
 
 
 def _order_row(o: Order) -> tuple[Any, ...]:

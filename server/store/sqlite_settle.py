@@ -7,6 +7,8 @@ mostly took turns. Here Python binds the 14 staged columns of each movement in m
 INSERTs, and SQLite derives movements, gifts, ledger legs, host credit and credited orders
 from the stage in one statement each, without the GIL. The rows are the ones rows.py
 gives (PostgreSQL COPYs those); tests/test_store_settle.py pins them column by column on both.
+Keyed movements (claw-backs, rewards, adjustments: a handful, never thousands a second) take their
+ledger legs from rows.py itself, bound from Python.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from server.store.models import (
     SettleResult,
     now_ms,
 )
+from server.store.rows import keyed_legs
 
 # kind is the movement's Kind (its ledger name). Keyed on (part, seq) like movements: a movement
 # delivered twice in one batch is staged once (the first copy), and the stage reads back in key
@@ -35,13 +38,13 @@ _CREATE_STAGE = """CREATE TEMP TABLE IF NOT EXISTS settle_stage (
     part INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, user_id TEXT NOT NULL,
     coins INTEGER NOT NULL, ts_ms INTEGER NOT NULL, ref TEXT NOT NULL, sender_name TEXT NOT NULL,
     host_id TEXT NOT NULL, room_id TEXT NOT NULL, gift TEXT NOT NULL, count INTEGER NOT NULL,
-    share_bp INTEGER NOT NULL, client_id TEXT NOT NULL,
+    share_bp INTEGER NOT NULL, client_id TEXT NOT NULL, points INTEGER NOT NULL,
     PRIMARY KEY (part, seq)) WITHOUT ROWID"""
-_WIDTH = 14
+_WIDTH = 15
 _ROW = "(" + ",".join("?" * _WIDTH) + ")"
 # Rows per staging INSERT: powers of two, so a batch of any size uses a few statements that
 # sqlite3 has compiled and cached already (compiling costs about as much as running one). At
-# most 2048 rows (28,672 variables, under SQLite's default limit of 32,766 since 3.32; older
+# most 2048 rows (30,720 variables, under SQLite's default limit of 32,766 since 3.32; older
 # builds allow 999, and _max_rows() asks the connection).
 _MAX_ROWS = 2048
 # ON CONFLICT, not OR IGNORE: IGNORE would also drop a row breaking NOT NULL, silently.
@@ -53,13 +56,13 @@ _STAGE_SQL = {n: f"INSERT INTO settle_stage VALUES {','.join([_ROW] * n)} ON CON
 _REUSED = (
     "SELECT s.part, s.seq FROM settle_stage s JOIN movements m ON m.part = s.part AND m.seq = s.seq"
     " WHERE m.user_id <> s.user_id OR m.coins <> s.coins OR m.ref <> s.ref OR m.ts_ms <> s.ts_ms"
-    " OR m.kind <> s.kind LIMIT 1")
+    " OR m.kind <> s.kind OR m.points <> s.points LIMIT 1")
 # Settled before (a redelivery): not new, so nothing below may write it again.
 _DROP_SETTLED = ("DELETE FROM settle_stage WHERE EXISTS"
                  " (SELECT 1 FROM movements m WHERE m.part = settle_stage.part AND m.seq = settle_stage.seq)")
 _MOVEMENTS = (
-    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, ts_ms)"
-    " SELECT part, seq, kind, user_id, coins, ref, ts_ms FROM settle_stage")
+    "INSERT INTO movements (part, seq, kind, user_id, coins, ref, ts_ms, points)"
+    " SELECT part, seq, kind, user_id, coins, ref, ts_ms, points FROM settle_stage")
 _GIFTS = (
     "INSERT INTO gifts (id, part, seq, sender_id, sender_name, host_id, room_id, gift, count,"
     " coins, share_bp, diamond_units, client_id, sent_ms, settled_ms)"
@@ -77,7 +80,10 @@ _LEDGER = (
     " CASE l.leg WHEN 0 THEN -s.coins WHEN 1 THEN s.coins WHEN 2 THEN -s.coins * s.share_bp"
     " ELSE s.coins * s.share_bp END"
     " FROM settle_stage s CROSS JOIN (SELECT 0 AS leg UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) l"
-    " WHERE l.leg < 2 OR s.kind = 'gift'")
+    " WHERE s.kind IN ('gift', 'credit') AND (l.leg < 2 OR s.kind = 'gift')")
+# Keyed movements new in this batch: their legs come from rows.keyed_legs.
+_KEYED_FRESH = "SELECT part, seq FROM settle_stage WHERE kind NOT IN ('gift', 'credit')"
+_INSERT_LEG = "INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)"
 _LEDGER_NAMES = {"payments": PAYMENTS_ACCOUNT, "gift_revenue": GIFT_REVENUE_ACCOUNT,
                  "diamond_pool": DIAMOND_POOL_ACCOUNT, "user_prefix": USER_ACCOUNT_PREFIX,
                  "host_prefix": HOST_ACCOUNT_PREFIX}
@@ -99,10 +105,10 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
         return SettleResult(0, 0, 0, 0)
     flat: list[int | str] = []
     put = flat.extend
-    credit = Kind.CREDIT
+    gift = Kind.GIFT
     for m in movements:
-        put((m.partition, m.seq, m.kind, m.user_id, m.coins, m.ts_ms, m.order_id if m.kind is credit else m.gift_id,
-             m.sender_name, m.host_id, m.room_id, m.gift, m.count, m.share_bp, m.client_id))
+        put((m.partition, m.seq, m.kind, m.user_id, m.coins, m.ts_ms, m.gift_id if m.kind is gift else m.order_id,
+             m.sender_name, m.host_id, m.room_id, m.gift, m.count, m.share_bp, m.client_id, m.points))
     conn.execute(_CREATE_STAGE)
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -115,6 +121,7 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
         now = {"now": now_ms()}
         gifts = conn.execute(_GIFTS, now).rowcount
         conn.execute(_LEDGER, _LEDGER_NAMES)
+        _keyed_ledger(conn, movements)
         conn.execute(_HOSTS)
         conn.execute(_ORDERS, now)
         conn.execute("DELETE FROM settle_stage")
@@ -123,6 +130,20 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
         conn.execute("ROLLBACK")  # the stage too: it is part of the transaction
         raise
     return SettleResult(fresh, gifts, fresh - gifts, len(movements) - fresh)
+
+
+def _keyed_ledger(conn: sqlite3.Connection, movements: list[Movement]) -> None:
+    """The legs of the batch's new keyed movements (the first copy of each, like the stage)."""
+    fresh = {(int(r[0]), int(r[1])) for r in conn.execute(_KEYED_FRESH)}
+    if not fresh:
+        return
+    legs: list[tuple[int, int, int, str, str, int]] = []
+    for m in movements:
+        key = (m.partition, m.seq)
+        if key in fresh:
+            fresh.discard(key)
+            legs.extend(keyed_legs(m))
+    conn.executemany(_INSERT_LEG, legs)
 
 
 def _max_rows(conn: sqlite3.Connection) -> int:

@@ -1,6 +1,7 @@
 -- send_gift.lua: debit a gift from the sender's wallet, exactly once per client id.
 -- All keys share the sender's partition tag {p<k>}.
--- KEYS[1] wallet hash      (coins, credited, spent, gifts, restricted, budget, m:<YYYY-MM>)
+-- KEYS[1] wallet hash      (coins, credited, spent, gifts, restricted, budget, budget_next, budget_from,
+--                          m:<YYYY-MM>)
 -- KEYS[2] idempotency key  ("<fingerprint>\n<gift_id>\n<balance>\n<debit ms>", expires after ARGV[4] s)
 -- KEYS[3] partition totals (seq, credited, spent)
 -- KEYS[4] partition outbox stream
@@ -23,13 +24,17 @@ if seen then
   return {'ok', gift_id, tonumber(balance), 1, tonumber(at)}
 end
 local month = 'm:' .. ARGV[3]
-local w = redis.call('HMGET', KEYS[1], 'coins', 'restricted', 'budget', month, 'spent', 'gifts')
+local w = redis.call('HMGET', KEYS[1], 'coins', 'restricted', 'budget', month, 'spent', 'gifts', 'budget_next',
+  'budget_from')
 local coins = tonumber(w[1] or '0')
 local cost = tonumber(ARGV[2])
 local month_spent = tonumber(w[4] or '0')
+-- A raised or removed budget (set_budget.lua) applies from budget_from on; 'none' removes it.
+local budget = w[3]
+if w[8] and tonumber(ARGV[6]) >= tonumber(w[8]) then budget = w[7] ~= 'none' and w[7] or false end
 if w[2] == '1' or coins < 0 then return {'err', 'account_restricted'} end
 if coins < cost then return {'err', 'insufficient_funds'} end
-if w[3] and month_spent + cost > tonumber(w[3]) then return {'err', 'budget_exceeded'} end
+if budget and month_spent + cost > tonumber(budget) then return {'err', 'budget_exceeded'} end
 
 -- '%d': a Lua number handed to redis.call as is may be written in exponent form when large.
 -- Lua numbers are doubles: sums stay exact below 2^53 coins (9e15), past any real total.
