@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from server import metrics
     from server.app import create_app
+    from server.guard import GuardedHttpProtocol, GuardedWebSocketProtocol
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
                          settler=False if args.no_settler else None)
@@ -74,10 +75,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         emb = embedded.start(settings.data_dir)
         settings = settings.with_(redis_url=emb.url)
     common: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, ws="websockets-sansio", http="httptools", loop="uvloop",
+        host=settings.host, port=settings.port, loop="uvloop",
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s, ws_per_message_deflate=False, lifespan="on",
         log_level=settings.log_level, timeout_graceful_shutdown=30, access_log=False,
+        # uvicorn's httptools and websockets-sansio protocols with the limits they lack
+        # (server/guard.py): a request head's size and time, connections per address, pongs
+        # within the send-buffer cap.
+        http=GuardedHttpProtocol, ws=GuardedWebSocketProtocol, timeout_keep_alive=settings.http_idle_timeout_s,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
     try:
         if settings.workers > 1:

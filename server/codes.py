@@ -14,6 +14,9 @@ class Err(StrEnum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "body_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     UNKNOWN_GIFT = "unknown_gift"
     UNKNOWN_PACKAGE = "unknown_package"
@@ -40,6 +43,9 @@ HTTP_STATUS: dict[Err, int] = {
     Err.FORBIDDEN: 403,
     Err.NOT_FOUND: 404,
     Err.METHOD_NOT_ALLOWED: 405,
+    Err.BODY_TOO_LARGE: 413,
+    Err.HEADERS_TOO_LARGE: 431,
+    Err.TOO_MANY_CONNECTIONS: 429,
     Err.INSUFFICIENT_FUNDS: 402,
     Err.UNKNOWN_GIFT: 400,
     Err.UNKNOWN_PACKAGE: 400,

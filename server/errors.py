@@ -126,4 +126,7 @@ def http_status_and_body(exc: BaseException) -> tuple[int, dict[str, str]]:
 def http_response(exc: BaseException) -> JSONResponse:
     """The one HTTP error body: {"code", "message"} with the code's status."""
     status, body = http_status_and_body(exc)
+    if isinstance(exc, GiftstreamError) and exc.code is Err.BODY_TOO_LARGE:
+        # The rest of the body is never read: the connection ends with this answer.
+        return JSONResponse(body, status_code=status, headers={"connection": "close"})
     return JSONResponse(body, status_code=status)

@@ -20,8 +20,8 @@ from server.node import Node
 from server.protocol import plain
 from server.store.models import UNITS_PER_DIAMOND, Room, now_ms
 
+# Every JSON body the API takes is a few hundred bytes.
 MAX_BODY = 16 * 1024
-
 
 
 def node_of(request: Request) -> Node:
@@ -32,10 +32,24 @@ def principal_of(request: Request) -> auth.Principal:
     return auth.verify(node_of(request).settings.secret or "", auth.bearer(request.headers.get("authorization")))
 
 
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, read as it comes and refused (413) past `limit` bytes: a 100 MB
+    chunked body never sits in memory, and a too-large Content-Length is refused unread."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise GiftstreamError(Err.BODY_TOO_LARGE, f"body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GiftstreamError(Err.BODY_TOO_LARGE, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise GiftstreamError(Err.BAD_REQUEST, "body too large")
+    raw = await read_body(request)
     try:
         body = json.loads(raw or b"{}")
     except ValueError:

@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server import catalog as catalog_mod
-from server import errors
+from server import errors, guard
 from server.batcher import ScriptBatcher
 from server.embedded import Embedded
 from server.fastpipe import FastPipe
@@ -58,6 +58,7 @@ class Node:
         self.redis = redis_client(settings.redis_url, decode=True)
         self.redis_bin = redis_client(settings.redis_url, decode=False)
         self.store: Store = open_store(settings.effective_database_url)
+        guard.configure(settings)  # the limits of this process's HTTP and WebSocket protocols
         self.scripts = Scripts()
         self.fastpipe = FastPipe(settings.redis_url)
         self.batcher = ScriptBatcher(self.redis, self.scripts, self.fastpipe, max_inflight=settings.redis_inflight)

@@ -72,6 +72,18 @@ class Settings:
     gift_rate_per_s: float = 20.0
     gift_burst: int = 50
     max_frame_bytes: int = 64 * 1024
+    # Open connections (HTTP and WebSocket) per peer address on this node (0: no cap). Loopback
+    # peers are exempt unless ip_cap_loopback: load tests and a local reverse proxy come from
+    # 127.0.0.1 (behind a proxy every client shares its address: cap there instead).
+    max_connections_per_ip: int = 1000
+    ip_cap_loopback: bool = False
+    # An HTTP request's head (request line and headers) may be this large and take this long to
+    # arrive; past either the connection is refused (431) or dropped. httptools alone took an
+    # 8 MB header and kept 300 silent and slowloris connections open indefinitely.
+    http_max_header_bytes: int = 64 * 1024
+    http_header_timeout_s: float = 10.0
+    # An idle kept-alive HTTP connection is closed after this long (uvicorn's timeout_keep_alive).
+    http_idle_timeout_s: float = 5.0
     idempotency_ttl_s: int = 24 * 3600
     max_gift_count: int = 9999
     # Lua pipelines in flight to Redis at once. Calls made while they are all out wait and
@@ -117,10 +129,11 @@ _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
         "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight",
         "republish_window_s", "budget_raise_delay_s", "check_in_points", "reward_rate_points",
-        "reward_rate_coins"}
+        "reward_rate_coins", "max_connections_per_ip", "http_max_header_bytes"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
-          "presence_interval_s", "settle_linger_ms", "fanout_slice_ms", "fanout_share"}
-_BOOL = {"settler", "migrate_on_start", "takeover"}
+          "presence_interval_s", "settle_linger_ms", "fanout_slice_ms", "fanout_share",
+          "http_header_timeout_s", "http_idle_timeout_s"}
+_BOOL = {"settler", "migrate_on_start", "takeover", "ip_cap_loopback"}
 
 
 def _convert(name: str, raw: str) -> Any:

@@ -21,6 +21,6 @@ class TransportProbe:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             proto = getattr(send, "__self__", None)
-            if proto is not None and type(proto).__name__ == "WebSocketsSansIOProtocol":
+            if proto is not None and any(c.__name__ == "WebSocketsSansIOProtocol" for c in type(proto).__mro__):
                 scope[SCOPE_KEY] = proto
         await self.app(scope, receive, send)

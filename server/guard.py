@@ -1,0 +1,216 @@
+"""Limits uvicorn does not keep, kept in its protocols: headers, idle sockets, peers, pongs.
+
+uvicorn runs the httptools parser here, which takes a header of any size (an 8 MB one was
+accepted whole) and has no deadline for a request's head: a silent connection or a slowloris
+that sends a byte now and then was held open forever (its `timeout_keep_alive` only runs
+between two requests). Its websockets protocol writes the pong of every ping straight to the
+transport, outside any cap: pings from a peer that never reads grew the server by 80 MB.
+
+`GuardedHttpProtocol` and `GuardedWebSocketProtocol` are uvicorn's own protocols with those
+limits added (`serve` passes them as `http=` and `ws=`); a socket taken over after its join
+(rooms/takeover.py) keeps the send-buffer cap in `RoomProtocol`. The limits are set once per
+process from the settings (`configure`), as uvicorn builds its protocols itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from server import errors
+from server.codes import HTTP_STATUS, Err, GiftstreamError
+from server.settings import Settings
+
+log = logging.getLogger("giftstream.guard")
+
+# Seconds a socket refused as a slow consumer has to take its close frame before it is dropped.
+CLOSE_GRACE_S = 2.0
+# New connections between two sweeps of the per-address table (peers that left for good).
+SWEEP_EVERY = 1024
+
+
+@dataclass
+class Limits:
+    header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    per_ip: int = 0
+    per_ip_loopback: bool = False
+    send_buffer_cap: int = 1 << 20
+
+
+LIMITS = Limits()
+
+
+def configure(settings: Settings) -> None:
+    """The limits of this process's protocols (one per process: uvicorn makes the protocols)."""
+    global LIMITS
+    LIMITS = Limits(settings.http_max_header_bytes, settings.http_header_timeout_s,
+                    settings.max_connections_per_ip, settings.ip_cap_loopback, settings.send_buffer_cap)
+
+
+class PeerTable:
+    """Open connections per peer address, HTTP and WebSocket alike. A connection counts until
+    its transport closes, whichever protocol then owns it (uvicorn's, or a taken-over room's)."""
+
+    def __init__(self) -> None:
+        self.by_ip: dict[str, set[asyncio.BaseTransport]] = {}
+        self._since_sweep = 0
+
+    def admit(self, ip: str, transport: asyncio.BaseTransport, cap: int) -> bool:
+        self._since_sweep += 1
+        if self._since_sweep >= SWEEP_EVERY:
+            self._since_sweep = 0
+            for key in list(self.by_ip):
+                self._prune(key)
+        live = self.by_ip.setdefault(ip, set())
+        if len(live) >= cap:
+            self._prune(ip)
+            live = self.by_ip.setdefault(ip, set())
+            if len(live) >= cap:
+                return False
+        live.add(transport)
+        return True
+
+    def _prune(self, ip: str) -> None:
+        live = {t for t in self.by_ip.get(ip, ()) if not t.is_closing()}
+        if live:
+            self.by_ip[ip] = live
+        else:
+            self.by_ip.pop(ip, None)
+
+    def count(self, ip: str) -> int:
+        self._prune(ip)
+        return len(self.by_ip.get(ip, ()))
+
+
+PEERS = PeerTable()
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def http_refusal(code: Err, message: str) -> bytes:
+    """A whole HTTP/1.1 answer with the one error body, for refusals made below the app."""
+    _, body = errors.http_status_and_body(GiftstreamError(code, message))
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    status = HTTP_STATUS[code]
+    reason = {413: "Content Too Large", 429: "Too Many Requests",
+              431: "Request Header Fields Too Large"}.get(status, "Error")
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(raw)}\r\nconnection: close\r\n\r\n").encode() + raw
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a cap on a request head's size and time, and on
+    connections per peer address."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Bytes of the current request's head so far; None once its headers are complete.
+        self.head_bytes: int | None = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limits = LIMITS
+        ip = self.client[0] if self.client else ""
+        capped = limits.per_ip > 0 and (limits.per_ip_loopback or not _is_loopback(ip))
+        if capped and not PEERS.admit(ip, transport, limits.per_ip):
+            self._refuse(Err.TOO_MANY_CONNECTIONS, "too many connections from this address")
+            return
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_bytes is None:
+            super().data_received(data)
+            return
+        if self.head_timer is None:
+            self._start_head_timer()  # the first byte of the next request on a kept-alive connection
+        room = LIMITS.header_bytes - self.head_bytes
+        if len(data) <= room:
+            self.head_bytes += len(data)
+            super().data_received(data)
+            return
+        # Only as much as the limit allows is parsed: a head that is still not complete then is
+        # refused, whatever else the client has sent.
+        self.head_bytes += room
+        super().data_received(data[:room])
+        if self.head_bytes is not None:
+            if not self.transport.is_closing():
+                self._refuse(Err.HEADERS_TOO_LARGE, f"request head larger than {LIMITS.header_bytes} bytes")
+            return
+        rest = data[room:]
+        owner = self.transport.get_protocol()
+        if owner is self:
+            super().data_received(rest)
+        elif isinstance(owner, asyncio.Protocol):  # upgraded to a WebSocket within this read
+            owner.data_received(rest)
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes = None
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.head_bytes = 0  # what comes next is the head of the next request
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        if LIMITS.header_timeout_s > 0:
+            self.head_timer = self.loop.call_later(LIMITS.header_timeout_s, self._head_timeout)
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timeout(self) -> None:
+        """A request head not complete in time (a silent connection, a slowloris): dropped."""
+        self.head_timer = None
+        if self.head_bytes is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self, code: Err, message: str) -> None:
+        self._stop_head_timer()
+        self.head_bytes = None
+        self.transport.write(http_refusal(code, message))
+        self.transport.close()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets protocol whose pongs count against `send_buffer_cap` (a socket that
+    stays with uvicorn: before its join is done, or with GIFTSTREAM_TAKEOVER=0)."""
+
+    def handle_ping(self) -> None:
+        if self.close_sent:
+            self.conn.data_to_send()  # a pong after our close frame: nobody needs it
+            return
+        super().handle_ping()
+        if self.transport.get_write_buffer_size() > LIMITS.send_buffer_cap:
+            self.close_slow()
+
+    def close_slow(self) -> None:
+        """Close as a slow consumer (4008) and stop reading; dropped after a grace period."""
+        code, reason = errors.closing(errors.SLOW_CONSUMER)
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.pause_reading()
+        self.loop.call_later(CLOSE_GRACE_S, self.transport.abort)
