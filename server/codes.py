@@ -89,6 +89,9 @@ class Close(IntEnum):
     ROOM_ENDED = 4410
     # Keepalive pong did not arrive in time.
     PING_TIMEOUT = 4408
+    # This user already has max_sockets_per_user_room sockets in this room on this node, or
+    # max_sockets_per_user on this node: close one, or reconnect after the advised delay.
+    TOO_MANY_CONNECTIONS = 4429
 
 
 class GiftstreamError(Exception):

@@ -73,6 +73,8 @@ UNAUTHORIZED = Disconnect(Close.UNAUTHORIZED, "unauthorized", False)
 ROOM_NOT_FOUND = Disconnect(Close.ROOM_NOT_FOUND, "room not found or not live", False)
 ROOM_ENDED = Disconnect(Close.ROOM_ENDED, "room ended", False)
 PING_TIMEOUT = Disconnect(Close.PING_TIMEOUT, "keepalive ping timeout", True, 0, 1000)
+# Slow on purpose: the user's other sockets must close first (a reload's old tab, say).
+TOO_MANY_CONNECTIONS = Disconnect(Close.TOO_MANY_CONNECTIONS, "too many connections", True, 5000, 5000)
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -108,6 +110,8 @@ def close_for(exc: BaseException) -> Disconnect:
     """The close frame for a failure that ends a socket."""
     if isinstance(exc, GiftstreamError) and exc.code is Err.UNAUTHORIZED:
         return UNAUTHORIZED.with_reason(exc.message)
+    if isinstance(exc, GiftstreamError) and exc.code is Err.TOO_MANY_CONNECTIONS:
+        return TOO_MANY_CONNECTIONS
     if is_unreachable(exc):
         return TRY_AGAIN_LATER
     log.error("room socket failed", exc_info=exc)

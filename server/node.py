@@ -65,7 +65,8 @@ class Node:
         self.catalog = catalog_mod.load()
         self.wallet = Wallet(self.redis, self.batcher, settings)
         self.rooms = Rooms(self.redis_bin, self.batcher, settings)
-        self.hub = Hub(settings.tick_ms, settings.pass_slice, settings.fanout_slice_ms, settings.fanout_share)
+        self.hub = Hub(settings.tick_ms, settings.pass_slice, settings.fanout_slice_ms, settings.fanout_share,
+                       per_user_room=settings.max_sockets_per_user_room, per_user=settings.max_sockets_per_user)
         self.bus = Bus(settings.redis_url, self.hub.deliver, catch_up=self.catch_up)
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
         self.gifts = Gifts(settings, self.catalog, self.wallet, self.rooms, self.hub)

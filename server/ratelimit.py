@@ -1,4 +1,4 @@
-"""Per-connection token bucket: `rate` gifts per second, bursts up to `burst`."""
+"""Per-connection token bucket: `rate` per second (gifts, resumes, pings), bursts up to `burst`."""
 
 from __future__ import annotations
 

@@ -72,6 +72,19 @@ class Settings:
     gift_rate_per_s: float = 20.0
     gift_burst: int = 50
     max_frame_bytes: int = 64 * 1024
+    # Resumes one socket may ask for: each replays up to resume_max_events from Redis (100
+    # resumes of a 2,000-event room cost 2.6 s of gateway CPU and raised everyone's latency).
+    # A client resumes once per reconnect; more is answered `rate_limited` and not run.
+    resume_rate_per_s: float = 0.5
+    resume_burst: int = 5
+    # Application pings one socket may send; more are dropped unanswered (46,000 pings/s from
+    # one socket raised another user's gift round trip from 2-4 ms to 16-43 ms).
+    ping_rate_per_s: float = 2.0
+    ping_burst: int = 10
+    # Room sockets one user may hold on this node, in one room and in all (0: no cap). One token
+    # opened 1,000 sockets in one room; a person needs a few (tabs, a phone).
+    max_sockets_per_user_room: int = 8
+    max_sockets_per_user: int = 64
     # Open connections (HTTP and WebSocket) per peer address on this node (0: no cap). Loopback
     # peers are exempt unless ip_cap_loopback: load tests and a local reverse proxy come from
     # 127.0.0.1 (behind a proxy every client shares its address: cap there instead).
@@ -129,10 +142,11 @@ _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
         "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight",
         "republish_window_s", "budget_raise_delay_s", "check_in_points", "reward_rate_points",
-        "reward_rate_coins", "max_connections_per_ip", "http_max_header_bytes"}
+        "reward_rate_coins", "max_connections_per_ip", "http_max_header_bytes", "resume_burst", "ping_burst",
+        "max_sockets_per_user_room", "max_sockets_per_user"}
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s", "settle_linger_ms", "fanout_slice_ms", "fanout_share",
-          "http_header_timeout_s", "http_idle_timeout_s"}
+          "http_header_timeout_s", "http_idle_timeout_s", "resume_rate_per_s", "ping_rate_per_s"}
 _BOOL = {"settler", "migrate_on_start", "takeover", "ip_cap_loopback"}
 
 

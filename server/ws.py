@@ -20,6 +20,7 @@ from server.codes import Err, GiftstreamError
 from server.errors import Disconnect
 from server.gifts import Sender
 from server.node import Node
+from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
 from server.rooms.hub import offset_after
 from server.rooms.takeover import RoomProtocol
@@ -91,6 +92,11 @@ class Session:
         self.room: RoomProtocol | None = None
         self.bad_frames = 0
         self._resuming: asyncio.Task[None] | None = None
+        # A resume replays part of the room from Redis; a ping costs a reply: one socket gets a
+        # few of each, so it cannot take the node's CPU from everyone else.
+        settings = node.settings
+        self.resumes = TokenBucket(settings.resume_rate_per_s, settings.resume_burst)
+        self.pings = TokenBucket(settings.ping_rate_per_s, settings.ping_burst)
 
     async def join(self) -> bool:
         node, conn = self.node, self.conn
@@ -157,9 +163,14 @@ class Session:
         if isinstance(msg, protocol.Gift):
             self.node.gifts.submit(self.sender, msg)
         elif isinstance(msg, protocol.Resume):
+            if not self.resumes.take():
+                limited = GiftstreamError(Err.RATE_LIMITED, "too many resumes; wait and resume once")
+                self.conn.reply(errors.reply_for(limited, msg.id))
+                return
             # Resumes of one socket run one after another, in the order they came.
             self._resuming = self._spawn(self._resume_in_turn(msg, self._resuming))
-        elif isinstance(msg, protocol.Ping):
+        elif isinstance(msg, protocol.Ping) and self.pings.take():
+            # Over the rate a ping is dropped: no answer costs the least.
             self.conn.reply({"type": "pong", "id": msg.id, "ts": int(time.time() * 1000)})
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:

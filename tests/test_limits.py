@@ -5,15 +5,19 @@ per user and connections per address."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+import websockets
 
-from tests.support import Api, ServerProc, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, token, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,3 +187,151 @@ async def _refused_one(server: ServerProc) -> bool:
     status, _ = await asyncio.wait_for(_http_head(reader), 10)
     writer.close()
     return status == 429
+
+
+# --- WebSocket: ping floods, rates, sockets per user -------------------------------------------
+
+
+def _raw_ws(port: int, path: str) -> socket.socket:
+    """A client that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head
+    return sock
+
+
+def _ping_frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    return bytes([0x89, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _flood(sock: socket.socket, limit: int) -> int:
+    """Pings until the server drops the socket; the bytes sent by then (or `limit`)."""
+    batch = _ping_frame(b"p" * 125) * 500
+    sock.settimeout(15)
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(batch)
+            sent += len(batch)
+    except (ConnectionResetError, BrokenPipeError, TimeoutError):
+        return sent
+    return sent
+
+
+@pytest.mark.parametrize("takeover", ["1", "0"])
+async def test_a_ping_flood_on_a_socket_that_never_reads_is_closed_as_slow(
+        make_server: Callable[..., ServerProc], redis_url: str, takeover: str) -> None:
+    server = make_server(redis_url=redis_url, env={"GIFTSTREAM_TAKEOVER": takeover,
+                                                   "GIFTSTREAM_SEND_BUFFER_CAP": "65536",
+                                                   "GIFTSTREAM_SOCKET_SNDBUF": "16384"}).start()
+    room = await _room(server)
+    rss_before = _rss_kb(_pid(server))
+    sock = _raw_ws(server.port, f"/v1/rooms/{room}/ws?token={token('flooder')}")
+    try:
+        sent = await asyncio.to_thread(_flood, sock, 40 * 1024 * 1024)
+    finally:
+        sock.close()
+    assert sent < 40 * 1024 * 1024, "the flood was never cut off"
+    assert _rss_kb(_pid(server)) - rss_before < 30_000
+    async with httpx.AsyncClient(base_url=server.base) as client:
+        text = (await client.get("/metrics")).text
+    assert 'giftstream_closes_total{code="4008"}' in text
+
+
+async def _until_reply(client: Client, msg_id: str) -> list[dict[str, Any]]:
+    """Every message up to the reply with this id (replies keep the order of the requests)."""
+    seen: list[dict[str, Any]] = []
+    while True:
+        msg = await client.recv(10)
+        seen.append(msg)
+        if msg.get("id") == msg_id and msg["type"] == "error":
+            return seen
+
+
+async def test_resumes_over_the_rate_are_refused_and_not_run(make_server: Callable[..., ServerProc],
+                                                             redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={"GIFTSTREAM_RESUME_BURST": "3",
+                                                   "GIFTSTREAM_RESUME_RATE_PER_S": "0.01"}).start()
+    room = await _room(server)
+    async with join(server, room, token("res")) as c:
+        since = c.welcome["offset"]
+        for i in range(10):
+            await c.send({"type": "resume", "since": since, "id": f"r{i}"})
+        await c.send({"type": "resume", "since": "not-an-offset", "id": "end"})
+        seen = await _until_reply(c, "end")
+    limited = [m for m in seen if m["type"] == "error" and m["code"] == "rate_limited"]
+    assert sorted(m["id"] for m in limited) == sorted(f"r{i}" for i in range(3, 10))
+    assert limited[0]["message"] == "too many resumes; wait and resume once"
+
+
+async def test_pings_over_the_rate_are_dropped(make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={"GIFTSTREAM_PING_BURST": "5",
+                                                   "GIFTSTREAM_PING_RATE_PER_S": "0.01"}).start()
+    room = await _room(server)
+    async with join(server, room, token("pinger")) as c:
+        for i in range(200):
+            await c.send({"type": "ping", "id": f"p{i}"})
+        await c.send({"type": "resume", "since": "not-an-offset", "id": "end"})
+        seen = await _until_reply(c, "end")
+    pongs = [m["id"] for m in seen if m["type"] == "pong"]
+    assert pongs == [f"p{i}" for i in range(5)]
+
+
+async def _closed_with(server: ServerProc, room: str, user: str) -> tuple[int, dict[str, Any]]:
+    url = f"{server.ws_base}/v1/rooms/{room}/ws?token={token(user)}"
+    async with websockets.connect(url, subprotocols=["giftstream.msgpack"]) as ws:  # type: ignore[list-item]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, json.loads(closed.value.rcvd.reason)
+
+
+async def test_sockets_per_user_are_capped_and_a_user_is_one_viewer(make_server: Callable[..., ServerProc],
+                                                                    redis_url: str) -> None:
+    server = make_server(redis_url=redis_url, env={**FAST, "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2",
+                                                   "GIFTSTREAM_MAX_SOCKETS_PER_USER_ROOM": "2",
+                                                   "GIFTSTREAM_MAX_SOCKETS_PER_USER": "3"}).start()
+    room_a, room_b, room_c = await _room(server, "ha"), await _room(server, "hb"), await _room(server, "hc")
+    async with join(server, room_a, token("many")) as a1, join(server, room_a, token("many")) as a2:
+        assert a2.welcome["viewers"] == 1, "one user with two sockets is one viewer"
+        code, advice = await _closed_with(server, room_a, "many")
+        assert code == 4429
+        assert advice["reason"] == "too many connections" and advice["reconnect"] is True
+        assert advice["retry_ms"] >= 5000
+        async with join(server, room_a, token("other")) as o:
+            assert o.welcome["viewers"] == 2
+            async with join(server, room_b, token("many")):
+                code, _ = await _closed_with(server, room_c, "many")  # three on this node already
+                assert code == 4429
+            info = Api(server, token("other"))
+            assert (await info.client.get(f"/v1/rooms/{room_a}")).json()["viewers"] == 2
+            await info.close()
+        await a1.ws.close()
+
+        async def admitted() -> bool:
+            try:
+                async with join(server, room_a, token("many")):
+                    return True
+            except (websockets.ConnectionClosed, AssertionError):
+                return False
+
+        await wait_until(admitted, timeout=10)
+
+
+async def test_a_room_title_loses_its_bidi_overrides(make_server: Callable[..., ServerProc], redis_url: str) -> None:
+    server = make_server(redis_url=redis_url).start()
+    host = Api(server, token("bidi", "host"))
+    r = await host.client.post("/v1/rooms", json={"title": "\u202eevil\u202c \u2066title\u2069\u200f"})
+    assert r.status_code == 201
+    assert r.json()["title"] == "evil title"
+    assert (await host.client.get(f"/v1/rooms/{r.json()['room_id']}")).json()["title"] == "evil title"
+    await host.close()

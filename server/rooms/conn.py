@@ -114,7 +114,7 @@ class Conn:
         protocol, or caught mid-message). An idle viewer then costs only what it needs."""
         ws = self.ws
         proto = ws.scope.pop(SCOPE_KEY, None) if ws is not None else None
-        room = take_over(proto, on_message, on_lost) if proto is not None else None
+        room = take_over(proto, on_message, on_lost, self.cap) if proto is not None else None
         if room is not None:
             self.adopt(room)
         return room
@@ -123,6 +123,7 @@ class Conn:
         """Write through `room` from now on, and let go of the ASGI objects."""
         self._proto = room
         self._transport = room.transport
+        room.cap = self.cap  # the pongs it writes count against the same cap as our frames
         self.ws = None
 
     def set_kernel_sndbuf(self, size: int) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server import errors
+from server.codes import Err, GiftstreamError
 from server.errors import Disconnect
 from server.metrics import ROOM_DELIVERY_LAG_SECONDS
 from server.protocol import parse_offset
@@ -49,12 +50,14 @@ class _Pass:
 
 
 class LocalRoom:
-    __slots__ = ("room_id", "conns", "pending", "scheduled", "next_frame_at", "last_offset", "ended",
+    __slots__ = ("room_id", "conns", "users", "pending", "scheduled", "next_frame_at", "last_offset", "ended",
                  "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
         self.conns: set[Conn] = set()
+        # Sockets per user in this room: a user with three tabs open is one viewer.
+        self.users: dict[str, int] = {}
         self.pending: list[dict[str, Any]] = []
         self.scheduled = False
         # Earliest start of the room's next frame (monotonic): a tick after the last one began, or
@@ -94,8 +97,13 @@ def catch_up_from(room: LocalRoom) -> str | None:
 
 class Hub:
     def __init__(self, tick_ms: float, pass_slice: int = 1000, slice_ms: float = 2.0,
-                 fanout_share: float = 1.0) -> None:
+                 fanout_share: float = 1.0, per_user_room: int = 0, per_user: int = 0) -> None:
         self.tick = tick_ms / 1000.0
+        # Sockets one user may hold in one room, and in all rooms, on this node (0: no cap).
+        self.per_user_room = per_user_room
+        self.per_user = per_user
+        # Sockets per user on this node, joined or joining.
+        self.user_sockets: dict[str, int] = {}
         # A step of a pass ends after this many sockets or this much time, whichever comes first;
         # then other callbacks get the loop.
         self.pass_slice = max(1, pass_slice)
@@ -115,12 +123,49 @@ class Hub:
     def connections(self) -> int:
         return sum(len(r.conns) for r in self.rooms.values())
 
+    def viewers(self, room_id: str) -> int:
+        """Distinct users with a socket in this room on this node."""
+        room = self.rooms.get(room_id)
+        return len(room.users) if room is not None and not room.ended else 0
+
+    def _admit(self, room: LocalRoom | None, conn: Conn) -> None:
+        """Count the socket against its user's caps, checked and counted in one step (no await
+        between them), or refuse it: `too_many_connections`, closed with 4429."""
+        user = conn.principal.user_id
+        in_room = room.users.get(user, 0) if room is not None else 0
+        if self.per_user_room and in_room >= self.per_user_room:
+            raise GiftstreamError(Err.TOO_MANY_CONNECTIONS, "too many sockets of this user in this room")
+        if self.per_user and self.user_sockets.get(user, 0) >= self.per_user:
+            raise GiftstreamError(Err.TOO_MANY_CONNECTIONS, "too many sockets of this user on this node")
+        self.user_sockets[user] = self.user_sockets.get(user, 0) + 1
+
+    def _discount(self, room: LocalRoom | None, conn: Conn) -> None:
+        user = conn.principal.user_id
+        left = self.user_sockets.get(user, 0) - 1
+        if left > 0:
+            self.user_sockets[user] = left
+        else:
+            self.user_sockets.pop(user, None)
+        if room is not None and conn in room.conns:
+            room.conns.discard(conn)
+            n = room.users.get(user, 0) - 1
+            if n > 0:
+                room.users[user] = n
+            else:
+                room.users.pop(user, None)
+
+    def _add(self, room: LocalRoom, conn: Conn) -> None:
+        room.conns.add(conn)
+        user = conn.principal.user_id
+        room.users[user] = room.users.get(user, 0) + 1
+
     async def join(self, conn: Conn) -> LocalRoom:
         room = self.rooms.get(conn.room_id)
+        self._admit(room, conn)
         if room is None:
             room = self.rooms[conn.room_id] = LocalRoom(conn.room_id)
             room.subscribed = asyncio.get_running_loop().create_future()
-            room.conns.add(conn)
+            self._add(room, conn)
             try:
                 if self.on_first_join is not None:
                     await self.on_first_join(conn.room_id)
@@ -129,18 +174,23 @@ class Hub:
                 room.subscribed.set_exception(exc)
                 room.subscribed.exception()  # mark retrieved
                 self.rooms.pop(conn.room_id, None)
+                self._discount(room, conn)
                 raise
         else:
-            room.conns.add(conn)
+            self._add(room, conn)
             assert room.subscribed is not None
-            await asyncio.shield(room.subscribed)
+            try:
+                await asyncio.shield(room.subscribed)
+            except BaseException:
+                self._discount(room, conn)
+                raise
         return room
 
     async def leave(self, conn: Conn) -> None:
         room = self.rooms.get(conn.room_id)
-        if room is None:
+        if room is None or conn not in room.conns:
             return
-        room.conns.discard(conn)
+        self._discount(room, conn)
         if not room.conns and self.rooms.get(conn.room_id) is room:
             del self.rooms[conn.room_id]
             if self.on_last_leave is not None:

@@ -4,6 +4,10 @@ Each node writes its own local count per room into the room's presence hash with
 expiry time, so a node that died stops counting once its entry expires; every node
 sums the live entries and pushes `presence` / `leaderboard` events to its own sockets
 when they changed.
+
+A node counts distinct users, not sockets: one user's many tabs are one viewer. A user
+with sockets on two nodes of the same room is counted by each (a set of users per room in
+Redis would cost a write per join and leave; documented in docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -71,8 +75,7 @@ class Presence:
     def _room_tick(self, room_id: str, now_ms: int, top: int) -> asyncio.Future[Any]:
         """Refresh this node's entry (or withdraw it when no local socket is left); the room's
         viewers and top gifters come back in the same call (room_tick.lua)."""
-        local = self.hub.rooms.get(room_id)
-        count = len(local.conns) if local is not None and not local.ended else 0
+        count = self.hub.viewers(room_id)  # distinct users, not sockets
         if count:
             self._published.add(room_id)
         else:

@@ -24,6 +24,9 @@ from server.rooms.fastframes import split_small_frames, wire_size
 
 log = logging.getLogger("giftstream.takeover")
 
+# Seconds a socket closed as a slow consumer has to take its close frame before it is dropped.
+CLOSE_GRACE_S = 2.0
+
 # A timer that never fires: uvicorn closes the transport when the ASGI app returns unless a
 # close timer is pending; after a takeover the socket is no longer uvicorn's to close.
 _NEVER: asyncio.TimerHandle | None = None
@@ -41,12 +44,15 @@ class RoomProtocol(asyncio.Protocol):
 
     __slots__ = ("ws", "transport", "on_message", "on_lost", "close_sent", "disconnected",
                  "ping_sent_at", "last_seen", "_fragments", "_fragment_text", "_at_boundary", "_fed",
-                 "_parsed")
+                 "_parsed", "cap")
 
     def __init__(self, ws: Any, transport: asyncio.Transport,
-                 on_message: Callable[[bytes | str], None], on_lost: Callable[[], None]) -> None:
+                 on_message: Callable[[bytes | str], None], on_lost: Callable[[], None],
+                 cap: int = 1 << 20) -> None:
         self.ws = ws  # websockets.server.ServerProtocol, state OPEN
         self.transport = transport
+        # send_buffer_cap: what this socket may hold unsent, pongs and close frames included.
+        self.cap = cap
         self.on_message = on_message
         self.on_lost = on_lost
         self.close_sent = False
@@ -116,14 +122,26 @@ class RoomProtocol(asyncio.Protocol):
         self.on_message(data)
 
     def _flush(self) -> None:
+        """Write what the sans-I/O protocol made of the peer's frames (pongs, a close answer).
+        A peer that sends pings and reads nothing fills its buffer with pongs: over the cap it
+        is closed as a slow consumer, whether or not its room has anything to send."""
         out = self.ws.data_to_send()
-        if out:
+        if out and not self.close_sent:  # after our close frame nothing more is owed (pongs)
             payload = b"".join(out)
             if payload:
                 self.transport.write(payload)
         if self.ws.state is State.CLOSED or self.ws.close_expected():
             self.close_sent = True
             self.transport.close()
+        elif not self.close_sent and self.transport.get_write_buffer_size() > self.cap:
+            self.close_slow()
+
+    def close_slow(self) -> None:
+        """Close as a slow consumer (4008), read nothing more, and drop the socket (and its
+        buffer) after a grace period to take the close frame."""
+        self.send_close(*errors.closing(errors.SLOW_CONSUMER))
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.transport.abort)
 
     def send_close(self, code: int, reason: str) -> None:
         if self.close_sent or self.transport.is_closing():
@@ -152,7 +170,7 @@ class RoomProtocol(asyncio.Protocol):
 
 
 def take_over(uvicorn_proto: Any, on_message: Callable[[bytes | str], None],
-              on_lost: Callable[[], None]) -> RoomProtocol | None:
+              on_lost: Callable[[], None], cap: int = 1 << 20) -> RoomProtocol | None:
     """Move a live socket from uvicorn to a RoomProtocol; None if it cannot be done safely."""
     transport = uvicorn_proto.transport
     if transport.is_closing() or uvicorn_proto.close_sent or uvicorn_proto.disconnected:
@@ -169,7 +187,7 @@ def take_over(uvicorn_proto: Any, on_message: Callable[[bytes | str], None],
         for m in early:  # a disconnect is waiting: let the ASGI path see it and clean up
             queue.put_nowait(m)
         return None
-    room = RoomProtocol(ws, transport, on_message, on_lost)
+    room = RoomProtocol(ws, transport, on_message, on_lost, cap)
     uvicorn_proto.stop_keepalive()
     # uvicorn must neither close this transport when the ASGI app returns nor track it any longer.
     uvicorn_proto.close_timer = _never(asyncio.get_running_loop())
