@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     emb = None
     if not settings.redis_url:
         emb = embedded.start(settings.data_dir)
+        emb.supervise()  # a valkey that dies is started again from its AOF (embedded.Supervisor)
         settings = settings.with_(redis_url=emb.url)
     common: dict[str, Any] = dict(
         host=settings.host, port=settings.port, loop="uvloop",

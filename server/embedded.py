@@ -4,20 +4,31 @@
 kill -9 of valkey) and stops it on shutdown. A valkey left running by a `serve`
 that was killed is adopted, not fought over; `token`, `audit` and a second node on
 the same data dir find it through `valkey.json`.
+
+`serve` also supervises it (`Supervisor`): a valkey that died (kill -9, OOM killer) is
+started again on the same port and data dir, from its AOF, with backoff and the outage
+logged once. Idempotency keys, balances and outbox streams come back with it, so clients'
+retries with the same ids charge each gift once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+
+from server.outage import Backoff, Outage
+
+log = logging.getLogger("giftstream.embedded")
 
 STATE_FILE = "valkey.json"
 
@@ -29,8 +40,22 @@ class Embedded:
     # True when this process must stop valkey on shutdown.
     owned: bool
     data_dir: Path
+    supervisor: Supervisor | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+    def supervise(self, interval_s: float = 0.5) -> None:
+        """Restart valkey whenever it dies, until `stop` (only the owner does this)."""
+        if self.owned and self.supervisor is None:
+            self.supervisor = Supervisor(self, interval_s)
+            self.supervisor.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         if not self.owned:
             return
         try:
@@ -113,6 +138,15 @@ def start(data_dir: Path, startup_timeout: float = 30.0) -> Embedded:
         _write_state(data_dir, running.url, running.pid)
         return running
     port = _free_port()
+    pid = _spawn(data_dir, port, startup_timeout)
+    return Embedded(f"redis://127.0.0.1:{port}/0", pid, owned=True, data_dir=data_dir)
+
+
+def _spawn(data_dir: Path, port: int, startup_timeout: float = 30.0) -> int:
+    """Start valkey on `port` with its data (and AOF) in data_dir/valkey; its pid, once it
+    answers and has loaded its AOF."""
+    vdir = data_dir / "valkey"
+    vdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
             _binary(),
@@ -141,8 +175,8 @@ def start(data_dir: Path, startup_timeout: float = 30.0) -> Embedded:
     deadline = time.monotonic() + startup_timeout
     while not _ping(url):
         if proc.poll() is not None:
-            log = (vdir / "valkey.log").read_text()[-2000:] if (vdir / "valkey.log").exists() else ""
-            raise RuntimeError(f"embedded valkey exited with {proc.returncode}: {log}")
+            tail = (vdir / "valkey.log").read_text()[-2000:] if (vdir / "valkey.log").exists() else ""
+            raise RuntimeError(f"embedded valkey exited with {proc.returncode}: {tail}")
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("embedded valkey did not start in time")
@@ -156,7 +190,64 @@ def start(data_dir: Path, startup_timeout: float = 30.0) -> Embedded:
         except redis.BusyLoadingError:
             time.sleep(0.1)
     _write_state(data_dir, url, proc.pid)
-    return Embedded(url, proc.pid, owned=True, data_dir=data_dir)
+    return proc.pid
+
+
+class ValkeyDied(Exception):
+    """The embedded valkey process is gone (what the outage log names)."""
+
+
+class Supervisor:
+    """A thread that brings the embedded valkey back when it dies.
+
+    A thread, not a task: under `serve --workers N` the process that owns valkey runs no
+    event loop of ours. It looks every `interval_s`; a dead valkey is started again on the
+    same port and data dir (clients reconnect to the same URL), replaying its AOF
+    (appendfsync always: every acknowledged write is there). Failed starts back off up to
+    5 s; the outage is logged once when it starts and once when it ends."""
+
+    def __init__(self, emb: Embedded, interval_s: float = 0.5) -> None:
+        self.emb = emb
+        self.interval = interval_s
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="giftstream-valkey-supervisor", daemon=True)
+        self.outage = Outage(log, "embedded valkey", "restarting it from its AOF")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No restart after this returns (one under way is finished first)."""
+        self._stop.set()
+        with self._lock:
+            pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        backoff = Backoff(first=0.2, cap=5.0)
+        while not self._stop.wait(self.interval):
+            if _alive(self.emb.pid):
+                continue
+            self.outage.failed(ValkeyDied(f"pid {self.emb.pid}"))
+            while not self._stop.is_set():
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        self.emb.pid = _spawn(self.emb.data_dir, self.emb.port)
+                    except Exception as exc:
+                        log.debug("embedded valkey restart failed: %s", exc)
+                    else:
+                        self.restarts += 1
+                        break
+                self._stop.wait(backoff.next())
+            else:
+                return  # stopped before valkey came back
+            backoff.reset()
+            self.outage.recovered()
 
 
 def _write_state(data_dir: Path, url: str, pid: int) -> None:
