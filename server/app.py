@@ -19,6 +19,7 @@ from server.codes import Err, GiftstreamError
 from server.embedded import Embedded
 from server.fastpipe import UNREACHABLE
 from server.node import Node
+from server.payments import http as payments_http
 from server.settings import Settings, from_env
 from server.transport_probe import TransportProbe
 from server.ws import room_socket
@@ -60,7 +61,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         Route("/v1/catalog", http_api.catalog),
         Route("/v1/wallet", http_api.wallet),
         Route("/v1/wallet/budget", http_api.set_budget, methods=["PUT"]),
-        Route("/v1/recharges", http_api.recharge, methods=["POST"]),
+        *payments_http.routes(),
         Route("/v1/rooms", http_api.create_room, methods=["POST"]),
         Route("/v1/rooms/{room_id}", http_api.room_info),
         Route("/v1/rooms/{room_id}/end", http_api.end_room, methods=["POST"]),

@@ -32,6 +32,10 @@ class Err(StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"
     PAYMENT_DECLINED = "payment_declined"
+    # A payment webhook whose signature is missing, wrong or stale (docs/protocol.md, webhooks).
+    BAD_SIGNATURE = "bad_signature"
+    # A payment webhook whose amount or currency is not its order's: nothing is credited.
+    AMOUNT_MISMATCH = "amount_mismatch"
     UNSUPPORTED_PAYMENT_METHOD = "unsupported_payment_method"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
@@ -61,6 +65,8 @@ HTTP_STATUS: dict[Err, int] = {
     Err.IDEMPOTENCY_CONFLICT: 409,
     Err.RATE_LIMITED: 429,
     Err.PAYMENT_DECLINED: 402,
+    Err.BAD_SIGNATURE: 400,
+    Err.AMOUNT_MISMATCH: 400,
     Err.UNSUPPORTED_PAYMENT_METHOD: 400,
     Err.UNAVAILABLE: 503,
     Err.INTERNAL: 500,
@@ -97,9 +103,11 @@ class Close(IntEnum):
 class GiftstreamError(Exception):
     """An error with a reply code; its message is safe to show to the client."""
 
-    def __init__(self, code: Err, message: str | None = None) -> None:
+    def __init__(self, code: Err, message: str | None = None, **details: object) -> None:
         self.code = code
         self.message = message or code.value.replace("_", " ")
+        # Fields the answer carries beside code and message (a decline's `decline_reason`).
+        self.details = details
         super().__init__(self.message)
 
     @property

@@ -118,9 +118,9 @@ def close_for(exc: BaseException) -> Disconnect:
     return INTERNAL_ERROR
 
 
-def http_status_and_body(exc: BaseException) -> tuple[int, dict[str, str]]:
+def http_status_and_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, GiftstreamError):
-        return exc.status, {"code": exc.code.value, "message": exc.message}
+        return exc.status, {"code": exc.code.value, "message": exc.message, **exc.details}
     if is_unreachable(exc):
         # Redis or the database did not answer in time: the request is safe to repeat as it was.
         return HTTP_STATUS[Err.UNAVAILABLE], {"code": Err.UNAVAILABLE.value, "message": UNAVAILABLE_MESSAGE}

@@ -1,4 +1,4 @@
-"""HTTP API: catalog, wallet, recharges, rooms, earnings, health, metrics.
+"""HTTP API: catalog, wallet, rooms, earnings, health, metrics (recharges: server/payments/http.py).
 
 Errors are JSON {"code", "message"} with the same codes as the socket.
 """
@@ -78,15 +78,6 @@ async def set_budget(request: Request) -> Response:
     node = node_of(request)
     await node.wallet.set_budget(p.user_id, cap)
     return JSONResponse({"user_id": p.user_id, **await node.wallet.balance(p.user_id)})
-
-
-async def recharge(request: Request) -> Response:
-    p = principal_of(request)
-    node = node_of(request)
-    if node.draining:
-        raise GiftstreamError(Err.UNAVAILABLE, "server restarting; retry with the same idempotency_key")
-    result = await node.recharges.recharge(p, await json_body(request))
-    return JSONResponse(result, status_code=201 if result["status"] == "credited" else 202)
 
 
 async def create_room(request: Request) -> Response:

@@ -20,6 +20,8 @@ from server.fastpipe import FastPipe
 from server.gifts import Gifts
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
+from server.payments.sweep import PaymentSweep
+from server.payments.webhooks import Webhooks
 from server.rooms.bus import Bus
 from server.rooms.hub import Hub, catch_up_from
 from server.rooms.presence import Presence
@@ -71,6 +73,8 @@ class Node:
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
         self.gifts = Gifts(settings, self.catalog, self.wallet, self.rooms, self.hub)
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
+        self.webhooks = Webhooks(self.recharges, settings.webhook_secret)
+        self.payment_sweep = PaymentSweep(self.recharges, settings.payment_expiry_s)
         self.hub.on_first_join = self.bus.subscribe
         self.hub.on_last_leave = self._room_emptied
         # Stable across restarts of a single process, so it finds its own pending entries at once;
@@ -94,6 +98,7 @@ class Node:
         self.presence.start()
         self.keepalive.start()
         await self.recharges.reconcile()
+        self.payment_sweep.start()
         if self.settings.settler:
             self.settler.start()
 
@@ -139,6 +144,7 @@ class Node:
         await self.keepalive.stop()
         await self.presence.stop()
         await self.bus.stop()
+        await self.payment_sweep.stop()
         if self.settings.settler:
             await self.settler.stop(flush=True)
         await self.store.close()

@@ -124,6 +124,15 @@ class Settings:
     check_in_points: int = 10
     reward_rate_points: int = 100
     reward_rate_coins: int = 1
+    # A recharge order with no outcome from the provider this long after it was made is expired
+    # (a success arriving later is still credited: the money was taken).
+    payment_expiry_s: int = 1800
+    # The sandbox payment provider's driver (POST /v1/sandbox/payments/...): on for laptops, tests
+    # and demos; GIFTSTREAM_SANDBOX=0 turns it off where real money moves.
+    sandbox: bool = True
+    # HMAC key of payment webhooks; None means "a random secret kept in data_dir/webhook_secret",
+    # like `secret`, so every node and worker on one data dir shares it.
+    webhook_secret: str | None = None
     log_level: str = "info"
 
     @property
@@ -138,7 +147,7 @@ class Settings:
         return replace(self, **changes)
 
 
-_INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
+_INT = {"port", "workers", "payment_expiry_s", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
         "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
         "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight",
         "republish_window_s", "budget_raise_delay_s", "check_in_points", "reward_rate_points",
@@ -147,7 +156,7 @@ _INT = {"port", "workers", "partitions", "host_share_bp", "resume_max_events", "
 _FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
           "presence_interval_s", "settle_linger_ms", "fanout_slice_ms", "fanout_share",
           "http_header_timeout_s", "http_idle_timeout_s", "resume_rate_per_s", "ping_rate_per_s"}
-_BOOL = {"settler", "migrate_on_start", "takeover", "ip_cap_loopback"}
+_BOOL = {"settler", "migrate_on_start", "takeover", "sandbox", "ip_cap_loopback"}
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -189,10 +198,10 @@ def to_env(settings: Settings) -> dict[str, str]:
     return out
 
 
-def load_or_create_secret(data_dir: Path) -> str:
-    """The secret shared by `serve` and `token` when none is configured."""
+def load_or_create_secret(data_dir: Path, name: str = "secret") -> str:
+    """The secret shared by `serve` and `token` when none is configured (`name`: its file)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "secret"
+    path = data_dir / name
     try:
         return path.read_text().strip()
     except FileNotFoundError:
@@ -211,6 +220,9 @@ def load_or_create_secret(data_dir: Path) -> str:
 
 
 def resolve_secret(settings: Settings) -> Settings:
-    if settings.secret:
-        return settings
-    return settings.with_(secret=load_or_create_secret(settings.data_dir))
+    """The token secret and the webhook secret, each from the data dir when not configured."""
+    if not settings.secret:
+        settings = settings.with_(secret=load_or_create_secret(settings.data_dir))
+    if not settings.webhook_secret:
+        settings = settings.with_(webhook_secret=load_or_create_secret(settings.data_dir, "webhook_secret"))
+    return settings

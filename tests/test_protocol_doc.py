@@ -39,6 +39,7 @@ import pytest
 import websockets
 
 from server import errors
+from server.payments import signature
 from tests.support import ServerProc, token
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -55,6 +56,7 @@ NOT_TESTABLE: dict[str, str] = {}
 REQUEST = re.compile(r"^(GET|POST|PUT|DELETE|PATCH) (/\S*)$")
 RESPONSE = re.compile(r"^HTTP (\d{3})$")
 PLACEHOLDER = re.compile(r"<[a-z_ ]+>")
+SIGN = "\x00sign"
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -231,10 +233,20 @@ async def test_http_examples(server: ServerProc) -> None:
             assert (await sock.next(lambda m: m.get("id") == "setup-1"))["type"] == "ack"
         await until(lambda: _coins_total(client, room))
 
+        # `<signature>`: the example's body signed now with the server's webhook secret.
+        values["signature"] = SIGN
+        webhook_secret = (server.data_dir / "webhook_secret").read_text().strip()
         for ex in http:
             method, path, headers, body = parse_request(ex.request, values)
+            if headers.get("giftstream-signature") == SIGN:
+                headers["giftstream-signature"] = signature.sign(webhook_secret, body.encode(), int(time.time()))
             r = await client.request(method, path, headers=headers, content=body.encode() or None)
             check_response(ex.response, r)
+            # `<order_id>`, `<payment_id>`: those of the last answer that named an order.
+            got = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
+            if isinstance(got, dict):
+                values.update({k: got[k] for k in ("order_id", "payment_id") if isinstance(got.get(k), str)})
+
 
 
 async def _coins_total(client: httpx.AsyncClient, room: str) -> bool:
