@@ -22,6 +22,7 @@ from server.node import Node
 from server.payments import http as payments_http
 from server.settings import Settings, from_env
 from server.transport_probe import TransportProbe
+from server.wallet import http as wallet_http
 from server.ws import room_socket
 
 log = logging.getLogger("giftstream.app")
@@ -59,8 +60,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         Route("/healthz", http_api.healthz),
         Route("/metrics", http_api.metrics),
         Route("/v1/catalog", http_api.catalog),
-        Route("/v1/wallet", http_api.wallet),
-        Route("/v1/wallet/budget", http_api.set_budget, methods=["PUT"]),
+        *wallet_http.ROUTES,
         *payments_http.routes(),
         Route("/v1/rooms", http_api.create_room, methods=["POST"]),
         Route("/v1/rooms/{room_id}", http_api.room_info),

@@ -63,23 +63,6 @@ async def catalog(request: Request) -> Response:
     return JSONResponse(node_of(request).catalog.to_json())
 
 
-async def wallet(request: Request) -> Response:
-    p = principal_of(request)
-    return JSONResponse({"user_id": p.user_id, **await node_of(request).wallet.balance(p.user_id)})
-
-
-async def set_budget(request: Request) -> Response:
-    """PUT /v1/wallet/budget {"monthly_cap": coins | null}: the user's own monthly spending cap."""
-    p = principal_of(request)
-    body = await json_body(request)
-    cap = body.get("monthly_cap")
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 10**12):
-        raise GiftstreamError(Err.BAD_REQUEST, "monthly_cap must be a whole number of coins, or null")
-    node = node_of(request)
-    await node.wallet.set_budget(p.user_id, cap)
-    return JSONResponse({"user_id": p.user_id, **await node.wallet.balance(p.user_id)})
-
-
 async def create_room(request: Request) -> Response:
     p = principal_of(request)
     p.require("host", "admin")

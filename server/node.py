@@ -27,6 +27,7 @@ from server.rooms.hub import Hub, catch_up_from
 from server.rooms.presence import Presence
 from server.rooms.state import Rooms
 from server.rooms.takeover import Keepalive, RoomProtocol
+from server.rooms.wallet_events import WalletEvents
 from server.scripts import Scripts
 from server.settings import Settings
 from server.settlement.settler import Settler, ensure_groups
@@ -70,6 +71,7 @@ class Node:
         self.hub = Hub(settings.tick_ms, settings.pass_slice, settings.fanout_slice_ms, settings.fanout_share,
                        per_user_room=settings.max_sockets_per_user_room, per_user=settings.max_sockets_per_user)
         self.bus = Bus(settings.redis_url, self.hub.deliver, catch_up=self.catch_up)
+        self.wallet_events = WalletEvents(settings.redis_url, self.hub)
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
         self.gifts = Gifts(settings, self.catalog, self.wallet, self.rooms, self.hub)
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
@@ -95,6 +97,7 @@ class Node:
         await self.scripts.load(self.redis)
         await ensure_groups(self.redis, self.settings.partitions)
         self.bus.start()
+        self.wallet_events.start()
         self.presence.start()
         self.keepalive.start()
         await self.recharges.reconcile()
@@ -144,6 +147,7 @@ class Node:
         await self.keepalive.stop()
         await self.presence.stop()
         await self.bus.stop()
+        await self.wallet_events.stop()
         await self.payment_sweep.stop()
         if self.settings.settler:
             await self.settler.stop(flush=True)

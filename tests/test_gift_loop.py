@@ -287,7 +287,7 @@ async def test_monthly_budget_caps_spend_exactly_under_concurrency(server: Serve
                                                                    api: Callable[..., Api]) -> None:
     host, v = api("host11", "host"), api("capped")
     await v.recharge(coins=1000)
-    r = await v.client.put("/v1/wallet/budget", json={"monthly_cap": 37})
+    r = await v.client.put("/v1/wallet/budget", json={"monthly_budget": 37})
     assert r.status_code == 200 and r.json()["monthly_budget"] == 37
     room = await host.create_room()
     async with contextlib.AsyncExitStack() as stack:

@@ -218,7 +218,7 @@ async def test_http_examples(server: ServerProc) -> None:
     assert http, "protocol.md has no HTTP examples"
     viewer = adult_token("alice", name="Alice")
     host = adult_token("demo_host", "host", name="Demo Host")
-    values = {"viewer_token": viewer, "host_token": host,
+    values = {"viewer_token": viewer, "host_token": host, "admin_token": adult_token("support", "admin"),
               "minor_token": token("kid", birthdate=minor_birthdate()), "room_id": ""}
     async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
         # A room with a gift in it, so every list in the examples has an item to compare.
@@ -426,6 +426,13 @@ async def test_socket_examples(server: ServerProc) -> None:
             for item in events["events"]:
                 check(item, await sock.event(item["type"]), f"events item {item['type']}", FIXED_SOCKET)
 
+            # A balance change that is not alice's own gift reaches her socket: a recharge.
+            r = await client.post("/v1/recharges", headers={"authorization": f"Bearer {alice}"},
+                                  json={"package_id": "coins_65", "payment_method": "sandbox_card",
+                                        "idempotency_key": "b"})
+            assert r.status_code == 201, r.text
+            compare("wallet", await sock.next(lambda m: m["type"] == "wallet"))
+
             ping = example("ping")
             await sock.send(ping)
             compare("pong", await sock.next(lambda m: m["type"] == "pong"))
@@ -490,7 +497,7 @@ def test_every_example_is_used() -> None:
     """Each block is an HTTP pair, a socket message or the close example (or NOT_TESTABLE);
     each socket message type has a scenario in test_socket_examples."""
     http, socket, closes = classify()
-    played = {"gift", "ping", "resume", "welcome", "ack", "error", "events", "pong", "resume_failed"}
+    played = {"gift", "ping", "resume", "welcome", "ack", "error", "events", "pong", "resume_failed", "wallet"}
     kinds = {b.json()["type"] for b in socket}
     assert kinds <= played, f"socket examples without a scenario: {kinds - played}"
     assert http and socket and closes

@@ -134,14 +134,6 @@ class Wallet:
             raise GiftstreamError(Err.IDEMPOTENCY_CONFLICT, _GIFT_MESSAGES[Err.IDEMPOTENCY_CONFLICT])
         return Debit(_text(result[1]), int(result[2]), True, int(result[4]))
 
-    async def set_budget(self, user_id: str, monthly_cap: int | None) -> None:
-        """A user's own monthly spending cap; send_gift.lua refuses gifts past it."""
-        k = self.keys(user_id)
-        if monthly_cap is None:
-            await self.redis.hdel(k.wallet, "budget")
-        else:
-            await self.redis.hset(k.wallet, "budget", monthly_cap)
-
     async def credit(self, user_id: str, order_id: str, coins: int, kind: str = "recharge") -> int:
         """Credit a paid order exactly once; returns the balance after it."""
         result = await self.credit_later(user_id, order_id, coins, kind)
