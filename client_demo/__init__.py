@@ -1,1 +1,2 @@
-"""Demo clients for Giftstream: a terminal viewer/host (`python -m client_demo.cli`)."""
+"""Demo clients for Giftstream: a room client library (`client.py`) and the terminal host,
+viewer and tools built on it (`python -m client_demo`)."""

@@ -1,10 +1,13 @@
-"""Terminal client for Giftstream: watch a room, send gifts, recharge, host a room.
+"""Terminal client for Giftstream: host or watch a room, send gifts, recharge.
 
-    python -m client_demo.cli watch --url http://127.0.0.1:8000 --token TOKEN --room demo
-    python -m client_demo.cli gift  --url http://127.0.0.1:8000 --token TOKEN --room demo --gift rose --count 5
+    python -m client_demo host   --room demo --token "$GIFTSTREAM_HOST_TOKEN"
+    python -m client_demo viewer --room demo --token "$GIFTSTREAM_VIEWER_TOKEN"
+    python -m client_demo gift   --room demo --token "$GIFTSTREAM_VIEWER_TOKEN" --gift rose --count 5
 
-`--url` and `--token` default to $GIFTSTREAM_URL and $GIFTSTREAM_TOKEN. The wire protocol
-is described in docs/protocol.md; this client follows it, including resume and resends.
+`--url` defaults to $GIFTSTREAM_URL (else http://127.0.0.1:8000); `--token` to
+$GIFTSTREAM_HOST_TOKEN for `host`, $GIFTSTREAM_VIEWER_TOKEN for `viewer`, else
+$GIFTSTREAM_TOKEN. The room socket is client_demo/client.py (resume, resends with the same
+id, close advice); the wire protocol is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -12,267 +15,167 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import random
 import sys
 import uuid
 from typing import Any
 
 import httpx
-import websockets
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from client_demo._wire import (
-    JSON,
-    MSGPACK,
-    STOP_CODES,
-    SeenOffsets,
-    decode,
-    describe_event,
-    describe_resume_failed,
-    describe_welcome,
-    encode,
-    offset_key,
-    socket_url,
-)
-
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 5.0
-# A gift run gives up after this many connection attempts in a row without a welcome.
-GIFT_MAX_ATTEMPTS = 8
-# Errors a gift may be retried after (same id); every other error is final.
-RETRYABLE = {"rate_limited", "unavailable"}
-CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake)
+from client_demo._wire import JSON, MSGPACK, STOP_CODES, describe_event, describe_resume_failed, describe_welcome
+from client_demo.client import ClientError, GiftRefused, RoomClient, RoomClosed
 
 
 def say(line: str) -> None:
     print(line, flush=True)
 
 
-def close_info(exc: ConnectionClosed) -> tuple[int, str, int | None]:
-    """(code, reason, advised retry ms) of the server's close. Its reason is JSON advice,
-    {"reason", "reconnect", "retry_ms"}; a close from elsewhere (the WebSocket layer, a proxy)
-    may be plain text. No close frame (a crash, a cut cable) reads as 1006, abnormal closure."""
-    if exc.rcvd is None:
-        return 1006, "connection lost", None
-    code, reason = exc.rcvd.code, exc.rcvd.reason
-    try:
-        advice = json.loads(reason)
-    except ValueError:
-        return code, reason, None
-    if not isinstance(advice, dict):
-        return code, reason, None
-    retry = advice.get("retry_ms")
-    return code, str(advice.get("reason", "")), retry if isinstance(retry, int) else None
+def room_client(args: argparse.Namespace) -> RoomClient:
+    return RoomClient(args.url, args.room, args.token, subprotocol=JSON if args.json else MSGPACK,
+                      max_tries=args.tries)
 
 
-class Backoff:
-    def __init__(self) -> None:
-        self.delay = BACKOFF_MIN_S
-        self.attempts = 0
-
-    def reset(self) -> None:
-        self.delay, self.attempts = BACKOFF_MIN_S, 0
-
-    async def wait(self, advised_ms: int | None = None) -> None:
-        """The next backoff delay, or the server's advised one (already jittered) when it gave one."""
-        self.attempts += 1
-        if advised_ms is not None:
-            await asyncio.sleep(min(BACKOFF_MAX_S, advised_ms / 1000))
-        else:
-            await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
-        self.delay = min(BACKOFF_MAX_S, self.delay * 2)
-
-
-async def connect(args: argparse.Namespace) -> Any:
-    return await websockets.connect(
-        socket_url(args.url, args.room, args.token), subprotocols=[JSON if args.json else MSGPACK],  # type: ignore[list-item]
-        open_timeout=10, max_size=1 << 24)
-
-
-async def read_welcome(ws: Any) -> dict[str, Any]:
-    welcome = decode(await ws.recv())
-    if welcome.get("type") != "welcome":
-        raise RuntimeError(f"expected welcome, got {welcome.get('type')!r}")
-    return welcome
+def closed_line(exc: RoomClosed) -> str:
+    return f"closed {exc.advice.code}: {exc.advice.reason or STOP_CODES.get(exc.advice.code, '')}"
 
 
 class Watcher:
-    """Prints a room's events; after a drop it reconnects and resumes from its last offset."""
+    """Prints a room's events; the client resumes after drops, so each stored event prints once.
+    Stops when the room ends, after `--for` seconds or after `--until-gifts` gift events."""
 
     def __init__(self, args: argparse.Namespace, gift_names: dict[str, str]) -> None:
         self.args = args
         self.gift_names = gift_names
-        # Resume point: every stream event up to here has been printed.
-        self.offset: str | None = None
-        self.epoch: str | None = None
-        # Newest stream offset printed (live events may run ahead of a resume replay).
-        self.high: str | None = None
-        # The welcome offset of a resumed connection: the replay is complete once it arrives.
-        self.gap_end: str | None = None
-        self.seen = SeenOffsets()
-        self.backoff = Backoff()
+        self.gifts = 0
 
     async def run(self) -> int:
-        while True:
-            advised = None
-            try:
-                async with await connect(self.args) as ws:
-                    await self.session(ws)
-            except ConnectionClosed as exc:
-                code, reason, advised = close_info(exc)
-                if code in STOP_CODES:
-                    say(f"closed {code}: {reason or STOP_CODES[code]}")
-                    return 0 if code == 4410 else 1
-                delay = advised / 1000 if advised is not None else self.backoff.delay
-                say(f"disconnected ({code} {reason}); reconnecting in {delay:.1f}s")
-            except CONNECT_ERRORS as exc:
-                say(f"cannot connect ({type(exc).__name__}); retrying in {self.backoff.delay:.1f}s")
-            await self.backoff.wait(advised)
+        try:
+            async with asyncio.timeout(self.args.for_s):
+                return await self.watch()
+        except TimeoutError:
+            say(f"stopped after {self.args.for_s:g}s")
+            return 0
 
-    async def session(self, ws: Any) -> None:
-        welcome = await read_welcome(ws)
-        self.backoff.reset()
-        say(describe_welcome(welcome))
-        if self.offset is None:
-            self.offset = self.high = welcome["offset"]
-            self.epoch = welcome["epoch"]
-        else:
-            await ws.send(encode({"type": "resume", "since": self.offset, "epoch": self.epoch}, ws.subprotocol))
-            behind = offset_key(welcome["offset"]) > offset_key(self.offset)
-            self.gap_end = welcome["offset"] if behind else None
-            say(f"resuming after offset {self.offset}")
-        while True:
-            self.handle(decode(await ws.recv()))
+    async def watch(self) -> int:
+        client = room_client(self.args)
+        try:
+            await client.start()
+            async for item in client.feed():
+                if self.show(item):
+                    return 0
+        except RoomClosed as exc:
+            say(closed_line(exc))
+            return 0 if exc.advice.code == 4410 else 1
+        except ClientError as exc:
+            say(f"giving up: {exc}")
+            return 1
+        finally:
+            await client.close()
+        return 0
 
-    def handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "events":
-            for event in msg.get("events", []):
-                self.on_event(event)
+    def show(self, item: dict[str, Any]) -> bool:
+        """Print one feed item; True when `--until-gifts` is reached."""
+        kind = item.get("type")
+        if kind == "connected":
+            say(describe_welcome(item))
+            if item.get("resumed"):
+                say(f"resuming after offset {item.get('since')}")
+        elif kind == "disconnected":
+            say(f"disconnected ({item['code']} {item['reason']}); reconnecting in {item['wait_s']:.1f}s")
+        elif kind == "unreachable":
+            say(f"cannot reach {item['url']} ({item['error']}); retrying in {item['wait_s']:.1f}s")
         elif kind == "resume_failed":
-            say(describe_resume_failed(msg))
-            self.offset = self.high = msg["offset"]
-            self.epoch = msg.get("epoch") or self.epoch
-            self.gap_end = None
+            say(describe_resume_failed(item))
         elif kind == "error":
-            say(f"error {msg.get('code')}: {msg.get('message')}")
-        elif kind != "pong":
-            say(f"message {kind}: {msg}")
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        offset = event.get("offset")
-        if offset is None:  # presence and leaderboard are snapshots, not stream events
-            say(describe_event(event, self.gift_names))
-            return
-        if self.seen.add(offset):
-            say(describe_event(event, self.gift_names))
-        if self.high is None or offset_key(offset) > offset_key(self.high):
-            self.high = offset
-        if self.gap_end is None or offset == self.gap_end:
-            self.gap_end = None
-            self.offset = self.high
+            say(f"error {item.get('code')}: {item.get('message')}")
+        elif kind in ("resent", "message"):
+            pass
+        else:
+            say(describe_event(item, self.gift_names))
+            self.gifts += kind == "gift"
+        return bool(self.args.until_gifts) and self.gifts >= self.args.until_gifts
 
 
 class GiftRun:
-    """Sends gifts with fresh ids; a gift without a reply is resent with the same id after a reconnect."""
+    """Sends `--repeat` gifts with fresh ids at `--rate`; the client retries each with its own id
+    until it is answered for good, across reconnects."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        run = uuid.uuid4().hex[:10]
-        self.unsent = [f"cli-{run}-{i}" for i in range(1, args.repeat + 1)]
-        self.unsent.reverse()  # pop() from the end sends them in order
-        # Sent, no ack or final error yet: resent on every new connection.
-        self.pending: dict[str, dict[str, Any]] = {}
+        self.run_id = uuid.uuid4().hex[:10]
         self.acked = self.replayed = self.failed = self.acks_seen = 0
         self.balance: int | None = None
-        self.backoff = Backoff()
-        self.retries: set[asyncio.Task[None]] = set()
-
-    def frame(self, gid: str) -> dict[str, Any]:
-        return {"type": "gift", "id": gid, "gift": self.args.gift, "count": self.args.count}
 
     async def run(self) -> int:
-        while self.unsent or self.pending:
-            advised = None
-            try:
-                async with await connect(self.args) as ws:
-                    await self.session(ws)
-                    continue
-            except ConnectionClosed as exc:
-                code, reason, advised = close_info(exc)
-                if code in STOP_CODES:
-                    say(f"closed {code}: {reason or STOP_CODES[code]}; {len(self.pending)} gift(s) unconfirmed")
-                    self.failed += len(self.pending) + len(self.unsent)
-                    break
-                say(f"disconnected ({code} {reason}); {len(self.pending)} gift(s) unconfirmed, reconnecting")
-            except CONNECT_ERRORS as exc:
-                say(f"cannot connect ({type(exc).__name__})")
-            if self.backoff.attempts >= GIFT_MAX_ATTEMPTS:
-                say("giving up")
-                self.failed += len(self.pending) + len(self.unsent)
-                break
-            await self.backoff.wait(advised)
+        client = room_client(self.args)
+        client.lose_reply = self.lose_reply
+        try:
+            await client.start()
+        except RoomClosed as exc:
+            say(f"{closed_line(exc)}; {self.args.repeat} gift(s) not sent")
+            return 1
+        except ClientError as exc:
+            say(f"giving up: {exc}")
+            return 1
+        notices = asyncio.get_running_loop().create_task(self.notices(client))
+        try:
+            sends = []
+            for i in range(1, self.args.repeat + 1):
+                sends.append(asyncio.get_running_loop().create_task(self.send(client, f"cli-{self.run_id}-{i}")))
+                if self.args.rate > 0 and i < self.args.repeat:
+                    await asyncio.sleep(1 / self.args.rate)
+            await asyncio.gather(*sends)
+        finally:
+            notices.cancel()
+            await client.close()
         tail = f"; balance {self.balance}" if self.balance is not None else ""
         say(f"done: {self.acked} acked ({self.replayed} replayed), {self.failed} failed{tail}")
         return 0 if self.failed == 0 else 1
 
-    async def session(self, ws: Any) -> None:
-        await read_welcome(ws)
-        self.backoff.reset()
-        for gid, frame in self.pending.items():
-            say(f"resend {gid} (same id: the server charges it at most once)")
-            await ws.send(encode(frame, ws.subprotocol))
-        sender = asyncio.get_running_loop().create_task(self.send_loop(ws))
+    async def send(self, client: RoomClient, gid: str) -> None:
         try:
-            while self.unsent or self.pending:
-                self.on_reply(ws, decode(await ws.recv()))
-        finally:
-            sender.cancel()
-            for task in self.retries:
-                task.cancel()
-            await asyncio.gather(sender, *self.retries, return_exceptions=True)
-
-    async def send_loop(self, ws: Any) -> None:
-        while self.unsent:
-            gid = self.unsent.pop()
-            # Pending before it is sent: if the send fails, the reconnect resends it.
-            self.pending[gid] = self.frame(gid)
-            await ws.send(encode(self.pending[gid], ws.subprotocol))
-            if self.args.rate > 0:
-                await asyncio.sleep(1 / self.args.rate)
-
-    async def resend_later(self, ws: Any, gid: str) -> None:
-        await asyncio.sleep(1.0)
-        if gid in self.pending:
-            await ws.send(encode(self.pending[gid], ws.subprotocol))
-
-    def on_reply(self, ws: Any, msg: dict[str, Any]) -> None:
-        gid = msg.get("id")
-        if msg.get("type") not in ("ack", "error") or gid not in self.pending:
-            return  # room events and stray replies are not ours to count
-        if msg["type"] == "ack":
-            self.acks_seen += 1
-            if self.acks_seen == self.args.drop_ack:
-                say(f"(dropping the connection before reading the ack of {gid}, as a flaky network would)")
-                ws.transport.abort()
-                return
-            del self.pending[gid]
-            self.acked += 1
-            self.replayed += bool(msg.get("replayed"))
-            self.balance = msg.get("balance")
-            note = " (replayed: charged once, earlier)" if msg.get("replayed") else ""
-            say(f"ack {gid}: {msg.get('gift_id')} balance {msg.get('balance')}{note}")
-        elif msg.get("code") in RETRYABLE:
-            say(f"error {gid}: {msg.get('code')}: {msg.get('message')}; retrying with the same id")
-            task = asyncio.get_running_loop().create_task(self.resend_later(ws, gid))
-            self.retries.add(task)
-            task.add_done_callback(self.retries.discard)
-        else:
-            del self.pending[gid]
+            ack = await client.gift(self.args.gift, self.args.count, gift_id=gid)
+        except GiftRefused as exc:
             self.failed += 1
-            say(f"error {gid}: {msg.get('code')}: {msg.get('message')}")
+            say(f"error {gid}: {exc.code}: {exc.message}")
+            return
+        except RoomClosed as exc:
+            self.failed += 1
+            say(f"{closed_line(exc)}; {gid} unconfirmed")
+            return
+        except ClientError as exc:
+            self.failed += 1
+            say(f"giving up on {gid}: {exc}")
+            return
+        self.acked += 1
+        self.replayed += bool(ack.get("replayed"))
+        balance = ack.get("balance")
+        if isinstance(balance, int):  # acks may come out of order: the last charge leaves the least
+            self.balance = balance if self.balance is None else min(self.balance, balance)
+        note = " (replayed: charged once, earlier)" if ack.get("replayed") else ""
+        say(f"ack {gid}: {ack.get('gift_id')} balance {ack.get('balance')}{note}")
+
+    async def notices(self, client: RoomClient) -> None:
+        with contextlib.suppress(ClientError):
+            async for item in client.feed():
+                kind = item.get("type")
+                if kind == "resent":
+                    for gid in item["ids"]:
+                        say(f"resend {gid} (same id: the server charges it at most once)")
+                elif kind == "disconnected":
+                    say(f"disconnected ({item['code']} {item['reason']}); reconnecting in {item['wait_s']:.1f}s")
+                elif kind == "unreachable":
+                    say(f"cannot reach {item['url']} ({item['error']}); retrying in {item['wait_s']:.1f}s")
+
+    def lose_reply(self, msg: dict[str, Any]) -> bool:
+        """`--drop-ack K`: lose the K-th ack as a flaky network would; the gift goes again."""
+        if msg.get("type") != "ack" or not self.args.drop_ack:
+            return False
+        self.acks_seen += 1
+        if self.acks_seen != self.args.drop_ack:
+            return False
+        say(f"(dropping the connection before reading the ack of {msg.get('id')}, as a flaky network would)")
+        return True
 
 
 # --- HTTP commands --------------------------------------------------------------------------------
@@ -280,8 +183,12 @@ class GiftRun:
 
 def http(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=15) as client:
-        r = client.request(method, path, json=body)
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=15) as client:
+            r = client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach {args.url} ({type(exc).__name__}: {exc}); is `giftstream serve` "
+                         "running there? check --url") from None
     try:
         data = r.json()
     except ValueError:
@@ -343,41 +250,96 @@ def cmd_earnings(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def catalog_of(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        catalog = http(args, "GET", "/v1/catalog")
-        names = {g["id"]: g["name"] for g in catalog["gifts"]}
-    except (SystemExit, httpx.HTTPError):
-        names = {}  # the watcher still works; it prints gift ids instead of names
-    return asyncio.run(Watcher(args, names).run())
+        return http(args, "GET", "/v1/catalog")
+    except SystemExit:
+        return {}  # the room still works; gifts show as ids instead of names
+
+
+def names_of(catalog: dict[str, Any]) -> dict[str, str]:
+    return {g["id"]: g["name"] for g in catalog.get("gifts", [])}
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return asyncio.run(Watcher(args, names_of(catalog_of(args))).run())
 
 
 def cmd_gift(args: argparse.Namespace) -> int:
     return asyncio.run(GiftRun(args).run())
 
 
+def cmd_live(args: argparse.Namespace) -> int:
+    """`host` or `viewer`: the live screen (rich), or printed lines with --plain."""
+    from client_demo.live import LiveRoom, RoomView, gift_keys
+
+    catalog = catalog_of(args)
+    view = RoomView(args.command, names_of(catalog))
+    keys: dict[str, dict[str, Any]] = {}
+    if args.command == "host":
+        room = http(args, "GET", f"/v1/rooms/{args.room}")
+        view.gifts, view.coins, view.top = room["gifts_total"], room["coins_total"], room["top_gifters"]
+    else:
+        view.balance = http(args, "GET", "/v1/wallet")["coins"]
+        keys = gift_keys(catalog)
+    plain = args.plain or not sys.stdout.isatty()
+    if plain:
+        say(f"{args.command} of room {args.room} at {args.url}" + (
+            f"; balance {view.balance}; keys: " + ", ".join(f"{k} {g['id']}" for k, g in keys.items()) + ", q quit"
+            if keys else ""))
+
+    async def run() -> int:
+        client = room_client(args)
+        try:
+            await client.start()
+        except RoomClosed as exc:
+            say(closed_line(exc))
+            return 1
+        except ClientError as exc:
+            say(f"giving up: {exc}")
+            return 1
+        try:
+            return await LiveRoom(client, view, keys, plain, say).run()
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("GIFTSTREAM_URL", "http://127.0.0.1:8000"))
-    common.add_argument("--token", default=os.environ.get("GIFTSTREAM_TOKEN"))
-    parser = argparse.ArgumentParser(prog="python -m client_demo.cli", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m client_demo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Any, help_text: str, room: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text)
+    def add(name: str, fn: Any, help_text: str, room: bool = False, socket: bool = False,
+            token_env: str = "GIFTSTREAM_TOKEN") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--url", default=os.environ.get("GIFTSTREAM_URL", "http://127.0.0.1:8000"),
+                       help="the server ($GIFTSTREAM_URL, default http://127.0.0.1:8000)")
+        p.add_argument("--token", default=os.environ.get(token_env) or os.environ.get("GIFTSTREAM_TOKEN"),
+                       help=f"a token from `giftstream token` or the serve banner (${token_env})")
         if room:
             p.add_argument("--room", required=True)
+        if socket:
+            p.add_argument("--json", action="store_true", help="use giftstream.json instead of msgpack")
+            p.add_argument("--tries", type=int, default=10,
+                           help="connection attempts in a row before giving up (default 10, about 30 s)")
         p.set_defaults(fn=fn)
         return p
 
-    watch = add("watch", cmd_watch, "print a room's events live; resumes after drops", room=True)
-    watch.add_argument("--json", action="store_true", help="use giftstream.json instead of msgpack")
-    gift = add("gift", cmd_gift, "send gifts; resends unconfirmed ones with the same ids", room=True)
+    host = add("host", cmd_live, "the host's live screen: feed, totals, goal, top gifters", room=True, socket=True,
+               token_env="GIFTSTREAM_HOST_TOKEN")
+    host.add_argument("--plain", action="store_true", help="print lines instead of drawing the screen")
+    viewer = add("viewer", cmd_live, "the viewer's live screen: feed, balance, a key per gift", room=True,
+                 socket=True, token_env="GIFTSTREAM_VIEWER_TOKEN")
+    viewer.add_argument("--plain", action="store_true", help="print lines; keys are read from stdin lines")
+    watch = add("watch", cmd_watch, "print a room's events live; resumes after drops", room=True, socket=True)
+    watch.add_argument("--for", dest="for_s", type=float, metavar="S", help="stop after S seconds")
+    watch.add_argument("--until-gifts", type=int, default=0, metavar="N", help="stop after N gift events")
+    gift = add("gift", cmd_gift, "send gifts; resends unconfirmed ones with the same ids", room=True, socket=True)
     gift.add_argument("--gift", default="rose")
     gift.add_argument("--count", type=int, default=1)
     gift.add_argument("--repeat", type=int, default=1, help="how many gifts to send")
     gift.add_argument("--rate", type=float, default=10.0, help="gifts per second (0: as fast as possible)")
-    gift.add_argument("--json", action="store_true", help="use giftstream.json instead of msgpack")
     gift.add_argument("--drop-ack", type=int, default=0, metavar="K",
                       help="demo: drop the connection instead of reading the K-th ack, then resend")
     recharge = add("recharge", cmd_recharge, "buy coins (sandbox payment)")
@@ -398,15 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.token is None and args.command not in ("room",):
-        print("a token is needed: --token or $GIFTSTREAM_TOKEN", file=sys.stderr)
+        print("a token is needed: --token, or $GIFTSTREAM_TOKEN (the serve banner prints export lines)",
+              file=sys.stderr)
         return 2
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
         return 130
-    except (httpx.HTTPError, InvalidURI) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -252,3 +252,82 @@ async def test_host_commands_and_earnings(server: ServerProc, api: Callable[...,
 
 async def _earned(host: Api) -> bool:
     return bool((await host.earnings())["gifts_received"] == 1)
+
+
+class Live(Watch):
+    """`python -m client_demo host|viewer --plain` in its own process, keys written to its stdin."""
+
+    def __init__(self, server: ServerProc, role: str, room: str, user_token: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client_demo", role, "--plain", "--url", server.base, "--token", user_token,
+             "--room", room],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def keys(self, keys: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(keys + "\n")
+        self.proc.stdin.flush()
+
+
+async def test_host_and_viewer_screens_in_plain_mode(server: ServerProc, api: Callable[..., Api]) -> None:
+    host = api("hana", "host", name="Hana")
+    room = await host.create_room()
+    viewer = api("vic", name="Vic")
+    assert (await viewer.recharge(coins=100)).status_code == 201
+    screens: list[Live] = []
+    try:
+        hosting = Live(server, "host", room, host.token)
+        screens.append(hosting)
+        await hosting.wait_for(f"joined room {room} hosted by Hana as Hana (host)")
+        watching = Live(server, "viewer", room, viewer.token)
+        screens.append(watching)
+        await watching.wait_for("balance 100; keys: 1 rose, 2 tiktok, 3 finger_heart, 4 panda,")
+        await watching.wait_for(f"joined room {room} hosted by Hana as Vic (viewer)")
+
+        watching.keys("1")  # a Rose
+        await watching.wait_for("sent Rose: ack cli-")
+        watching.keys("4 x")  # a Panda; x is no gift's key
+        await watching.wait_for("balance 94")
+        await hosting.wait_for("Vic sent Rose x1 (combo 1)  [1 coins]  | total 1 gifts, 1 coins")
+        await hosting.wait_for("Vic sent Panda x1 (combo 1)  [5 coins]  | total 2 gifts, 6 coins")
+        await hosting.wait_for("top gifters: 1. Vic 6")
+        await watching.wait_for("Vic sent Panda x1")
+        assert watching.count("sent Panda: ack cli-") == 1 and watching.count("sent Rose: ack") == 1
+        watching.keys("q")
+        assert await watching.wait_exit() == 0, watching.lines
+        assert (await viewer.wallet())["coins"] == 94
+
+        assert (await host.client.post(f"/v1/rooms/{room}/end")).status_code == 200
+        assert await hosting.wait_exit() == 0, hosting.lines
+        assert hosting.lines[-1] == "closed 4410: room ended", hosting.lines
+    finally:
+        for s in screens:
+            s.stop()
+
+
+def test_the_screens_draw_with_rich() -> None:
+    import io
+
+    from rich.console import Console
+
+    from client_demo.live import RoomView, gift_keys, render
+
+    view = RoomView("host", {"rose": "Rose"})
+    view.apply({"type": "connected", "room": "demo", "viewers": 3, "offset": "0-0", "host": {}, "you": {}})
+    view.apply({"type": "gift", "from": {"name": "Vic"}, "gift": "rose", "count": 5, "coins": 5, "offset": "1-0"})
+    view.apply({"type": "leaderboard", "top": [{"name": "Vic", "coins": 5}]})
+    view.apply({"type": "goal", "progress": 5, "target": 20, "done": False})
+    out = io.StringIO()
+    Console(file=out, width=100, color_system=None).print(render(view, "demo", {}))
+    screen = out.getvalue()
+    assert "3 watching" in screen and "1 gifts, 5 coins" in screen and "Vic sent Rose x5" in screen
+    assert "goal 5/20 (25%)" in screen and "1." in screen and "Vic" in screen
+
+    viewer = RoomView("viewer", {}, balance=42)
+    keys = gift_keys({"gifts": [{"id": "rose", "name": "Rose", "coins": 1}]})
+    out = io.StringIO()
+    Console(file=out, width=100, color_system=None).print(render(viewer, "demo", keys))
+    assert "balance 42 coins" in out.getvalue() and "1 Rose (1)" in out.getvalue()
