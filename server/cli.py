@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import logging
+import logging.config
 import os
+import re
+import shlex
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from server import auth, embedded
@@ -26,6 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """`serve`'s settings: its data dir is made when missing, and keeps the token secret."""
     flags = {k: getattr(args, k, None) for k in ("data_dir", "redis_url", "database_url")}
     flags.update(extra)
     settings = from_env(**flags)
@@ -33,32 +40,112 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return resolve_secret(settings)
 
 
-def _with_redis(settings: Settings, start_if_missing: bool) -> tuple[Settings, embedded.Embedded | None]:
-    """The configured Redis, or the embedded valkey of this data dir (running, or started now)."""
+def _refuse(sentence: str) -> None:
+    """A command that cannot do what was asked: one sentence, exit 2."""
+    print(f"giftstream: {sentence}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _tool_settings(args: argparse.Namespace, *, redis: bool, ledger: bool, secret: bool = False) -> Settings:
+    """Settings of a command that works beside `serve` (token, audit, settle, migrate, rebuild).
+
+    It uses that serve's data dir and never makes one: a data dir made here would hold a fresh
+    secret, ledger and valkey, so an audit would pass on nothing and a token would be signed
+    with a secret no server knows. A missing data dir that the command would use (for the
+    embedded valkey, the SQLite ledger or the secret) is refused with exit 2."""
+    flags = {k: getattr(args, k, None) for k in ("data_dir", "redis_url", "database_url")}
+    settings = from_env(**flags)
+    settings = settings.with_(data_dir=settings.data_dir.resolve())
+    uses = [what for what, used in (("the embedded valkey's address", redis and not settings.redis_url),
+                                    ("the SQLite ledger", ledger and not settings.database_url),
+                                    ("the token secret", secret and not settings.secret)) if used]
+    if uses and not settings.data_dir.is_dir():
+        _refuse(f"data dir {settings.data_dir} does not exist (it would hold {' and '.join(uses)}): run "
+                f"`giftstream {args.command}` where `giftstream serve` runs, or pass that serve's --data-dir.")
+    return resolve_secret(settings) if secret else settings
+
+
+def _tell(command: str, settings: Settings, redis_source: str | None = None) -> None:
+    """Which data dir and servers a command uses, on stderr (stdout stays its output)."""
+    parts = [f"data dir {settings.data_dir}"]
+    if redis_source is not None:
+        parts.append(f"redis {_safe_url(settings.redis_url or '')} ({redis_source})")
+    parts.append(f"ledger {_safe_url(settings.effective_database_url)}")
+    print(f"giftstream {command}: " + ", ".join(parts), file=sys.stderr, flush=True)
+
+
+def _safe_url(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def _with_redis(settings: Settings, start_if_missing: bool) -> tuple[Settings, embedded.Embedded | None, str]:
+    """The configured Redis, or the embedded valkey of this data dir (running, or started now),
+    and where it came from."""
     if settings.redis_url:
-        return settings, None
+        return settings, None, "--redis-url"
     running = embedded.find_running(settings.data_dir)
     if running is not None:
-        return settings.with_(redis_url=running.url), None
+        return settings.with_(redis_url=running.url), None, "the valkey of the serve running on this data dir"
     if not start_if_missing:
-        raise SystemExit("no Redis URL given and no embedded valkey running for this data dir")
+        _refuse(f"no valkey is running for data dir {settings.data_dir}: start `giftstream serve` there first, "
+                "or pass --redis-url.")
     emb = embedded.start(settings.data_dir)
-    return settings.with_(redis_url=emb.url), emb
+    return settings.with_(redis_url=emb.url), emb, "embedded valkey started for this command, no serve is running"
 
 
 class _RedactTokens(logging.Filter):
-    """uvicorn logs socket paths with their query string: keep tokens out of the log."""
+    """Socket paths carry the token in their query string (uvicorn logs them): keep tokens out
+    of every log line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _redact(record.msg)
         if record.args and isinstance(record.args, tuple):
             record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
 def _redact(text: str) -> str:
-    import re
-
     return re.sub(r"token=[^&\s\"]+", "token=<redacted>", text)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_config(level: str = "info") -> dict[str, Any]:
+    """One format for every line (ours and uvicorn's: its access line per HTTP request, its
+    line per socket handshake), tokens redacted; `serve --workers N` passes it to each worker."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": "server.cli._RedactTokens"}},
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"],
+                                "stream": "ext://sys.stderr"}},
+        "loggers": {name: {"handlers": [], "level": level.upper(), "propagate": True}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+    }
+
+
+def _check_port(host: str, port: int) -> None:
+    """A busy port is said in one sentence before anything starts (not a bind traceback)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        _refuse(f"cannot listen on {host}:{port}: {exc.strerror or exc}.")
+        return
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: a port held only by connections in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                _refuse(f"port {port} on {host} is already in use (another `giftstream serve`?); "
+                        f"pick another one with --port {port + 1}.")
+            _refuse(f"cannot listen on {host}:{port}: {exc.strerror or exc}.")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,16 +157,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
                          settler=False if args.no_settler else None)
+    _check_port(settings.host, settings.port)
+    # A serve already running on this data dir: this one shares its valkey (and ledger).
+    owner = None if settings.redis_url else embedded.owner(settings.data_dir)
     emb = None
     if not settings.redis_url:
         emb = embedded.start(settings.data_dir)
         emb.supervise()  # a valkey that dies is started again from its AOF (embedded.Supervisor)
         settings = settings.with_(redis_url=emb.url)
+    if owner is not None:
+        log.warning("data dir %s belongs to a running `giftstream serve` (pid %d): joining that node's valkey "
+                    "(%s) as a second gateway on port %d. For a node of its own, stop that serve or pass "
+                    "another --data-dir.", settings.data_dir.resolve(), owner, settings.redis_url, settings.port)
     common: dict[str, Any] = dict(
         host=settings.host, port=settings.port, loop="uvloop",
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s, ws_per_message_deflate=False, lifespan="on",
-        log_level=settings.log_level, timeout_graceful_shutdown=30, access_log=False,
+        # one format, tokens redacted, an access line per HTTP request (see log_config)
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level, timeout_graceful_shutdown=30, access_log=True,
         # uvicorn's httptools and websockets-sansio protocols with the limits they lack
         # (server/guard.py): a request head's size and time, connections per address, pongs
         # within the send-buffer cap.
@@ -96,7 +192,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             app = create_app(settings, emb)
             config = uvicorn.Config(app, **common)
-            logging.getLogger("uvicorn.error").addFilter(_RedactTokens())
             server = DrainingServer(config)
             server.demo_settings = None if args.no_demo else settings
             server.run()
@@ -143,11 +238,14 @@ def _make_server_class() -> Any:
                 srv.close()
             app: Any = self.config.app
             node = app.state.node
+            sockets_open = node.hub.connections()
             try:
                 await asyncio.wait_for(node.drain(), 20)
             except Exception:
                 log.warning("drain did not finish cleanly", exc_info=True)
             await super().shutdown(sockets)
+            log.info("shutdown: %d room sockets closed with 1001 (resume advised), %d movements settled by "
+                     "this node's settler, %s", sockets_open, node.settler.settled, _valkey_fate(node))
 
     return Server
 
@@ -156,8 +254,17 @@ def DrainingServer(config: Any) -> Any:
     return _make_server_class()(config)
 
 
+def _valkey_fate(node: Any) -> str:
+    emb = node.embedded
+    if emb is None:
+        return "Redis left running (not ours)"
+    if not emb.owned:
+        return "embedded valkey left running for the serve that owns it"
+    return "embedded valkey stopped"
+
+
 async def print_demo(app: Any, settings: Settings) -> None:
-    """A demo room and two tokens to try it with."""
+    """A demo room, two tokens and the next steps, each a command to paste as it is."""
     from server.store.models import Room, now_ms
 
     node = app.state.node
@@ -170,31 +277,61 @@ async def print_demo(app: Any, settings: Settings) -> None:
         if await node.store.get_room(room_id) is None:
             await node.store.create_room(Room(room_id, "demo_host", "Demo LIVE", now_ms(), None))
         await node.rooms.create(room_id, "demo_host", "Demo Host", "Demo LIVE")
-    base = f"http://{settings.host}:{settings.port}"
-    print(
-        "\n"
-        "Giftstream is live.\n"
-        f"  room:          {room_id}   ({base}/v1/rooms/{room_id}, socket ws://{settings.host}:{settings.port}/v1/rooms/{room_id}/ws?token=...)\n"
-        f"  host token:    {host}\n"
-        f"  viewer token:  {viewer}\n"
-        "  try it:\n"
-        f"    curl -s -X POST {base}/v1/recharges -H 'Authorization: Bearer {viewer}' "
-        "-d '{\"package_id\":\"coins_65\",\"payment_method\":\"sandbox_card\",\"idempotency_key\":\"first\"}'\n"
-        f"    python -m client_demo.cli watch --url {base} --room {room_id} --token {host}\n"
-        f"    python -m client_demo.cli gift --url {base} --room {room_id} --token {viewer} --gift rose --count 5\n",
-        flush=True,
-    )
+    print(banner(settings, room_id, host, viewer), flush=True)
+
+
+def banner(settings: Settings, room_id: str, host_token: str, viewer_token: str) -> str:
+    # A server listening on every address is reached on this machine at 127.0.0.1.
+    addr = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{addr}:{settings.port}"
+    python = shlex.quote(sys.executable)
+    giftstream = Path(sys.executable).with_name("giftstream")
+    cli = shlex.quote(str(giftstream)) if giftstream.exists() else f"{python} -m server.cli"
+    data_dir = shlex.quote(str(settings.data_dir.resolve()))
+    client = f"{python} -m client_demo"
+    steps = [
+        (f"{client} recharge --token \"$GIFTSTREAM_VIEWER_TOKEN\" --package coins_65", "buy 65 coins"),
+        (f"{client} host --room {room_id} --token \"$GIFTSTREAM_HOST_TOKEN\"", "feed, totals, top gifters"),
+        (f"{client} viewer --room {room_id} --token \"$GIFTSTREAM_VIEWER_TOKEN\"", "a key per gift"),
+        (f"{client} gift --room {room_id} --token \"$GIFTSTREAM_VIEWER_TOKEN\" --gift rose --count 5", "5 roses"),
+        (f"{cli} audit --data-dir {data_dir}", "coins add up"),
+        (f"{cli} token alice --name Alice --data-dir {data_dir}", "another viewer"),
+    ]
+    width = max(len(command) for command, _ in steps)
+    return "\n".join([
+        "",
+        f"Giftstream is live at {base}  (data dir {settings.data_dir.resolve()})",
+        f"  room {room_id!r}, hosted by Demo Host; a viewer token for Demo Viewer",
+        "",
+        "Open the live room in a browser, as the host and as the viewer:",
+        f"  {base}/demo?room={room_id}&token={host_token}",
+        f"  {base}/demo?room={room_id}&token={viewer_token}",
+        "",
+        "Or in terminals: paste this line in each new terminal first",
+        f"  export GIFTSTREAM_URL={base} GIFTSTREAM_HOST_TOKEN={host_token} GIFTSTREAM_VIEWER_TOKEN={viewer_token}",
+        "then:",
+        *(f"  {command.ljust(width)}  # {what}" for command, what in steps),
+        "",
+    ])
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _tool_settings(args, redis=False, ledger=False, secret=True)
+    running = embedded.find_running(settings.data_dir)
+    source = "$GIFTSTREAM_SECRET" if os.environ.get("GIFTSTREAM_SECRET") else f"the secret in {settings.data_dir}"
+    served = ("the serve running on it accepts it" if running is not None
+              else "no serve is running on it now: a serve started on it accepts it")
+    print(f"giftstream token: data dir {settings.data_dir}, signed with {source}; {served}",
+          file=sys.stderr, flush=True)
     print(auth.issue(settings.secret or "", args.user_id, role=args.role, name=args.name,
                      birthdate=args.birthdate, ttl_s=args.ttl or settings.token_ttl_s))
     return 0
 
 
-def _run_with_store(settings: Settings, fn: Callable[[Any, Any], Awaitable[int]], start_redis: bool = True) -> int:
-    settings, emb = _with_redis(settings, start_if_missing=start_redis)
+def _run_with_store(command: str, settings: Settings, fn: Callable[[Settings, Any, Any], Awaitable[int]],
+                    start_redis: bool = True) -> int:
+    settings, emb, source = _with_redis(settings, start_if_missing=start_redis)
+    _tell(command, settings, source)
 
     async def main() -> int:
         from redis.asyncio import Redis
@@ -206,7 +343,7 @@ def _run_with_store(settings: Settings, fn: Callable[[Any, Any], Awaitable[int]]
         try:
             if settings.migrate_on_start:
                 await store.migrate()
-            return await fn(redis, store)
+            return await fn(settings, redis, store)
         finally:
             await store.close()
             await redis.aclose()
@@ -221,9 +358,9 @@ def _run_with_store(settings: Settings, fn: Callable[[Any, Any], Awaitable[int]]
 def cmd_audit(args: argparse.Namespace) -> int:
     from server.settlement.audit import run_audit
 
-    settings = _settings(args)
+    settings = _tool_settings(args, redis=True, ledger=True)
 
-    async def audit(redis: Any, store: Any) -> int:
+    async def audit(settings: Settings, redis: Any, store: Any) -> int:
         report = await run_audit(redis, store, settings.partitions)
         if args.json:
             print(json.dumps(report, indent=2))
@@ -237,26 +374,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print("audit ok" if report["ok"] else "audit FAILED")
         return 0 if report["ok"] else 1
 
-    return _run_with_store(settings, audit)
+    return _run_with_store("audit", settings, audit)
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from server.settlement.rebuild import rebuild_wallets
 
-    settings = _settings(args)
+    settings = _tool_settings(args, redis=True, ledger=True)
 
-    async def rebuild(redis: Any, store: Any) -> int:
+    async def rebuild(settings: Settings, redis: Any, store: Any) -> int:
         report = await rebuild_wallets(redis, store, settings.partitions, dry_run=args.dry_run)
         print(json.dumps(report, indent=2, default=str))
         return 0
 
-    return _run_with_store(settings, rebuild)
+    return _run_with_store("rebuild-wallets", settings, rebuild)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from server.store import open_store
 
-    settings = _settings(args)
+    settings = _tool_settings(args, redis=False, ledger=True)
+    _tell("migrate", settings)
 
     async def main() -> int:
         store = open_store(settings.effective_database_url)
@@ -276,9 +414,9 @@ def cmd_settle(args: argparse.Namespace) -> int:
 
     from server.settlement.settler import Settler
 
-    settings = _settings(args)
+    settings = _tool_settings(args, redis=True, ledger=True)
 
-    async def settle(redis: Any, store: Any) -> int:
+    async def settle(settings: Settings, redis: Any, store: Any) -> int:
         if args.requeue:
             from server.settlement.outbox import requeue
 
@@ -299,7 +437,7 @@ def cmd_settle(args: argparse.Namespace) -> int:
         print(f"settled {settler.settled} movements", flush=True)
         return 0
 
-    return _run_with_store(settings, settle, start_redis=False)
+    return _run_with_store("settle", settings, settle, start_redis=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.config.dictConfig(log_config())
     try:
         import uvloop
 

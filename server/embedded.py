@@ -123,6 +123,18 @@ def find_running(data_dir: Path) -> Embedded | None:
     return None
 
 
+def owner(data_dir: Path) -> int | None:
+    """The pid of another live `serve` whose valkey serves this data dir: a `serve` started on
+    it joins that valkey as a second gateway (`start` returns it unowned)."""
+    if find_running(data_dir) is None:
+        return None
+    try:
+        pid = json.loads((data_dir / STATE_FILE).read_text()).get("owner")
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if isinstance(pid, int) and pid != os.getpid() and _alive(pid) else None
+
+
 def start(data_dir: Path, startup_timeout: float = 30.0) -> Embedded:
     data_dir = data_dir.resolve()
     vdir = data_dir / "valkey"

@@ -71,6 +71,7 @@ async def room_socket(websocket: WebSocket) -> None:
 
 async def _refuse(websocket: WebSocket, refusal: Disconnect) -> None:
     code, reason = errors.closing(refusal)
+    log.info("socket refused: room %s, close %d %s", websocket.path_params.get("room_id"), code, refusal.reason)
     await websocket.close(code, reason)
 
 
@@ -92,6 +93,7 @@ class Session:
         self.room: RoomProtocol | None = None
         self.bad_frames = 0
         self._resuming: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
         # A resume replays part of the room from Redis; a ping costs a reply: one socket gets a
         # few of each, so it cannot take the node's CPU from everyone else.
         settings = node.settings
@@ -236,6 +238,10 @@ class Session:
             with contextlib.suppress(Exception):
                 await asyncio.wait(list(self.tasks), timeout=10)
         conn.closed = True
+        # The access line of a socket (uvicorn logs its handshake; its end is logged here).
+        log.info("socket closed: room %s, user %s, %s after %.1fs", conn.room_id, conn.principal.user_id,
+                 f"close {conn.close_code}" if conn.close_code is not None else "by the peer",
+                 time.monotonic() - self.started)
         if self.joined:
             await node.hub.leave(conn)
             with contextlib.suppress(Exception):

@@ -185,6 +185,7 @@ async def _received_one(host: Api) -> bool:
 
 
 def test_settle_requeue_runs_once_and_exits(redis_url: str, tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()  # a data dir a serve made: tools refuse a missing one
     result = run_cli("settle", "--requeue", "--redis-url", redis_url, "--data-dir", str(tmp_path / "var"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "moved 0 quarantined movements back to the outbox" in result.stdout
