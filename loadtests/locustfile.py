@@ -12,6 +12,10 @@ Request types in the stats table:
   WS   join             connect -> welcome
   POST /v1/recharges, /v1/rooms, /v1/rooms/[id]/end   plain HTTP
 
+The wire format and the gifts' retry rules are the client library's (client_demo/_wire.py and
+client_demo/state.py): a gift keeps its id on every retry, `unavailable`/`rate_limited` are
+retried, anything else is final.
+
 Env: GIFTSTREAM_SECRET (token signing secret of the server under test, required),
 LOCUST_BASE_ROOMS (rooms opened at test start, default 5), LOCUST_GIFT_BURST (default 5).
 """
@@ -27,14 +31,15 @@ from collections import OrderedDict
 from typing import Any
 
 import gevent
-import msgpack
 import websocket
 from locust import HttpUser, between, events, task
 
+from client_demo._wire import MSGPACK, decode, encode, socket_url
+from client_demo.client import GIFT_RETRY_S
+from client_demo.state import PendingGifts
 from server import auth
 
 SECRET = os.environ.get("GIFTSTREAM_SECRET", "")
-SUBPROTOCOL = "giftstream.msgpack"
 BASE_ROOMS = int(os.environ.get("LOCUST_BASE_ROOMS", "5"))
 BURST = int(os.environ.get("LOCUST_GIFT_BURST", "5"))
 ACK_TIMEOUT_S = 10.0
@@ -80,10 +85,9 @@ class RoomSocket:
     def __init__(self, host: str, room: str, tok: str, on_message: Any) -> None:
         self.room = room
         self.on_message = on_message
-        url = host.replace("http", "ws", 1) + f"/v1/rooms/{room}/ws?token={tok}"
         started = time.time()
-        self.ws = websocket.create_connection(url, subprotocols=[SUBPROTOCOL], timeout=30)
-        welcome = msgpack.unpackb(self.ws.recv())
+        self.ws = websocket.create_connection(socket_url(host, room, tok), subprotocols=[MSGPACK], timeout=30)
+        welcome = decode(self.ws.recv())
         if welcome.get("type") != "welcome":
             raise ConnectionError(f"expected welcome, got {welcome.get('type')}")
         fire("join", started)
@@ -96,13 +100,13 @@ class RoomSocket:
                 raw = self.ws.recv()
                 if not raw:
                     break
-                self.on_message(msgpack.unpackb(raw), time.time())
+                self.on_message(decode(raw), time.time())
         except Exception:
             pass
         self.closed = True
 
     def send(self, message: dict[str, Any]) -> None:
-        self.ws.send(msgpack.packb(message), opcode=websocket.ABNF.OPCODE_BINARY)
+        self.ws.send(encode(message, MSGPACK), opcode=websocket.ABNF.OPCODE_BINARY)
 
     def close(self) -> None:
         self.closed = True
@@ -162,7 +166,9 @@ class Gifter(HttpUser):
         self.uid = f"lg{RUN}x{next(_ids)}"
         self.tok = token(self.uid)
         self.sock: RoomSocket | None = None
-        self.pending: dict[str, float] = {}
+        # Unanswered gifts (same id on every retry) and when each was first sent.
+        self.gifts = PendingGifts()
+        self.sent_at: dict[str, float] = {}
         self.client.post("/v1/recharges", json={"coins": 100_000, "payment_method": "sandbox_card",
                                                 "idempotency_key": "locust"},
                          headers={"authorization": f"Bearer {self.tok}"})
@@ -177,30 +183,32 @@ class Gifter(HttpUser):
             fire("join", ms=0, exc=exc)
             self.sock = None
             return
-        for cid in list(self.pending):  # unacked ids of a lost socket: same id, same gift
-            self.sock.send({"type": "gift", "id": cid, "gift": "rose", "count": 1})
+        for frame in self.gifts.unanswered():  # unacked ids of a lost socket: same id, same gift
+            self.sock.send(frame)
 
     def on_message(self, msg: dict[str, Any], now: float) -> None:
-        kind = msg.get("type")
-        if kind == "events":
+        if msg.get("type") == "events":
             on_events(msg, now)
-        elif kind == "ack":
-            sent = self.pending.pop(str(msg.get("id")), None)
-            if sent is not None:
-                ACKED_AT[msg["gift_id"]] = now
-                if len(ACKED_AT) > ACKED_MAX:
-                    ACKED_AT.popitem(last=False)
-                fire("gift ack", ms=(now - sent) * 1000)
-        elif kind == "error" and msg.get("id") in self.pending:
-            if msg.get("code") not in ("rate_limited", "unavailable"):
-                sent = self.pending.pop(msg["id"])
-                fire("gift ack", ms=(now - sent) * 1000, exc=RuntimeError(str(msg.get("code"))))
-            else:
-                gevent.spawn_later(0.5, self._retry, msg["id"])
+            return
+        answer = self.gifts.answer(msg)
+        if answer is None:
+            return
+        if answer.outcome == "retry":
+            gevent.spawn_later(GIFT_RETRY_S, self._retry, answer.id)
+            return
+        sent = self.sent_at.pop(answer.id, now)
+        if answer.outcome == "acked":
+            ACKED_AT[msg["gift_id"]] = now
+            if len(ACKED_AT) > ACKED_MAX:
+                ACKED_AT.popitem(last=False)
+            fire("gift ack", ms=(now - sent) * 1000)
+        else:
+            fire("gift ack", ms=(now - sent) * 1000, exc=RuntimeError(str(msg.get("code"))))
 
     def _retry(self, cid: str) -> None:
-        if cid in self.pending and self.sock is not None and not self.sock.closed:
-            self.sock.send({"type": "gift", "id": cid, "gift": "rose", "count": 1})
+        frame = self.gifts.frames.get(cid)
+        if frame is not None and self.sock is not None and not self.sock.closed:
+            self.sock.send(frame)
 
     @task
     def burst(self) -> None:
@@ -211,11 +219,12 @@ class Gifter(HttpUser):
         now = time.time()
         for _ in range(BURST):
             cid = f"{self.uid}-{next(_ids)}"
-            self.pending[cid] = now
-            self.sock.send({"type": "gift", "id": cid, "gift": "rose", "count": 1})
-        for cid, sent in list(self.pending.items()):
+            self.sent_at[cid] = now
+            self.sock.send(self.gifts.add(cid, "rose", 1))
+        for cid, sent in list(self.sent_at.items()):
             if now - sent > ACK_TIMEOUT_S:
-                self.pending.pop(cid, None)
+                self.sent_at.pop(cid, None)
+                self.gifts.forget(cid)
                 fire("gift ack", ms=(now - sent) * 1000, exc=TimeoutError("no ack"))
 
     def on_stop(self) -> None:
