@@ -248,7 +248,6 @@ async def test_http_examples(server: ServerProc) -> None:
                 values.update({k: got[k] for k in ("order_id", "payment_id") if isinstance(got.get(k), str)})
 
 
-
 async def _coins_total(client: httpx.AsyncClient, room: str) -> bool:
     return bool((await client.get(f"/v1/rooms/{room}")).json()["coins_total"])
 

@@ -89,7 +89,8 @@ async def deliver(url: str, secret: str, body: dict[str, Any], deliveries: int) 
     async def one() -> dict[str, Any]:
         # A client per delivery: concurrent deliveries race on separate connections, as a
         # provider's redeliveries from several machines do.
-        async with httpx.AsyncClient(timeout=30) as client:
+        # trust_env=False: a proxy set for the machine's outbound traffic must not carry these.
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
             try:
                 r = await client.post(url, content=raw, headers=headers)
             except httpx.HTTPError as exc:

@@ -100,7 +100,8 @@ def parse(raw: bytes) -> Event:
     if not isinstance(body.get("created"), int):
         raise GiftstreamError(Err.BAD_REQUEST, "created must be unix seconds")
     if kind == DISPUTE_CLOSED:
-        outcome = CLOSED.get(data.get("status"))
+        status = data.get("status")
+        outcome = CLOSED.get(status) if isinstance(status, str) else None
         if outcome is None:
             raise GiftstreamError(Err.BAD_REQUEST, "a closed dispute's data.status is won or lost")
     elif kind in OUTCOMES:
