@@ -114,13 +114,13 @@ def test_pending_gifts_retry_only_what_the_server_says_is_retryable() -> None:
 @pytest.mark.parametrize("subprotocol", [MSGPACK, JSON])
 async def test_gifts_are_acked_and_final_refusals_are_not_retried(
         server: ServerProc, api: Callable[..., Api], subprotocol: str) -> None:
-    room, viewer = await room_and_viewer(api, coins=10)
+    room, viewer = await room_and_viewer(api, coins=30)
     async with RoomClient(server.base, room, viewer.token, subprotocol=subprotocol) as client:
         assert client.welcome["you"] == {"id": "vic", "name": "Vic", "role": "viewer"}
         ack = await client.gift("rose", 3, gift_id="lib-1")
-        assert ack["id"] == "lib-1" and ack["balance"] == 7 and ack["replayed"] is False
+        assert ack["id"] == "lib-1" and ack["balance"] == 27 and ack["replayed"] is False
         again = await client.gift("rose", 3, gift_id="lib-1")
-        assert again["replayed"] is True and again["gift_id"] == ack["gift_id"] and again["balance"] == 7
+        assert again["replayed"] is True and again["gift_id"] == ack["gift_id"] and again["balance"] == 27
         with pytest.raises(GiftRefused) as poor:
             await client.gift("galaxy")
         assert poor.value.code == "insufficient_funds"
@@ -128,7 +128,7 @@ async def test_gifts_are_acked_and_final_refusals_are_not_retried(
             await client.gift("unicorn")
         assert unknown.value.code == "unknown_gift"
         assert client.pending.unanswered() == []
-    assert (await viewer.wallet())["coins"] == 7
+    assert (await viewer.wallet())["coins"] == 27
 
 
 async def test_rate_limited_gifts_are_retried_with_their_ids_and_charged_once(
