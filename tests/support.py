@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import msgpack
 import websockets
 
@@ -358,3 +359,18 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+# Hypothesis example counts: short by default (CI); GIFTSTREAM_FUZZ=long multiplies them (the
+# long run, `python -m loadtests.faults` beside it, or a night on one machine).
+FUZZ_SCALE = 25 if os.environ.get("GIFTSTREAM_FUZZ") == "long" else 1
+
+
+def fuzz_settings(examples: int) -> hypothesis.settings:
+    """Hypothesis settings for a fuzz test: `examples` scaled by the profile, no per-example
+    deadline (a live server's answer time is not what is tested), a shared server allowed."""
+    from hypothesis import HealthCheck
+
+    return hypothesis.settings(max_examples=examples * FUZZ_SCALE, deadline=None, derandomize=FUZZ_SCALE == 1,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])
