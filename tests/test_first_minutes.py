@@ -226,7 +226,7 @@ def test_http_commands_name_the_url_they_cannot_reach() -> None:
 async def test_watch_stops_by_itself_for_scripts(server: ServerProc, api: Callable[..., Api]) -> None:
     room = await api("hana", "host").create_room()
     viewer = api("vic", name="Vic")
-    assert (await viewer.recharge(coins=10)).status_code == 201
+    assert (await viewer.recharge(coins=30)).status_code == 201
 
     timed = await asyncio.to_thread(client_cli, "watch", "--url", server.base, "--token", token("w"), "--room", room,
                                     "--for", "1")
