@@ -85,11 +85,10 @@ async def test_declined_cards_credit_nothing_and_say_why(users: Callable[..., Pa
     assert (await bob.pending(method="card", card_number="4242424242424242"))["status"] == "pending"
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-async def test_five_concurrent_deliveries_credit_once(backend: str, make_server: Callable[..., ServerProc],
-                                                      redis_url: str, request: pytest.FixtureRequest) -> None:
-    url = None if backend == "sqlite" else request.getfixturevalue("pg_database_url")
-    server = make_server(redis_url=redis_url, database_url=url, env=ENV).start()
+async def test_five_concurrent_deliveries_credit_once(make_server: Callable[..., ServerProc], redis_url: str,
+                                                      database_url: str) -> None:
+    """On SQLite and PostgreSQL."""
+    server = make_server(redis_url=redis_url, database_url=database_url, env=ENV).start()
     carol, admin = Payer(server, "carol"), Payer(server, "ops", "admin")
     try:
         orders = [await carol.pending(method="card", package_id="coins_330") for _ in range(3)]

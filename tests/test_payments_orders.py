@@ -68,13 +68,15 @@ def test_an_outcome_delivered_before_the_one_it_follows_makes_that_one_first() -
     [Outcome.SUCCEEDED, Outcome.REFUNDED, Outcome.DISPUTED, Outcome.DISPUTE_WON],
 ])
 def test_any_order_and_any_redelivery_ends_the_same(outcomes: list[Outcome]) -> None:
-    """Whatever order the events arrive in, each delivered any number of times, the same
-    statuses are reached and the same coins move."""
+    """Whatever order the events arrive in, each delivered any number of times, the same coins
+    move and the same money statuses are reached (whether an order showed `expired` before its
+    late success is history, and may differ)."""
+    money = {"credited", "refunded", "disputed", "dispute_won", "dispute_lost"}
     want_statuses, want_coins = run(outcomes)
     for perm in itertools.permutations(outcomes):
         statuses, coins = run([o for o in perm for _ in range(2)])
         assert coins == want_coins, perm
-        assert set(statuses) == set(want_statuses), perm
+        assert set(statuses) & money == set(want_statuses) & money, perm
         assert len(statuses) == len(set(statuses)), perm  # each status at most once
 
 

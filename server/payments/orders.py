@@ -9,7 +9,8 @@ for an outcome is the statuses it reaches, in order, with the coins each one mov
     expired       pending -> expired (the sweep, or the provider saying so).
     refunded      credited... -> refunded (-coins, unless a dispute holds them already).
     disputed      credited... -> disputed (-coins, unless a refund took them already).
-    dispute_won   disputed -> dispute_won (+coins, if the dispute took any).
+    dispute_won   disputed -> dispute_won (+coins, if the dispute took them and no refund
+                  holds them since).
     dispute_lost  disputed -> dispute_lost (nothing: they stay taken).
 
 An outcome that needs an earlier one (a refund before the success was delivered) makes the
@@ -88,7 +89,8 @@ def plan(order: Order, reached: list[Transition], outcome: Outcome, reason: str 
     elif ORDER_DISPUTE_WON not in done and ORDER_DISPUTE_LOST not in done:  # the dispute closed
         dispute()
         if outcome is Outcome.DISPUTE_WON:
-            steps.append((ORDER_DISPUTE_WON, -done[ORDER_DISPUTED].coins))
+            # What the dispute took comes back, unless a refund since then holds it.
+            steps.append((ORDER_DISPUTE_WON, 0 if ORDER_REFUNDED in done else -done[ORDER_DISPUTED].coins))
         else:
             steps.append((ORDER_DISPUTE_LOST, 0))
     return Plan(tuple(steps))
