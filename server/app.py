@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from server import errors, http_api
+from server import errors, http_api, web
 from server.codes import Err, GiftstreamError
 from server.embedded import Embedded
 from server.fastpipe import UNREACHABLE
@@ -67,6 +67,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         Route("/v1/rooms/{room_id}/end", http_api.end_room, methods=["POST"]),
         Route("/v1/me/earnings", http_api.earnings),
         WebSocketRoute("/v1/rooms/{room_id}/ws", room_socket),
+        *web.routes(),
     ]
     app = Starlette(
         routes=routes,

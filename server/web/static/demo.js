@@ -314,7 +314,7 @@
     const list = $("leaderboard");
     list.replaceChildren();
     top.slice(0, 10).forEach((u, i) => {
-      const li = el("li", "leader" + (s.you && u.id === s.you.id ? " me" : ""));
+      const li = el("li", "leader" + (s.you && u.id === s.you.id ? " leader-me" : ""));
       li.dataset.userId = u.id;
       li.append(el("span", "rank rank-" + (i + 1), String(i + 1)), avatar(u, "small"), el("span", "leader-name", u.name),
         el("span", "leader-coins", fmt(u.coins)));
@@ -537,6 +537,7 @@
     const base = Math.min(8000, 250 * 2 ** Math.min(s.attempts, 6));
     const delay = advisedMs !== null ? advisedMs : base * (0.5 + Math.random() / 2);
     s.attempts++;
+    $("status").dataset.retryMs = String(Math.round(delay)); // for people and tests: the wait chosen
     clearTimeout(s.retryTimer);
     s.retryTimer = setTimeout(connect, delay);
   }
