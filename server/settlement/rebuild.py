@@ -206,10 +206,14 @@ async def _totals_behind(redis: Redis, store: Store, p: int, part: _Partition, s
                 "credited": settled.credited + sum(m.coins for m in unsettled if m.kind is Kind.CREDIT),
                 "spent": settled.spent + sum(m.coins for m in unsettled if m.kind is Kind.GIFT)}
     by_kind = await store.partition_kind_totals(p, 2**62)
-    for kind in KEYED:
+    for kind in sorted(KEYED):  # each kind's sums, where it moved anything (move.lua writes no zero)
         coins, points = by_kind.get(kind.value, (0, 0))
-        restored["c:" + kind.code] = coins + sum(m.coins for m in unsettled if m.kind is kind)
-        restored["q:" + kind.code] = points + sum(m.points for m in unsettled if m.kind is kind)
+        coins += sum(m.coins for m in unsettled if m.kind is kind)
+        points += sum(m.points for m in unsettled if m.kind is kind)
+        if coins:
+            restored["c:" + kind.code] = coins
+        if points:
+            restored["q:" + kind.code] = points
     done = not dry_run and await _write_partition(redis, p, part.seq, {totals_key(p): restored})
     return {"partition": p, "redis_seq": part.seq, "settled_movements": settled.count,
             "restored": restored if done else None}
