@@ -496,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except Exception:  # uvloop is optional for the CLI; serve uses it through uvicorn
         pass
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: serve has drained and stopped by now; no traceback
+        return 130
 
 
 if __name__ == "__main__":
