@@ -2,6 +2,12 @@
 
     python -m loadtests.storm --rooms 2 --viewers-per-room 20 --gifters 4 --rate 200 --duration 5
 
+A gifter's ack beside a big room's fan-out (docs/benchmarks.md), with the bare coalescing loop
+of the same machine measured right after it; the figures are in the report's "room" block:
+
+    python -m loadtests.storm --rooms 1 --viewers-per-room 5000 --gifters 64 --rate 1000 \
+        --duration 20 --gifters-apart --ceilings --ceiling-parts coalesced --ceiling-tick-ms 50
+
 Without --target it starts its own `giftstream serve` (embedded valkey, SQLite) on a temp data
 dir. It creates rooms, recharges gifters, connects every socket (split over --processes
 workers), drives the gift rate open-loop with unique idempotency ids (retrying refused or
