@@ -186,3 +186,29 @@ async def test_rebuild_restores_every_figure_of_the_coin_economy(wallet: Wallet,
     assert await redis.hmget(key, fields) == before
     assert before[:2] == [str(100 - 60 - 100 + 3 * wallet.settings.reward_rate_coins + 9), str(2 * rate)]
     assert (await run_audit(redis, backend.store, PARTITIONS))["ok"]
+
+
+async def test_the_statement_joins_ledger_and_outbox_on_both_backends(wallet: Wallet, redis: Redis,
+                                                                      backend: Backend) -> None:
+    from server.wallet.history import transactions
+
+    await wallet.credit("jo", "ord-1", 100)
+    for i in range(5):
+        await wallet.send_gift(_gift("jo", f"c{i}", 3))
+    await wallet.claw_back("jo", "ord-1", 100, Kind.DISPUTE)
+    await wallet.check_in("jo")  # points only: not a line of the coin statement
+    await drain(Settler(redis, backend.store, partitions=PARTITIONS, consumer="st"), redis)
+    await wallet.reverse_claw_back("jo", "ord-1", 100)  # still in the outbox
+    lines: list[dict[str, object]] = []
+    cursor = None
+    while True:
+        page = await transactions(redis, backend.store, PARTITIONS, "jo", cursor, 3)
+        lines += page["transactions"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    kinds = [line["kind"] for line in lines]
+    assert kinds == ["dispute_reversal", "dispute"] + ["gift"] * 5 + ["recharge"]
+    assert [line["settled"] for line in lines] == [False] + [True] * 7
+    assert lines[0]["order_id"] == lines[1]["order_id"] == "ord-1"
+    assert sum(int(str(line["coins"])) for line in lines) == (await wallet.view("jo"))["coins"] == 85
