@@ -182,15 +182,15 @@ async def test_a_catch_up_starts_at_the_newest_event_seen_or_the_oldest_socket()
 
 def _logged(transport: FakeTransport, name: str, log: list[tuple[str, float]], cost_s: float = 0.0) -> None:
     """Record each write to `transport` in one log shared by several; `cost_s`: each write takes
-    that long (a busy wait), as a real socket write costs CPU."""
+    that much CPU (a busy wait), as a real socket write does."""
     write = transport.write
 
     def logged(data: bytes | bytearray | memoryview) -> None:
+        log.append((name, time.monotonic()))  # when the write began
         if cost_s:
-            until = time.perf_counter() + cost_s
-            while time.perf_counter() < until:
+            until = time.thread_time() + cost_s
+            while time.thread_time() < until:
                 pass
-        log.append((name, time.monotonic()))
         write(data)
 
     transport.write = logged  # type: ignore[method-assign]
@@ -243,3 +243,16 @@ async def test_a_room_whose_frame_costs_more_than_its_share_of_the_loop_lowers_i
     await wait_until(lambda: len(log) == 8, timeout=2, interval=0.001)
     assert log[4][1] - first_frame >= 0.075  # at least 20 ms / 0.25 after the first frame began
     assert all([e["offset"] for e in t.events()] == ["1-1", "1-2"] for _, t in viewers)
+
+
+async def test_a_room_end_during_a_pass_goes_out_when_it_is_done_whatever_the_budget() -> None:
+    hub = Hub(tick_ms=0, pass_slice=1, fanout_share=0.01)
+    viewers = await _viewers(hub, 3)
+    log: list[tuple[str, float]] = []
+    for i, (_, t) in enumerate(viewers):
+        _logged(t, f"v{i}", log, cost_s=0.005)  # the frame costs ~15 ms: 1.5 s of budget at 1%
+    hub.deliver("r1", _gift("1-1"))
+    await asyncio.sleep(0)  # the first of three slices is written
+    hub.deliver("r1", {"type": "room_ended", "offset": "1-2"})
+    await wait_until(lambda: all(c.closed for c, _ in viewers), timeout=0.5, interval=0.005)
+    assert all([e["type"] for e in t.events()] == ["gift", "room_ended"] for _, t in viewers)

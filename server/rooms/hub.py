@@ -230,7 +230,8 @@ class Hub:
 
     def _schedule(self, room: LocalRoom) -> None:
         loop = asyncio.get_running_loop()
-        wait = room.next_frame_at - time.monotonic()
+        # A room's end goes out as soon as the pass in progress is done, budget or not.
+        wait = 0.0 if room.ended else room.next_frame_at - time.monotonic()
         if wait <= 0:
             loop.call_soon(self._due, room)  # quiet room: no delay
         else:
@@ -238,7 +239,7 @@ class Hub:
 
     def _due(self, room: LocalRoom) -> None:
         wait = room.next_frame_at - time.monotonic()
-        if wait > 0.001 and not room.passing:
+        if wait > 0.001 and not room.passing and not room.ended:
             # A pass that ended after this was scheduled pushed the next frame back.
             asyncio.get_running_loop().call_later(wait, self._due, room)
             return
