@@ -150,7 +150,13 @@ async def _clients(port: int, viewers: int, timeout: float, rate: float = 0.0) -
 
     async def one() -> Any:
         async with sem:
-            return await connect("127.0.0.1", port, "/", "x", on_message, lambda code: None)
+            for attempt in range(5):  # as the storm's own joins: a busy machine resets a few
+                try:
+                    return await connect("127.0.0.1", port, "/", "x", on_message, lambda code: None)
+                except OSError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
 
     socks = await asyncio.gather(*(one() for _ in range(viewers)))
     with contextlib.suppress(TimeoutError):
