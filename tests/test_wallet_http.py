@@ -16,6 +16,8 @@ import pytest
 
 from tests.support import Api, ServerProc, join, run_cli, token, wait_until
 
+# empty_url: an empty database of each backend (PostgreSQL when GIFTSTREAM_TEST_DATABASE_URL is set)
+pytest_plugins = ["tests.ledger_fixtures"]
 pytestmark = pytest.mark.timeout(180)
 
 ADMIN = token("support", "admin")
@@ -248,8 +250,30 @@ async def test_the_wallet_event_reaches_the_user_on_another_node(
             await c.close()
 
 
-async def test_audit_passes_after_a_mixed_run(server: ServerProc, api: Callable[..., Api],
-                                              redis_url: str) -> None:
+async def test_audit_passes_after_a_mixed_run(make_server: Callable[..., ServerProc], redis_url: str,
+                                              empty_url: str) -> None:
+    """On SQLite and PostgreSQL: gifts, check-ins, grants, redemptions, adjustments (some taking
+    balances below zero) and budgets at once, then `giftstream audit`."""
+    server = make_server(redis_url=redis_url, database_url=empty_url).start()
+    clients: list[Api] = []
+
+    def api(user: str, role: str = "viewer") -> Api:
+        clients.append(Api(server, token(user, role)))
+        return clients[-1]
+
+    try:
+        await _mixed_run(server, api)
+    finally:
+        for c in clients:
+            await c.close()
+    result = run_cli("audit", "--json", "--redis-url", redis_url, "--database-url", empty_url,
+                     "--data-dir", str(server.data_dir))
+    report = json.loads(result.stdout)
+    assert report["ok"], report["failures"]
+    assert report["wallets"]["wallet_points"] > 0
+
+
+async def _mixed_run(server: ServerProc, api: Callable[..., Api]) -> None:
     host = api("host-m", "host")
     users = [api(f"mixed-{i}") for i in range(5)]
     room = await host.create_room()
@@ -269,8 +293,4 @@ async def test_audit_passes_after_a_mixed_run(server: ServerProc, api: Callable[
         for i, s in enumerate(socks):
             for n in range(10):
                 await s.reply(f"m{i}-{n}")
-    result = run_cli("audit", "--json", "--redis-url", redis_url, "--data-dir", str(server.data_dir))
-    report = json.loads(result.stdout)
-    assert report["ok"], report["failures"]
-    assert report["wallets"]["wallet_points"] > 0
 
