@@ -212,10 +212,10 @@
     renderHistory();
   }
 
-  // One read of the history after a burst of gifts, not one per gift.
+  // One read of the wallet and its history after a burst of gifts, not one per gift.
   function refreshHistorySoon() {
     clearTimeout(s.historySync);
-    s.historySync = setTimeout(refreshHistory, 600);
+    s.historySync = setTimeout(() => refreshWallet().catch(() => undefined), 600);
   }
 
   function renderHistory() {
@@ -244,7 +244,8 @@
   function remember(entry) {
     s.history.unshift(entry);
     s.history.length = Math.min(s.history.length, 100);
-    if (Array.isArray(s.serverHistory)) refreshHistorySoon(); else renderHistory();
+    renderHistory();
+    refreshHistorySoon();
   }
 
   async function recharge(pack, button) {
