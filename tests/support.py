@@ -374,3 +374,21 @@ def fuzz_settings(examples: int) -> hypothesis.settings:
     return hypothesis.settings(max_examples=examples * FUZZ_SCALE, deadline=None, derandomize=FUZZ_SCALE == 1,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large])
+
+
+def http_routes() -> list[tuple[str, str]]:
+    """(method, path template) of every HTTP route of the app, from its route table (HEAD left
+    to GET), so fuzz and security tests reach a new route the day it is added. Building the app
+    connects to nothing."""
+    import tempfile
+
+    from starlette.routing import Route
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", secret=SECRET, data_dir=Path(tmp),
+                                  database_url=f"sqlite:///{tmp}/routes.sqlite3"))
+    return [(m, r.path) for r in app.routes if isinstance(r, Route)
+            for m in sorted(r.methods or {"GET"}) if m != "HEAD"]
