@@ -4,6 +4,7 @@ order is credited exactly once and `giftstream audit` passes."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from server.payments.orders import Outcome, plan
+from server.store import open_store
+from server.store.models import PaymentEvent, now_ms
 from tests.payments import ENV, Payer, audit, deliver, event
 from tests.support import ServerProc, wait_until
 
@@ -70,3 +74,43 @@ async def test_kill9_mid_deliveries_then_redelivery_credits_once(make_server: Ca
     report = audit(second)
     assert report["payments"]["paid_orders"] == ORDERS
     assert report["payments"]["events_applied"] == ORDERS
+
+
+async def test_a_crash_between_the_sql_commit_and_the_credit_is_made_good_once(
+        make_server: Callable[..., ServerProc], tmp_path: Path, redis_url: str, database_url: str) -> None:
+    """The exact window, on both backends: the event and its credit transition are committed in
+    SQL, and `serve` dies before the credit reaches Redis. The next start makes it; the provider's
+    redelivery is a duplicate and credits nothing more."""
+    data = tmp_path / "var"
+    first = make_server(data, redis_url=redis_url, database_url=database_url, env=ENV).start()
+    payer = Payer(first, "halfway")
+    order = await payer.pending(method="card", package_id="coins_330")
+    await payer.close()
+    first.kill9()
+    sent = event(order["payment_id"], order["price_cents"])
+    store = open_store(database_url)
+    try:
+        record = PaymentEvent(sent["id"], "sandbox", sent["type"], order["payment_id"], order["order_id"], now_ms(),
+                              json.dumps(sent))
+        applied = await store.apply(order["order_id"], record, lambda o, reached: plan(o, reached, Outcome.SUCCEEDED))
+        assert [(t.status, t.done_ms) for t in applied.new] == [("credited", None)]
+    finally:
+        await store.close()
+
+    second = make_server(data, redis_url=redis_url, database_url=database_url, port=first.port, env=ENV).start()
+    payer = Payer(second, "halfway")
+    try:
+        assert await payer.coins() == 330  # made at start
+        r = await deliver(payer.client, sent)
+        assert r.status_code == 200 and r.json() == {"duplicate": True}, r.text
+        assert await payer.coins() == 330
+        assert (await payer.order(order["order_id"]))["status"] == "credited"
+    finally:
+        await payer.close()
+
+    async def settled() -> bool:
+        async with httpx.AsyncClient(base_url=second.base) as c:
+            return bool((await c.get("/healthz")).json().get("outbox_entries") == 0)
+
+    await wait_until(settled, timeout=30)
+    assert audit(second)["payments"]["paid_orders_without_credit"] == 0
