@@ -254,16 +254,36 @@ WEBHOOK = "/v1/payments/sandbox/webhook"
 
 
 async def test_webhook_forgery_and_replay(server: ServerProc, api: Callable[..., Api]) -> None:
+    """A webhook signed with the wrong key, stale (past the 5-minute tolerance), tampered after
+    signing, or unsigned is `bad_signature` and credits nothing; a genuine one credits once, and
+    its replay (same event, re-signed or as it was) credits nothing more."""
     if WEBHOOK not in _paths(server):
         pytest.skip(f"the payments webhook ({WEBHOOK}) does not exist yet")
+    from server.payments.signature import sign
+
+    secret = (server.data_dir / "webhook_secret").read_text().strip()
     viewer = api("wh-v")
-    body = json.dumps({"event_id": "evt-forged", "type": "payment.succeeded", "order_id": "o-1",
-                       "amount": 999_999, "currency": "USD"}).encode()
-    ts = str(int(time.time()))
-    forged = hmac.new(b"not-the-provider-secret", ts.encode() + b"." + body, hashlib.sha256).hexdigest()
-    for headers in ({}, {"x-sandbox-signature": f"t={ts},v1={forged}"},
-                    {"x-sandbox-signature": f"t={int(ts) - 3600},v1={forged}"}, {"x-sandbox-signature": "garbage"}):
-        r = await viewer.client.post(WEBHOOK, content=body, headers={"content-type": "application/json", **headers})
-        assert r.status_code in (400, 401, 403), (headers, r.text)
-        assert r.json()["code"] == "bad_signature", r.text
-    assert (await viewer.wallet())["coins"] == 0
+    order = (await viewer.client.post("/v1/recharges", json={
+        "package_id": "coins_330", "payment_method": "paypal", "idempotency_key": "wh-1"})).json()
+    assert order["status"] == "pending", order
+    event = {"id": "evt_sec_1", "type": "payment.succeeded", "created": int(time.time()),
+             "data": {"payment_id": order["payment_id"], "amount_cents": order["price_cents"], "currency": "USD"}}
+    body = json.dumps(event).encode()
+    now = int(time.time())
+
+    async def post(payload: bytes, signature: str | None) -> httpx.Response:
+        headers = {"content-type": "application/json"} | ({"giftstream-signature": signature} if signature else {})
+        return await viewer.client.post(WEBHOOK, content=payload, headers=headers)
+
+    tampered = json.dumps({**event, "data": {**event["data"], "amount_cents": 10**6}}).encode()
+    for payload, signature in ((body, None), (body, "garbage"), (body, sign("not-the-secret", body, now)),
+                               (body, sign(secret, body, now - 3600)), (tampered, sign(secret, body, now))):
+        r = await post(payload, signature)
+        assert r.status_code in (400, 401, 403) and r.json()["code"] == "bad_signature", (signature, r.text)
+        assert (await viewer.wallet())["coins"] == 0
+    first = await post(body, sign(secret, body, now))
+    assert first.status_code == 200 and first.json()["status"] == "credited", first.text
+    for signature in (sign(secret, body, now), sign(secret, body, int(time.time()))):
+        again = await post(body, signature)
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+    assert (await viewer.wallet())["coins"] == 330
