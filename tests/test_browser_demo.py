@@ -231,6 +231,49 @@ async def test_a_restarting_server_is_waited_for_as_advised(make_server: Any, re
     await expect(viewer.hook("feed").locator(":scope > [data-gift-id]")).to_have_count(1)
 
 
+async def test_a_gap_too_long_to_replay_shows_the_room_as_it_is(make_server: Any, redis_url: str,
+                                                                 tabs: Any) -> None:
+    """A room stream that keeps 3 events: a viewer away for 6 gets resume_failed, shows the
+    snapshot (totals, leaderboard) instead of the gifts it missed, and carries on live."""
+    from playwright.async_api import expect
+
+    server = make_server(redis_url=redis_url, env={"GIFTSTREAM_RESUME_MAX_EVENTS": "3"}).start()
+    host = Api(server, token("hana", "host", name="Hana"))
+    try:
+        room = await host.create_room()
+    finally:
+        await host.close()
+    walt_token = token("walt", name="Walt")
+    walt = Api(server, walt_token)
+    try:
+        assert (await walt.recharge(package_id="coins_65")).status_code == 201
+    finally:
+        await walt.close()
+    proxy = TcpProxy("127.0.0.1", server.port)
+    try:
+        viewer = await tabs()
+        await viewer.page.goto(f"http://127.0.0.1:{proxy.port}/demo?room={room}&token={token('vera', name='Vera')}")
+        await expect(viewer.hook("status")).to_have_text("connected")
+        proxy.cut()
+        await expect(viewer.hook("status")).to_have_text("reconnecting")
+        async with join(server, room, walt_token, "giftstream.json") as sock:
+            for i in range(6):
+                await sock.gift(f"gap-{i}", "panda")
+                assert (await sock.reply(f"gap-{i}"))["type"] == "ack"
+            proxy.restore()
+            await expect(viewer.hook("status")).to_have_text("connected", timeout=20_000)
+            await expect(viewer.page.locator("#coins-total")).to_have_text("30")
+            await expect(viewer.hook("leaderboard")).to_contain_text("Walt")
+            await expect(viewer.page.locator(".toast")).to_contain_text("away")
+            await sock.gift("gap-live", "rose")
+            live_id = (await sock.reply("gap-live"))["gift_id"]
+        await expect(viewer.hook("feed").locator(":scope > [data-gift-id]")).to_have_count(1)
+        assert await viewer.gift_ids() == [live_id]
+        await expect(viewer.page.locator("#coins-total")).to_have_text("31")
+    finally:
+        proxy.close()
+
+
 async def test_a_bad_token_is_named_and_not_retried(server: ServerProc, tabs: Any) -> None:
     from playwright.async_api import expect
 
