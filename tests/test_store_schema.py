@@ -47,7 +47,8 @@ async def test_two_processes_migrating_at_once(empty_url: str) -> None:
 
 
 TIME_COLUMNS = {("users", "created_ms"), ("orders", "created_ms"), ("orders", "updated_ms"), ("rooms", "created_ms"),
-                ("rooms", "ended_ms"), ("movements", "ts_ms"), ("gifts", "sent_ms"), ("gifts", "settled_ms")}
+                ("rooms", "ended_ms"), ("movements", "ts_ms"), ("gifts", "sent_ms"), ("gifts", "settled_ms"),
+                ("payment_events", "received_ms"), ("order_transitions", "at_ms"), ("order_transitions", "done_ms")}
 
 
 async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_secondary_index(
@@ -76,7 +77,24 @@ async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_sec
 
 
 async def test_a_schema_past_every_migration_is_refused_not_used(backend: Backend) -> None:
-    """A pre-release ledger (schema version 2: float-second times) is not taken for this one."""
-    await backend.query("INSERT INTO schema_version (version) VALUES (2)")
-    with pytest.raises(RuntimeError, match="version 2"):
+    """A ledger from newer code is not taken for this one."""
+    latest = max(v for v, _ in migrations())
+    await backend.query(f"INSERT INTO schema_version (version) VALUES ({latest + 1})")
+    with pytest.raises(RuntimeError, match=f"version {latest + 1}"):
         await backend.store.migrate()
+
+
+async def test_a_pre_release_ledger_is_refused_not_used(empty_url: str) -> None:
+    """0.1.0's ledger is at schema version 2 too (float-second times), without this code's
+    payments tables: refused, and nothing applied to it."""
+    store = open_store(empty_url)
+    try:
+        check = Backend(store, empty_url)
+        await check.query("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        await check.query("INSERT INTO schema_version (version) VALUES (1)")
+        await check.query("INSERT INTO schema_version (version) VALUES (2)")
+        with pytest.raises(RuntimeError, match="version 2"):
+            await store.migrate()
+        assert [r[0] for r in await check.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    finally:
+        await store.close()

@@ -22,10 +22,16 @@ def statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def check_known(current: int) -> None:
-    """Refuse a database whose schema is past every migration this code has: a pre-release ledger
-    (0.1.0's migration 0002, float-second times) or one from newer code. Nothing is applied to it."""
+# 0.1.0 (pre-release) numbered its float-second migration 2 too: a ledger at version 2 or past it
+# without this table (made by this code's migration 2) is that one, not ours.
+MARK_TABLE = "order_transitions"
+
+
+def check_known(current: int, tables: set[str] | None = None) -> None:
+    """Refuse a database whose schema is past every migration this code has (one from newer
+    code), or a pre-release ledger (0.1.0's migration 0002, float-second times), told by its
+    version and the missing MARK_TABLE. Nothing is applied to it."""
     latest = max(version for version, _ in migrations())
-    if current > latest:
-        raise RuntimeError(f"the database's schema is at version {current}, past this code's {latest}: a "
-                           "pre-release ledger (start a new one) or one written by a newer giftstream")
+    if current > latest or (current >= 2 and tables is not None and MARK_TABLE not in tables):
+        raise RuntimeError(f"the database's schema is at version {current}, past this code's {latest} or not "
+                           "its own: a pre-release ledger (start a new one) or one written by a newer giftstream")

@@ -169,7 +169,9 @@ class PostgresStore:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
             current = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
-            check_known(current)
+            tables = {r[0] for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+            check_known(current, tables)
             for version, script in migrations():
                 if version > current:
                     for stmt in statements(script):

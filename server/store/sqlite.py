@@ -94,7 +94,8 @@ class SQLiteStore:
                 conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
                 row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
                 current = row[0] or 0
-                check_known(current)
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                check_known(current, tables)
                 for version, script in migrations():
                     if version > current:
                         for stmt in statements(script):
