@@ -290,6 +290,8 @@ class Injector:
         self.done: list[dict[str, Any]] = []
         self.failed: list[str] = []
         self.rooms: list[str] = []
+        # Exit codes of standalone settlers that stopped by themselves and were started again.
+        self.settler_restarts: list[int] = []
 
     async def run(self, kinds: list[str], count: int, window: tuple[float, float]) -> None:
         start, end = window
@@ -506,7 +508,18 @@ async def run(fa: argparse.Namespace, sa: argparse.Namespace, rig: Rig) -> dict[
         start = t.gifting_at + fa.lead_s
         await injector.run(kinds, fa.count, (start, t.gifting_at + sa.duration - fa.tail_s))
 
+    async def supervise_settler() -> None:
+        """What systemd's Restart=always does for a standalone settler: `giftstream settle`
+        exits when the database is unreachable as it starts (a settler restarted by a fault
+        while a database_cut was on stayed down in the first long run)."""
+        while rig.settler is not None:
+            await asyncio.sleep(0.5)
+            if rig.settler.poll() is not None and rig.settler.returncode != -signal.SIGKILL:
+                injector.settler_restarts.append(rig.settler.returncode)
+                rig.start_settler()
+
     faults = asyncio.create_task(inject())
+    watchdog = asyncio.create_task(supervise_settler())
     try:
         report = await st.storm(sa, t)
     finally:
@@ -517,6 +530,8 @@ async def run(fa: argparse.Namespace, sa: argparse.Namespace, rig: Rig) -> dict[
         report["failures"].append("the storm ended before every fault was injected")
         faults.cancel()
     await asyncio.gather(faults, return_exceptions=True)
+    watchdog.cancel()
+    await asyncio.gather(watchdog, return_exceptions=True)
     report["failures"].extend(injector.failed)
     report["verdict"] = "ok" if not report["failures"] else "fail"
     log_text = (rig.data_dir / "serve.log").read_text(errors="replace")
@@ -527,6 +542,7 @@ async def run(fa: argparse.Namespace, sa: argparse.Namespace, rig: Rig) -> dict[
         "injected": len(injector.done), "by_kind": dict(Counter(d["kind"] for d in injector.done)),
         "log": injector.done,
         "tracebacks_in_log": log_text.count("Traceback"),
+        "settler_restarts": injector.settler_restarts,
         "machine": {"cpus": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                               * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
     }
@@ -550,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(sa.report).write_text(text)
     summary = {k: report[k] for k in ("verdict", "failures", "acks_per_s", "ack_p99_ms")}
     summary["gifts"] = {k: report["gifts"].get(k) for k in ("sent", "acked", "replayed", "unacked")}
-    summary["faults"] = {k: report["faults"][k] for k in ("injected", "by_kind", "tracebacks_in_log")}
+    summary["faults"] = {k: report["faults"][k] for k in ("injected", "by_kind", "tracebacks_in_log",
+                                                          "settler_restarts")}
     summary["audit_ok"] = report["audit"]["ok"]
     print(json.dumps(summary, indent=1))
     return 0 if report["verdict"] == "ok" else 1
