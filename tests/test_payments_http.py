@@ -206,8 +206,18 @@ async def test_orders_are_listed_newest_first_and_private(users: Callable[..., P
 
 
 async def test_refund_after_gifting_goes_negative_and_a_won_dispute_returns_coins_once(
-        users: Callable[..., Payer], pay_server: ServerProc) -> None:
-    heidi, host, admin = users("heidi"), users("hhost", "host"), users("ops", "admin")
+        make_server: Callable[..., ServerProc], redis_url: str, database_url: str) -> None:
+    """On SQLite and PostgreSQL."""
+    pay_server = make_server(redis_url=redis_url, database_url=database_url, env=ENV).start()
+    made = [Payer(pay_server, "heidi"), Payer(pay_server, "hhost", "host"), Payer(pay_server, "ops", "admin")]
+    try:
+        await _refund_then_dispute(pay_server, *made)
+    finally:
+        for p in made:
+            await p.close()
+
+
+async def _refund_then_dispute(pay_server: ServerProc, heidi: Payer, host: Payer, admin: Payer) -> None:
     first = await heidi.pending(package_id="coins_330")
     second = await heidi.pending(package_id="coins_65")
     await admin.drive(first["payment_id"], "succeeded")
