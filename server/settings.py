@@ -40,17 +40,18 @@ class Settings:
     # An ack takes several loop steps (the gift read, the Lua pipeline out, its reply, the
     # futures' callbacks), each of which can fall behind one slice, and every corked reply is
     # written before each slice. 5,000 viewers, 1,000 gifts/s (2026-11-30; a socket's write of
-    # a frame costs ~19 us there): 1,000-socket slices (before) ack p99 506-946 ms in three
-    # runs; 2 ms slices 150-202 ms (p50 ~40) in four; 1 ms 116 ms and 0.5 ms 129 ms (p50 ~22)
-    # in one each. The extra loop steps cost little: the Python part of a pass is ~1.3 us a socket.
+    # a frame costs ~19 us there): 1,000-socket slices (before) ack p99 431-946 ms in six runs;
+    # 2 ms slices 150-202 ms (p50 40-54) in four; 1 ms 116 ms in one; 0.5 ms 79-195 ms (p50
+    # 19-26) in six (docs/benchmarks.md). The extra loop steps cost little: the Python part of
+    # a pass is ~1.3 us a socket.
     fanout_slice_ms: float = 0.5
     # Share of the loop's time one room's fan-out may take: a room whose frame cost B seconds to
     # write starts its next frame no sooner than B / share after that one began, so a very big
     # room lowers its frame rate instead of starving acks, Redis replies and joins (1.0: only
     # tick_ms limits it). 5,000 viewers, 1,000 gifts/s on two cores shared with the load client
-    # (2026-11-30): at 0.6 the room runs 6-8 frames/s and every viewer keeps up; at 1.0 the
-    # client fell behind, kernel buffers filled, and frames dropped to 1.5/s with deliveries
-    # 11 s late (one run).
+    # (2026-11-30): at 0.6 the room runs 5-8 frames/s and every viewer keeps up; at 1.0 the
+    # client fell behind and frames dropped to 1.5/s with deliveries 11 s late (one run); 0.8
+    # did no better than 0.6 in the one clean run it had.
     fanout_share: float = 0.6
     combo_window_s: float = 3.0
     resume_max_events: int = 10_000
