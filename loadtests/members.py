@@ -117,6 +117,10 @@ class Member:
         self.close_codes: list[int | None] = []
         self.resumed = False
         self.resume_due = False
+        # (last key before the drop, the reconnect's welcome offset key]: what the resume replays.
+        # Replayed events may arrive after newer live ones, so they are kept by range, not by
+        # "newer than the newest seen".
+        self.gaps: list[tuple[Key | None, Key]] = []
         self.leaving = False
         # client id -> [first send time, attempts]
         self.pending: dict[str, list[float]] = {}
@@ -197,6 +201,9 @@ class Member:
             # its new protocol object; live events arriving meanwhile are deduplicated by offset).
             self.resumed = True
             self.resume_due = True
+            welcome = msg.get("offset")
+            if welcome:
+                self.gaps.append((self.last_key, offset_key(welcome)))
         if self.welcomed is not None and not self.welcomed.done():
             self.welcomed.set_result(msg)
 
@@ -225,8 +232,10 @@ class Member:
         last = self.last_key
         assert last is not None
         if self.resumed:
-            # The client contract after a resume: skip offsets already seen.
-            keep = tuple(g for g, k in zip(table.gifts[idx], table.gift_keys[idx], strict=True) if k > last)
+            # After a resume: keep what is newer than anything seen, or inside a replayed gap
+            # (the replay of a gap can come after the newer live events).
+            keep = tuple(g for g, k in zip(table.gifts[idx], table.gift_keys[idx], strict=True)
+                         if k > last or self._in_gap(k))
             self.dropped_by_offset += len(table.gifts[idx]) - len(keep)
         else:
             keep = table.gifts[idx]
@@ -236,6 +245,9 @@ class Member:
         if keep:
             self.extra.append((keep, now))
             self.n_gifts += len(keep)
+
+    def _in_gap(self, key: Key) -> bool:
+        return any((start is None or start < key) and key <= end for start, end in self.gaps)
 
     def received(self) -> Counter[str]:
         got: Counter[str] = Counter()
