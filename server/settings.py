@@ -148,27 +148,15 @@ class Settings:
         return replace(self, **changes)
 
 
-_INT = {"port", "workers", "payment_expiry_s", "partitions", "host_share_bp", "resume_max_events", "resume_max_age_s",
-        "send_buffer_cap", "socket_sndbuf", "gift_burst", "max_frame_bytes", "idempotency_ttl_s", "max_gift_count",
-        "settle_batch", "settle_claim_idle_ms", "pass_slice", "token_ttl_s", "redis_inflight",
-        "republish_window_s", "budget_raise_delay_s", "check_in_points", "reward_rate_points",
-        "reward_rate_coins", "max_connections_per_ip", "http_max_header_bytes", "resume_burst", "ping_burst",
-        "max_sockets_per_user_room", "max_sockets_per_user"}
-_FLOAT = {"tick_ms", "combo_window_s", "ping_interval_s", "ping_timeout_s", "gift_rate_per_s",
-          "presence_interval_s", "settle_linger_ms", "fanout_slice_ms", "fanout_share",
-          "http_header_timeout_s", "http_idle_timeout_s", "resume_rate_per_s", "ping_rate_per_s"}
-_BOOL = {"settler", "migrate_on_start", "takeover", "sandbox", "ip_cap_loopback"}
-
-
 def _convert(name: str, raw: str) -> Any:
-    if name in _INT:
-        return int(raw)
-    if name in _FLOAT:
-        return float(raw)
-    if name in _BOOL:
+    """An env var's text as the field's type, read off the field's default (bool, int, float,
+    Path); anything else is text, empty meaning unset. No list of names to keep in step with the
+    fields: a new field converts by its default."""
+    default = Settings.__dataclass_fields__[name].default
+    if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    if name == "data_dir":
-        return Path(raw)
+    if isinstance(default, int | float | Path):
+        return type(default)(raw)
     return raw or None
 
 
