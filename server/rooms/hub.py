@@ -102,8 +102,9 @@ class Hub:
         # Sockets one user may hold in one room, and in all rooms, on this node (0: no cap).
         self.per_user_room = per_user_room
         self.per_user = per_user
-        # Sockets per user on this node, joined or joining.
-        self.user_sockets: dict[str, int] = {}
+        # Each user's sockets on this node, joined or joining: the per-node cap counts them, and a
+        # user's own messages (the `wallet` event) go to them without a scan of every socket.
+        self.user_sockets: dict[str, set[Conn]] = {}
         # A step of a pass ends after this many sockets or this much time, whichever comes first;
         # then other callbacks get the loop.
         self.pass_slice = max(1, pass_slice)
@@ -123,6 +124,10 @@ class Hub:
     def connections(self) -> int:
         return sum(len(r.conns) for r in self.rooms.values())
 
+    def sockets_of(self, user_id: str) -> list[Conn]:
+        """The user's sockets on this node, in any room."""
+        return list(self.user_sockets.get(user_id, ()))
+
     def viewers(self, room_id: str) -> int:
         """Distinct users with a socket in this room on this node."""
         room = self.rooms.get(room_id)
@@ -135,17 +140,18 @@ class Hub:
         in_room = room.users.get(user, 0) if room is not None else 0
         if self.per_user_room and in_room >= self.per_user_room:
             raise GiftstreamError(Err.TOO_MANY_CONNECTIONS, "too many sockets of this user in this room")
-        if self.per_user and self.user_sockets.get(user, 0) >= self.per_user:
+        mine = self.user_sockets.get(user)
+        if self.per_user and mine is not None and len(mine) >= self.per_user:
             raise GiftstreamError(Err.TOO_MANY_CONNECTIONS, "too many sockets of this user on this node")
-        self.user_sockets[user] = self.user_sockets.get(user, 0) + 1
+        self.user_sockets.setdefault(user, set()).add(conn)
 
     def _discount(self, room: LocalRoom | None, conn: Conn) -> None:
         user = conn.principal.user_id
-        left = self.user_sockets.get(user, 0) - 1
-        if left > 0:
-            self.user_sockets[user] = left
-        else:
-            self.user_sockets.pop(user, None)
+        mine = self.user_sockets.get(user)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self.user_sockets[user]
         if room is not None and conn in room.conns:
             room.conns.discard(conn)
             n = room.users.get(user, 0) - 1

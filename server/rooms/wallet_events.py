@@ -3,8 +3,8 @@
 A balance that changes by anything but the user's own gift (a credit arriving late, a refund, a
 reward, an adjustment) is published once on one channel (keys.WALLET_CHANNEL, by
 wallet/service.py's `notify`); every node subscribes to it and writes the event to that user's
-local room sockets only. A few events a second at most, so one channel for all and a scan of the
-node's sockets per event cost less than a subscription per user would.
+local room sockets only (the hub keeps each user's sockets). A few events a second at most,
+so one channel for all costs less than a subscription per user would.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ def deliver(hub: Hub, event: dict[str, Any]) -> int:
     message = {"type": "wallet", "coins": event.get("coins"), "change": event.get("change"),
                "reason": event.get("reason"), "ref": event.get("ref")}
     sent = 0
-    for room in list(hub.rooms.values()):
-        for conn in list(room.conns):
-            if conn.principal.user_id == user_id and not conn.closed:
-                conn.send_message(message)
-                sent += 1
+    for conn in hub.sockets_of(user_id) if isinstance(user_id, str) else ():
+        if conn.send_message(message):
+            sent += 1
     return sent
 
 
