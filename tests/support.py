@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import os
@@ -392,3 +393,19 @@ def http_routes() -> list[tuple[str, str]]:
                                   database_url=f"sqlite:///{tmp}/routes.sqlite3"))
     return [(m, r.path) for r in app.routes if isinstance(r, Route)
             for m in sorted(r.methods or {"GET"}) if m != "HEAD"]
+
+
+def raw_ws_connect(port: int, path: str) -> socket.socket:
+    """A client that completes the WebSocket handshake and then never reads (a stalled viewer, a
+    ping flooder): a tiny receive window, set before connecting, fills the server's buffers fast."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head
+    return sock

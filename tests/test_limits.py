@@ -5,7 +5,6 @@ per user and connections per address."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import socket
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.support import FAST, Api, Client, ServerProc, join, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, raw_ws_connect, token, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -192,21 +191,6 @@ async def _refused_one(server: ServerProc) -> bool:
 # --- WebSocket: ping floods, rates, sockets per user -------------------------------------------
 
 
-def _raw_ws(port: int, path: str) -> socket.socket:
-    """A client that completes the handshake and then never reads."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head
-    return sock
-
-
 def _ping_frame(payload: bytes) -> bytes:
     mask = os.urandom(4)
     return bytes([0x89, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
@@ -234,7 +218,7 @@ async def test_a_ping_flood_on_a_socket_that_never_reads_is_closed_as_slow(
                                                    "GIFTSTREAM_SOCKET_SNDBUF": "16384"}).start()
     room = await _room(server)
     rss_before = _rss_kb(_pid(server))
-    sock = _raw_ws(server.port, f"/v1/rooms/{room}/ws?token={token('flooder')}")
+    sock = raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('flooder')}")
     try:
         sent = await asyncio.to_thread(_flood, sock, 40 * 1024 * 1024)
     finally:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import os
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -20,7 +17,7 @@ import pytest
 import websockets
 
 from server.keys import RoomKeys
-from tests.support import FAST, Api, Client, ServerProc, join, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, raw_ws_connect, token, wait_until
 
 # Slices of 2 sockets: every multi-socket room here is written in several steps per frame.
 ROOM_ENV = {**FAST, "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2", "GIFTSTREAM_PASS_SLICE": "2"}
@@ -254,28 +251,12 @@ async def test_leaderboard_ranks_gifters_by_coins_with_names(fast_server: Server
         assert sum(e["type"] == "leaderboard" for e in b.events) == count
 
 
-def _raw_ws_connect(port: int, path: str) -> socket.socket:
-    """A viewer that completes the handshake and then never reads: a stalled consumer."""
-    sock = socket.socket()
-    # a tiny receive window, set before connecting, so the server's buffers fill quickly
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head
-    return sock
-
-
 async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
         make_server: Callable[..., ServerProc], redis_url: str, socket_env: dict[str, str]) -> None:
     server = make_server(redis_url=redis_url, env={**socket_env, "GIFTSTREAM_SEND_BUFFER_CAP": "131072",
                                                      "GIFTSTREAM_SOCKET_SNDBUF": "16384"}).start()
     room = await _setup(server, "sh", "sa", coins=100_000)
-    stalled = _raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('stall')}")
+    stalled = raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('stall')}")
     try:
         async with join(server, room, token("sw")) as w, join(server, room, token("sa")) as a:
             ids = [f"s{i}" for i in range(2000)]
@@ -313,7 +294,7 @@ async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Calla
     server = make_server(redis_url=redis_url, env={**socket_env, "GIFTSTREAM_PING_INTERVAL_S": "0.5",
                                                    "GIFTSTREAM_PING_TIMEOUT_S": "0.5"}).start()
     room = await _setup(server, "kh")
-    dead = _raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('dead')}")
+    dead = raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('dead')}")
     try:
         async with join(server, room, token("alive")) as alive:  # websockets answers pings itself
             info = Api(server, token("alive"))
