@@ -231,6 +231,7 @@ class FaultTarget(Target):
     def __init__(self, rig: Rig) -> None:
         super().__init__(rig.base, rig.secret, rig.data_dir, rig.redis_url, rig.serve.pid if rig.serve else None)
         self.rig = rig
+        self.database_url = rig.database_url  # the database itself, not the proxy
         self.gifting = threading.Event()
         self.gifting_at = 0.0
         # Set when the storm ended before gifting began (it failed): no fault is injected.
@@ -244,19 +245,6 @@ class FaultTarget(Target):
         self.gifting_at = time.time() + 0.5
         self.gifting.set()
         super().valkey_watch()
-
-    def audit(self) -> tuple[int, dict[str, Any] | None, str]:
-        cmd = [sys.executable, "-m", "server.cli", "audit", "--json", "--data-dir", str(self.rig.data_dir)]
-        if self.redis_url:
-            cmd += ["--redis-url", self.redis_url]
-        if self.rig.database_url:
-            cmd += ["--database-url", self.rig.database_url]  # the database itself, not the proxy
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "GIFTSTREAM_SECRET": self.secret})
-        try:
-            return r.returncode, json.loads(r.stdout), r.stderr[-2000:]
-        except ValueError:
-            return r.returncode, None, (r.stdout + r.stderr)[-2000:]
 
     def settled_gifts(self, rooms: list[str]) -> tuple[dict[str, tuple[str, str]], int] | None:
         url = self.rig.database_url

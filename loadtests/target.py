@@ -97,6 +97,8 @@ class Target:
         self.secret = secret
         self.data_dir = data_dir
         self.redis_url = redis_url
+        # The ledger, when it is not the SQLite file in the data dir (for the audit).
+        self.database_url: str | None = None
         self.server_pid = server_pid
         self.proc = proc
         self.settler: subprocess.Popen[bytes] | None = None
@@ -252,6 +254,8 @@ class Target:
         cmd = [sys.executable, "-m", "server.cli", "audit", "--json", "--data-dir", str(self.data_dir)]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
+        if self.database_url:
+            cmd += ["--database-url", self.database_url]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "GIFTSTREAM_SECRET": self.secret})
         try:
