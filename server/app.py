@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from server import errors, http_api, web
 from server.codes import Err, GiftstreamError
+from server.creators import routes as creators
 from server.embedded import Embedded
 from server.fastpipe import UNREACHABLE
 from server.node import Node
@@ -66,6 +67,7 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         Route("/v1/rooms/{room_id}", http_api.room_info),
         Route("/v1/rooms/{room_id}/end", http_api.end_room, methods=["POST"]),
         Route("/v1/me/earnings", http_api.earnings),
+        *creators.routes(),
         WebSocketRoute("/v1/rooms/{room_id}/ws", room_socket),
         *web.routes(),
     ]

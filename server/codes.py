@@ -37,6 +37,14 @@ class Err(StrEnum):
     # A payment webhook whose amount or currency is not its order's: nothing is credited.
     AMOUNT_MISMATCH = "amount_mismatch"
     UNSUPPORTED_PAYMENT_METHOD = "unsupported_payment_method"
+    # The creator side (docs/protocol.md, cash-out): refusals of a withdrawal, in the order checked.
+    TWO_FA_REQUIRED = "2fa_required"
+    BAD_2FA_CODE = "bad_2fa_code"
+    BELOW_MINIMUM = "below_minimum"
+    INSUFFICIENT_DIAMONDS = "insufficient_diamonds"
+    OVER_DAILY_LIMIT = "over_daily_limit"
+    # A host has at most one live room; the answer names it.
+    ALREADY_LIVE = "already_live"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -68,6 +76,12 @@ HTTP_STATUS: dict[Err, int] = {
     Err.BAD_SIGNATURE: 400,
     Err.AMOUNT_MISMATCH: 400,
     Err.UNSUPPORTED_PAYMENT_METHOD: 400,
+    Err.TWO_FA_REQUIRED: 403,
+    Err.BAD_2FA_CODE: 403,
+    Err.BELOW_MINIMUM: 400,
+    Err.INSUFFICIENT_DIAMONDS: 402,
+    Err.OVER_DAILY_LIMIT: 400,
+    Err.ALREADY_LIVE: 409,
     Err.UNAVAILABLE: 503,
     Err.INTERNAL: 500,
 }

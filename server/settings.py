@@ -134,6 +134,23 @@ class Settings:
     # HMAC key of payment webhooks; None means "a random secret kept in data_dir/webhook_secret",
     # like `secret`, so every node and worker on one data dir shares it.
     webhook_secret: str | None = None
+    # The creator side (issue 12). A host's diamond is worth this many thousandths of a cent
+    # (500: half a cent, a host's 50% share of a 1-cent coin); a payout's amount_cents is
+    # diamonds * this // 1000.
+    diamond_millicents: int = 500
+    # A withdrawal must ask for at least this many diamonds, and a host may withdraw at most
+    # this many in a UTC day (pending and paid withdrawals count; failed ones do not).
+    withdraw_min_diamonds: int = 10_000
+    withdraw_daily_max_diamonds: int = 1_000_000
+    # A refunded or disputed recharge holds the diamonds its coins earned in gifts sent up to this
+    # long after it was credited; older gifts' diamonds are the host's to keep.
+    hold_window_s: int = 30 * 24 * 3600
+    # Wrong 2FA codes a host may send in 15 minutes before withdrawals answer rate_limited.
+    totp_max_failures: int = 5
+    # A live room whose host has had no socket in it this long ends by itself.
+    room_idle_end_s: int = 300
+    # A LIVE goal's progress is pushed to its room at most this often (its completion at once).
+    goal_event_interval_ms: int = 1000
     log_level: str = "info"
 
     @property

@@ -6,14 +6,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from server.movement import Movement
+from server.store.earnings import EarningsStore
 from server.store.models import Applied, Order, PartitionTotals, PaymentEvent, Plan, Room, SettleResult, Transition
+from server.store.sessions import SessionsStore
+from server.store.videos import VideosStore
+from server.store.withdrawals import WithdrawalsStore
 
 # Decides what an outcome does to an order, from the order and the transitions it has made
 # (payments/orders.py); the store calls it inside the transaction that holds the order.
 Planner = Callable[[Order, list[Transition]], Plan]
 
 
-class Store(Protocol):
+class Store(EarningsStore, WithdrawalsStore, SessionsStore, VideosStore, Protocol):
     kind: str
 
     async def migrate(self) -> int: ...

@@ -19,6 +19,7 @@ from server.movement import Kind, Movement
 from server.store import queries
 from server.store import rows as rowbuild
 from server.store.base import Planner
+from server.store.earnings import PostgresEarnings
 from server.store.migrations import check_known, migrations, statements
 from server.store.models import (
     ORDER_CREDITED,
@@ -36,6 +37,9 @@ from server.store.models import (
     now_ms,
 )
 from server.store.rows import kind_totals, movement_of
+from server.store.sessions import PostgresSessions
+from server.store.videos import PostgresVideos
+from server.store.withdrawals import PostgresWithdrawals
 
 POOL_MIN = 1
 POOL_MAX = 8
@@ -109,7 +113,7 @@ def _distinct(movements: list[Movement]) -> list[Movement]:
     return [first[k] for k in sorted(first)]
 
 
-class PostgresStore:
+class PostgresStore(PostgresEarnings, PostgresWithdrawals, PostgresSessions, PostgresVideos):
     kind = "postgres"
 
     def is_permanent(self, exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from server.movement import Movement
 from server.store import queries as q
 from server.store import sqlite_settle
 from server.store.base import Planner
+from server.store.earnings import SQLiteEarnings
 from server.store.migrations import check_known, migrations, statements
 from server.store.models import (
     Applied,
@@ -31,12 +32,15 @@ from server.store.models import (
     now_ms,
 )
 from server.store.rows import kind_totals, movement_of
+from server.store.sessions import SQLiteSessions
+from server.store.videos import SQLiteVideos
+from server.store.withdrawals import SQLiteWithdrawals
 
 T = TypeVar("T")
 _CHUNK = 400  # host parameters per IN (...) query, under SQLite's limit
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteEarnings, SQLiteWithdrawals, SQLiteSessions, SQLiteVideos):
     kind = "sqlite"
 
     def is_permanent(self, exc: BaseException) -> bool:

@@ -1,0 +1,1 @@
+"""The creator side: earnings, two-factor and cash-out, LIVE goals, sessions, gifts on videos."""
