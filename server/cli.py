@@ -148,6 +148,35 @@ def _check_port(host: str, port: int) -> None:
             _refuse(f"cannot listen on {host}:{port}: {exc.strerror or exc}.")
 
 
+# Open files a gateway process keeps for other things than room sockets: its listening socket,
+# two Redis pools of up to 64 connections each, the bus, wallet-event and fast-pipe connections,
+# the ledger, log and metric files, epoll and uvloop's own. The rest may be sockets.
+FILES_RESERVED = 300
+
+
+def raise_open_files() -> int:
+    """Lift this process's soft open-files limit to the hard one (worker processes inherit it) and
+    return it. Every socket is a file: the limit, not memory, is what caps a process's sockets."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def socket_capacity(open_files: int, workers: int) -> str:
+    """`serve`'s line at start: how many sockets this node can hold, per worker and in all."""
+    per_worker = max(0, open_files - FILES_RESERVED)
+    workers = max(1, workers)
+    where = "one process" if workers == 1 else f"{workers} workers"
+    return (f"open files limit {open_files} per process: up to {per_worker:,} sockets per process, "
+            f"{per_worker * workers:,} in all ({where}; more take --workers)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -158,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
                          settler=False if args.no_settler else None)
     _check_port(settings.host, settings.port)
+    log.info("giftstream serve: %s", socket_capacity(raise_open_files(), settings.workers))
     # A serve already running on this data dir: this one shares its valkey (and ledger).
     owner = None if settings.redis_url else embedded.owner(settings.data_dir)
     emb = None
