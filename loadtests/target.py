@@ -110,15 +110,16 @@ class Target:
 
     @classmethod
     def start(cls, secret: str, env: dict[str, str], keep: bool = False, separate_settler: bool = False,
-              valkey_fsync: str | None = None) -> Target:
+              valkey_fsync: str | None = None, args: list[str] | None = None) -> Target:
         """`giftstream serve` on a temp data dir, with its embedded valkey; or, with `valkey_fsync`
-        (always | everysec | no), with a valkey of that AOF fsync policy started here."""
+        (always | everysec | no), with a valkey of that AOF fsync policy started here. `args`: more
+        of serve's flags (e.g. --workers 4)."""
         tmp = None if keep else tempfile.TemporaryDirectory(prefix="giftstream-storm-")
         data_dir = Path(tmp.name if tmp else tempfile.mkdtemp(prefix="giftstream-storm-"))
         port = free_port()
         log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - the server's log, open while it runs
         cmd = [sys.executable, "-m", "server.cli", "serve", "--no-demo", "--port", str(port),
-               "--data-dir", str(data_dir)]
+               "--data-dir", str(data_dir), *(args or [])]
         if separate_settler:
             cmd.append("--no-settler")
         valkey = None
