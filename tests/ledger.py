@@ -62,6 +62,13 @@ def credit(part: int, seq: int, *, user: str = "viewer-1", coins: int = 100, ord
                     order_id=order or f"o-{part}-{seq}", credit_kind="recharge")
 
 
+def keyed(part: int, seq: int, kind: Kind, *, user: str = "viewer-1", coins: int = 0, order: str = "",
+          ts_ms: int | None = None) -> Movement:
+    """A keyed movement (a refund's or dispute's coins are negative, a reversal's positive)."""
+    return Movement(partition=part, seq=seq, kind=kind, user_id=user, coins=coins,
+                    ts_ms=TS0 + seq if ts_ms is None else ts_ms, order_id=order or f"o-{part}-{seq}")
+
+
 def order(order_id: str, user: str = "viewer-1", key: str = "k1", status: str = ORDER_PENDING) -> Order:
     return Order(id=order_id, user_id=user, idempotency_key=key, package_id="p100", coins=100, price_cents=99,
                  currency="USD", payment_method="sandbox_card", status=status, created_ms=now_ms())

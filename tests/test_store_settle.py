@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from server.store.models import (
     PartitionTotals,
     now_ms,
 )
+from server.movement import Kind
+from server.store.rows import DAY_MS
 from server.store.sqlite import SQLiteStore
-from tests.ledger import TS0, Backend, credit, gift
+from tests.ledger import TS0, Backend, credit, gift, keyed
 
 # The fixtures: backend, redis, wallet, ...
 pytest_plugins = ["tests.ledger_fixtures"]
@@ -69,6 +72,46 @@ async def test_every_backend_writes_exactly_these_rows(backend: Backend) -> None
         (3, 8, 3, "host:hal", "diamond_unit", 123 * 4321)]
     assert await backend.query("SELECT host_id, diamond_units, gifts_received FROM host_earnings") == [
         ("hal", 123 * 4321, 1)]
+
+
+async def test_every_backend_writes_exactly_these_days_holds_and_releases(backend: Backend) -> None:
+    """A host's days, and a dispute's holds and their release by a won dispute, column by column."""
+    day = TS0 // DAY_MS
+    await backend.store.settle([credit(3, 7, user="ann", coins=500, order="ord-1"),
+                                gift(3, 8, user="ann", host="hal", coins=123, bp=4321),
+                                replace(gift(3, 9, user="ann", host="hal", coins=77), ts_ms=TS0 + DAY_MS),
+                                gift(3, 10, user="ann", host="bo", coins=300, bp=3333)])
+    await backend.store.settle([gift(3, 11, user="ann", host="hal", coins=1)])  # a second batch adds to its day
+    assert sorted(await backend.query("SELECT host_id, day, diamond_units, gifts FROM host_days")) == [
+        ("bo", day, 300 * 3333, 1), ("hal", day, 123 * 4321 + 5000, 2), ("hal", day + 1, 77 * 5000, 1)]
+
+    hal = 123 * 4321 + 77 * 5000
+    before = now_ms()
+    await backend.store.settle([keyed(3, 12, Kind.DISPUTE, user="ann", coins=-500, order="ord-1",
+                                      ts_ms=TS0 + DAY_MS + 1)])
+    after = now_ms()
+    holds = await backend.query("SELECT gift_id, order_id, kind, host_id, user_id, part, seq, coins, diamond_units,"
+                                " held_ms, released_ms FROM gift_holds ORDER BY gift_id")
+    assert [r[:9] for r in holds] == [("g3-10", "ord-1", "dispute", "bo", "ann", 3, 12, 300, 300 * 3333),
+                                      ("g3-8", "ord-1", "dispute", "hal", "ann", 3, 12, 123, 123 * 4321),
+                                      ("g3-9", "ord-1", "dispute", "hal", "ann", 3, 12, 77, 77 * 5000)]
+    assert all(before <= r[9] <= after and r[10] is None for r in holds)
+    legs = "SELECT part, seq, leg, account, unit, delta FROM ledger WHERE seq = {} ORDER BY leg"
+    assert [tuple(r) for r in await backend.query(legs.format(12))] == [
+        (3, 12, 0, "platform:payments", "coin", 500), (3, 12, 1, "user:ann", "coin", -500),
+        (3, 12, 4, "host:bo", "diamond_unit", -300 * 3333), (3, 12, 5, "host_held:bo", "diamond_unit", 300 * 3333),
+        (3, 12, 6, "host:hal", "diamond_unit", -hal), (3, 12, 7, "host_held:hal", "diamond_unit", hal)]
+    assert sorted(await backend.query("SELECT host_id, diamond_units, held_units FROM host_earnings")) == [
+        ("bo", 300 * 3333, 300 * 3333), ("hal", hal + 5000, hal)]
+
+    await backend.store.settle([keyed(3, 13, Kind.DISPUTE_REVERSAL, user="ann", coins=500, order="ord-1")])
+    assert [tuple(r) for r in await backend.query(legs.format(13))] == [
+        (3, 13, 0, "platform:payments", "coin", -500), (3, 13, 1, "user:ann", "coin", 500),
+        (3, 13, 4, "host:bo", "diamond_unit", 300 * 3333), (3, 13, 5, "host_held:bo", "diamond_unit", -300 * 3333),
+        (3, 13, 6, "host:hal", "diamond_unit", hal), (3, 13, 7, "host_held:hal", "diamond_unit", -hal)]
+    released = await backend.query("SELECT released_ms FROM gift_holds")
+    assert len(released) == 3 and all(after <= r[0] <= now_ms() for r in released)
+    assert sorted(await backend.query("SELECT host_id, held_units FROM host_earnings")) == [("bo", 0), ("hal", 0)]
 
 
 async def test_sqlite_stages_batches_of_any_size_under_an_old_variable_limit(tmp_path: Path) -> None:

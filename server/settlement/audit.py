@@ -92,6 +92,25 @@ async def _wallets(redis: Redis, partitions: int) -> tuple[dict[str, int], list[
             "wallet_spent": spent, "wallet_points": points_total}, failures
 
 
+async def _hosts(store: Store) -> tuple[dict[str, Any], list[str]]:
+    """Per host, lifetime = available + held + reserved + paid: available is what is left, so each
+    other part is checked against its source. Lifetime = the host's settled gifts' units; held =
+    its unreleased holds = its held ledger account; reserved and paid = its pending and paid
+    withdrawals; none negative."""
+    figures = await store.host_figures(NAMED)
+    failures = []
+    if figures["mismatched"]:
+        named = "; ".join(
+            f"{h['host_id']}: lifetime {h['lifetime_units']} (gifts {h['gift_units']}), held {h['held_units']} "
+            f"(holds {h['hold_units']}, ledger {h['ledger_held_units']}), reserved {h['reserved_units']} "
+            f"(pending withdrawals {h['pending_withdrawal_units']}), paid {h['paid_units']} "
+            f"(paid withdrawals {h['paid_withdrawal_units']})" for h in figures["first"])
+        more = figures["mismatched"] - len(figures["first"])
+        failures.append(f"host diamonds (units) differ from their sources for {figures['mismatched']} host(s): "
+                        f"{named}{f' and {more} more' if more else ''}")
+    return figures, failures
+
+
 async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, Any]:
     """Every figure compared, and `ok` with the `failures` that broke it."""
     failures: list[str] = []
@@ -117,6 +136,8 @@ async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, An
         more = f" and {unbalanced - len(offenders)} more" if unbalanced > len(offenders) else ""
         failures.append(f"ledger entries do not sum to zero per movement and unit in {unbalanced} case(s): "
                         f"{named}{more}")
+    hosts, fail = await _hosts(store)
+    failures += fail
     payments, fail = await audit_payments(redis, store, partitions)
     failures += fail
     totals = {
@@ -126,4 +147,5 @@ async def run_audit(redis: Redis, store: Store, partitions: int) -> dict[str, An
         "coins_spent": sum(p["spent"] for p in parts),
     }
     return {"ok": not failures, "failures": failures, "totals": totals, "wallets": wallets,
-            "diamonds": diamonds, "unbalanced_movements": unbalanced, "payments": payments, "partitions": parts}
+            "diamonds": diamonds, "hosts": hosts, "unbalanced_movements": unbalanced, "payments": payments,
+            "partitions": parts}

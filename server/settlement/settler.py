@@ -26,6 +26,7 @@ from server.outage import Backoff, Outage
 from server.settings import Settings
 from server.settlement.consumer import Batch, GroupConsumer
 from server.store.base import Store
+from server.store.holds import DEFAULT_HOLD_WINDOW_MS
 from server.store.models import SettleResult
 
 log = logging.getLogger("giftstream.settler")
@@ -62,7 +63,8 @@ class _Permanent(Exception):
 class Settler:
     def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
                  max_batch: int = 2000, claim_idle_ms: int = 30_000, commits: int = 2,
-                 linger_ms: float = 150.0, pipe: FastPipe | None = None) -> None:
+                 linger_ms: float = 150.0, pipe: FastPipe | None = None,
+                 hold_window_ms: int = DEFAULT_HOLD_WINDOW_MS) -> None:
         self.redis = redis
         self.store = store
         self.partitions = partitions
@@ -74,6 +76,9 @@ class Settler:
         # the outbox fills a batch meanwhile, so reads and commits go from thousands a second
         # to a few, for at most this much more settlement lag. A backlog reads back to back.
         self.linger_s = max(0.0, linger_ms / 1000)
+        # A refund or dispute holds the diamonds of the gifts its coins paid for, sent this long
+        # before it at most (store/holds.py).
+        self.hold_window_ms = hold_window_ms
         self.streams = [outbox_key(p) for p in range(partitions)]
         # Reads and acks go through the lean pipeline (a read and every batch's ack can be in
         # flight at once); XAUTOCLAIM, rare, stays on redis-py.
@@ -105,7 +110,8 @@ class Settler:
                       pipe: FastPipe | None = None) -> Settler:
         """The settler `serve` and `settle` run: batch size, claim idle time and linger from settings."""
         return cls(redis, store, partitions=settings.partitions, consumer=consumer, max_batch=settings.settle_batch,
-                   claim_idle_ms=settings.settle_claim_idle_ms, linger_ms=settings.settle_linger_ms, pipe=pipe)
+                   claim_idle_ms=settings.settle_claim_idle_ms, linger_ms=settings.settle_linger_ms, pipe=pipe,
+                   hold_window_ms=settings.hold_window_s * 1000)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="giftstream-settler")
@@ -249,7 +255,7 @@ class Settler:
         backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         while True:
             try:
-                result = await self.store.settle(movements)
+                result = await self.store.settle(movements, self.hold_window_ms)
             except Exception as exc:
                 if self.store.is_permanent(exc):
                     raise _Permanent(exc) from exc

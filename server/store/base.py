@@ -66,9 +66,10 @@ class Store(EarningsStore, WithdrawalsStore, SessionsStore, VideosStore, Protoco
     async def end_room(self, room_id: str, ended_ms: int) -> None: ...
     async def get_room(self, room_id: str) -> Room | None: ...
 
-    async def settle(self, movements: list[Movement]) -> SettleResult:
-        """Write movements, gift rows, ledger entries and host credit in one transaction,
-        idempotent on (partition, seq): a movement seen before changes nothing."""
+    async def settle(self, movements: list[Movement], hold_window_ms: int = ...) -> SettleResult:
+        """Write movements, gift rows, ledger entries, host credit (and per day) and the holds of
+        refunds and disputes (store/holds.py, gifts sent up to `hold_window_ms` before them) in
+        one transaction, idempotent on (partition, seq): a movement seen before changes nothing."""
         ...
 
     def is_permanent(self, exc: BaseException) -> bool:

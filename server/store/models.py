@@ -29,6 +29,9 @@ REWARDS_ACCOUNT = "platform:rewards"  # reward points issued, and coins bought w
 ADJUSTMENTS_ACCOUNT = "platform:adjustments"  # support's corrections
 USER_ACCOUNT_PREFIX = "user:"
 HOST_ACCOUNT_PREFIX = "host:"
+# A host's diamonds held because the coins that paid for them were refunded or disputed
+# (store/holds.py): host:<id> -> host_held:<id> while held, back on a won dispute.
+HOST_HELD_ACCOUNT_PREFIX = "host_held:"
 
 
 def user_account(user_id: str) -> str:
@@ -37,6 +40,10 @@ def user_account(user_id: str) -> str:
 
 def host_account(host_id: str) -> str:
     return HOST_ACCOUNT_PREFIX + host_id
+
+
+def host_held_account(host_id: str) -> str:
+    return HOST_HELD_ACCOUNT_PREFIX + host_id
 
 
 @dataclass(frozen=True, slots=True)

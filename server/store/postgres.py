@@ -16,10 +16,11 @@ from typing import Any
 import asyncpg
 
 from server.movement import Kind, Movement
-from server.store import queries
+from server.store import holds, queries
 from server.store import rows as rowbuild
 from server.store.base import Planner
 from server.store.earnings import PostgresEarnings
+from server.store.holds import DEFAULT_HOLD_WINDOW_MS
 from server.store.migrations import check_known, migrations, statements
 from server.store.models import (
     ORDER_CREDITED,
@@ -81,6 +82,11 @@ _UPSERT_HOSTS = (
     " ON CONFLICT (host_id) DO UPDATE"
     " SET diamond_units = host_earnings.diamond_units + excluded.diamond_units,"
     " gifts_received = host_earnings.gifts_received + excluded.gifts_received")
+_UPSERT_DAYS = (
+    "INSERT INTO host_days (host_id, day, diamond_units, gifts)"
+    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])"
+    " ON CONFLICT (host_id, day) DO UPDATE"
+    " SET diamond_units = host_days.diamond_units + excluded.diamond_units, gifts = host_days.gifts + excluded.gifts")
 _CREDIT_ORDERS = (
     f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_ms = $1 WHERE id = ANY($2::text[])"
     f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
@@ -296,13 +302,16 @@ class PostgresStore(PostgresEarnings, PostgresWithdrawals, PostgresSessions, Pos
         row = await self._fetchrow(_pg(queries.ROOM_BY_ID), room_id)
         return Room(*row) if row else None
 
-    async def settle(self, movements: list[Movement]) -> SettleResult:
+    async def settle(self, movements: list[Movement], hold_window_ms: int = DEFAULT_HOLD_WINDOW_MS) -> SettleResult:
         distinct = _distinct(movements)
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
             fresh = await self._insert_movements(conn, distinct)
             gifts = [m for m in fresh if m.kind is Kind.GIFT]
             await self._insert_rows(conn, fresh, gifts)
+            keyed = [m for m in fresh if m.kind in holds.KINDS]
+            if keyed:  # after the gifts and host credit they may hold
+                await holds.settle_postgres(conn, keyed, hold_window_ms, now_ms())
         return SettleResult(len(fresh), len(gifts), len(fresh) - len(gifts), len(movements) - len(fresh))
 
     @staticmethod
@@ -344,6 +353,10 @@ class PostgresStore(PostgresEarnings, PostgresWithdrawals, PostgresSessions, Pos
             hosts = sorted(credit)  # one lock order for every settler
             units, received = [credit[h][0] for h in hosts], [credit[h][1] for h in hosts]
             await conn.execute(_UPSERT_HOSTS, hosts, units, received)
+            days = rowbuild.host_days(gifts)
+            keys = sorted(days)
+            await conn.execute(_UPSERT_DAYS, [k[0] for k in keys], [k[1] for k in keys],
+                               [days[k][0] for k in keys], [days[k][1] for k in keys])
         orders = rowbuild.credited_orders(fresh)
         if orders:
             await conn.execute(_CREDIT_ORDERS, now_ms(), sorted(orders))

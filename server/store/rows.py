@@ -100,6 +100,25 @@ def host_credit(movements: list[Movement]) -> dict[str, list[int]]:
     return hosts
 
 
+# A UTC day in ms: host_days.day is a gift's sent_ms // DAY_MS (days since 1970-01-01).
+DAY_MS = 86_400_000
+
+
+def host_days(movements: list[Movement]) -> dict[tuple[str, int], list[int]]:
+    """(host, UTC day) -> [diamond units, gifts] from the batch's gifts."""
+    days: dict[tuple[str, int], list[int]] = {}
+    for m in movements:
+        if m.kind is GIFT:
+            key = (m.host_id, m.ts_ms // DAY_MS)
+            day = days.get(key)
+            if day is None:
+                days[key] = [m.diamond_units, 1]
+            else:
+                day[0] += m.diamond_units
+                day[1] += 1
+    return days
+
+
 def credited_orders(movements: list[Movement]) -> list[str]:
     return [m.order_id for m in movements if m.kind is CREDIT]
 

@@ -19,6 +19,7 @@ from server.store import queries as q
 from server.store import sqlite_settle
 from server.store.base import Planner
 from server.store.earnings import SQLiteEarnings
+from server.store.holds import DEFAULT_HOLD_WINDOW_MS
 from server.store.migrations import check_known, migrations, statements
 from server.store.models import (
     Applied,
@@ -243,8 +244,8 @@ class SQLiteStore(SQLiteEarnings, SQLiteWithdrawals, SQLiteSessions, SQLiteVideo
         row = await self._run(lambda c: c.execute(q.ROOM_BY_ID, (room_id,)).fetchone())
         return Room(*row) if row else None
 
-    async def settle(self, movements: list[Movement]) -> SettleResult:
-        return await self._run(lambda c: sqlite_settle.settle(c, movements))
+    async def settle(self, movements: list[Movement], hold_window_ms: int = DEFAULT_HOLD_WINDOW_MS) -> SettleResult:
+        return await self._run(lambda c: sqlite_settle.settle(c, movements, hold_window_ms))
 
     async def earnings(self, host_id: str) -> tuple[int, int]:
         row = await self._run(lambda c: c.execute(q.EARNINGS, (host_id,)).fetchone())

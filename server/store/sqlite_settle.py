@@ -8,7 +8,7 @@ INSERTs, and SQLite derives movements, gifts, ledger legs, host credit and credi
 from the stage in one statement each, without the GIL. The rows are the ones rows.py
 gives (PostgreSQL COPYs those); tests/test_store_settle.py pins them column by column on both.
 Keyed movements (claw-backs, rewards, adjustments: a handful, never thousands a second) take their
-ledger legs from rows.py itself, bound from Python.
+ledger legs from rows.py itself, bound from Python, and claw-backs their holds from holds.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 
 from server.movement import Kind, Movement
+from server.store import holds
 from server.store.models import (
     DIAMOND_POOL_ACCOUNT,
     GIFT_REVENUE_ACCOUNT,
@@ -29,7 +30,7 @@ from server.store.models import (
     SettleResult,
     now_ms,
 )
-from server.store.rows import keyed_legs
+from server.store.rows import DAY_MS, keyed_legs
 
 # kind is the movement's Kind (its ledger name). Keyed on (part, seq) like movements: a movement
 # delivered twice in one batch is staged once (the first copy), and the stage reads back in key
@@ -93,13 +94,22 @@ _HOSTS = (
     " GROUP BY host_id ORDER BY host_id"
     " ON CONFLICT (host_id) DO UPDATE SET diamond_units = diamond_units + excluded.diamond_units,"
     " gifts_received = gifts_received + excluded.gifts_received")
+# A host's diamonds per UTC day of the gifts' sent_ms (0005_earnings.sql): one upsert per
+# (host, day) of the batch, in key order.
+_DAYS = (
+    "INSERT INTO host_days (host_id, day, diamond_units, gifts)"
+    f" SELECT host_id, ts_ms / {DAY_MS}, SUM(coins * share_bp), COUNT(*) FROM settle_stage WHERE kind = 'gift'"
+    f" GROUP BY host_id, ts_ms / {DAY_MS} ORDER BY 1, 2"
+    " ON CONFLICT (host_id, day) DO UPDATE SET diamond_units = diamond_units + excluded.diamond_units,"
+    " gifts = gifts + excluded.gifts")
 _ORDERS = (
     f"UPDATE orders SET status = '{ORDER_CREDITED}', updated_ms = :now"
     " WHERE id IN (SELECT ref FROM settle_stage WHERE kind = 'credit')"
     f" AND status IN ('{ORDER_PENDING}', '{ORDER_PAID}')")
 
 
-def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
+def settle(conn: sqlite3.Connection, movements: list[Movement],
+           hold_window_ms: int = holds.DEFAULT_HOLD_WINDOW_MS) -> SettleResult:
     """One transaction; idempotent on (partition, seq)."""
     if not movements:
         return SettleResult(0, 0, 0, 0)
@@ -121,8 +131,11 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
         now = {"now": now_ms()}
         gifts = conn.execute(_GIFTS, now).rowcount
         conn.execute(_LEDGER, _LEDGER_NAMES)
-        _keyed_ledger(conn, movements)
+        keyed = _keyed_ledger(conn, movements)
         conn.execute(_HOSTS)
+        conn.execute(_DAYS)
+        if keyed:  # after the gifts and host credit they may hold
+            holds.settle_sqlite(conn, keyed, hold_window_ms, now["now"])
         conn.execute(_ORDERS, now)
         conn.execute("DELETE FROM settle_stage")
         conn.execute("COMMIT")
@@ -132,18 +145,22 @@ def settle(conn: sqlite3.Connection, movements: list[Movement]) -> SettleResult:
     return SettleResult(fresh, gifts, fresh - gifts, len(movements) - fresh)
 
 
-def _keyed_ledger(conn: sqlite3.Connection, movements: list[Movement]) -> None:
-    """The legs of the batch's new keyed movements (the first copy of each, like the stage)."""
+def _keyed_ledger(conn: sqlite3.Connection, movements: list[Movement]) -> list[Movement]:
+    """The legs of the batch's new keyed movements (the first copy of each, like the stage);
+    those movements, in key order."""
     fresh = {(int(r[0]), int(r[1])) for r in conn.execute(_KEYED_FRESH)}
     if not fresh:
-        return
+        return []
     legs: list[tuple[int, int, int, str, str, int]] = []
+    keyed: list[Movement] = []
     for m in movements:
         key = (m.partition, m.seq)
         if key in fresh:
             fresh.discard(key)
             legs.extend(keyed_legs(m))
+            keyed.append(m)
     conn.executemany(_INSERT_LEG, legs)
+    return sorted(keyed, key=lambda m: (m.partition, m.seq))
 
 
 def _max_rows(conn: sqlite3.Connection) -> int:
