@@ -31,7 +31,7 @@ import time
 from functools import partial
 from typing import Any
 
-from server import errors, metrics
+from server import errors, gift_rules, metrics
 from server.auth import Principal
 from server.catalog import Catalog
 from server.codes import Err, GiftstreamError
@@ -119,13 +119,9 @@ class Gifts:
         self.wallet.debit(order).add_done_callback(partial(self._debited, sender, msg, order, started))
 
     def validate(self, sender: Sender, msg: Gift) -> GiftOrder:
-        """Step 1: the gift exists and its count is within bounds."""
-        item = self.catalog.gift(msg.gift)
-        if not 1 <= msg.count <= self.settings.max_gift_count:
-            raise GiftstreamError(Err.BAD_COUNT, f"count must be 1 to {self.settings.max_gift_count}")
-        p = sender.principal
-        return GiftOrder(msg.id, p.user_id, p.name, sender.host_id, sender.conn.room_id, item.id, msg.count,
-                         item.coins)
+        """Step 1: the gift exists and its count is within bounds (gift_rules.order, as a video's)."""
+        return gift_rules.order(self.catalog, self.settings.max_gift_count, sender.principal, msg.id, msg.gift,
+                                msg.count, sender.host_id, sender.conn.room_id)
 
     def admit(self, sender: Sender) -> None:
         """Step 2: the gateway's checks, cheapest first; the sender's age before any balance."""
@@ -138,11 +134,7 @@ class Gifts:
         local = self.hub.rooms.get(sender.conn.room_id)
         if local is None or local.ended:
             raise GiftstreamError(Err.ROOM_NOT_LIVE, "this room is not live")
-        p = sender.principal
-        if not p.is_adult():
-            raise GiftstreamError(Err.AGE_RESTRICTED, "you must be 18 or older to send gifts")
-        if p.user_id == sender.host_id:
-            raise GiftstreamError(Err.NOT_ALLOWED, "hosts cannot gift their own room")
+        gift_rules.check_sender(sender.principal, sender.host_id, gift_rules.OWN_ROOM)
 
     def _debited(self, sender: Sender, msg: Gift, order: GiftOrder, started: float,
                  fut: asyncio.Future[Any]) -> None:

@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from server import catalog as catalog_mod
 from server import errors, guard
 from server.batcher import ScriptBatcher
+from server.creators.video_gifts import VideoGifts
 from server.embedded import Embedded
 from server.fastpipe import FastPipe
 from server.gifts import Gifts
@@ -74,6 +75,7 @@ class Node:
         self.wallet_events = WalletEvents(settings.redis_url, self.hub)
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
         self.gifts = Gifts(settings, self.catalog, self.wallet, self.rooms, self.hub)
+        self.video_gifts = VideoGifts(settings, self.catalog, self.wallet, self.store)
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
         self.webhooks = Webhooks(self.recharges, settings.webhook_secret)
         self.payment_sweep = PaymentSweep(self.recharges, settings.payment_expiry_s)
@@ -134,7 +136,7 @@ class Node:
 
     async def drain(self) -> None:
         """SIGTERM: stop taking gifts, finish in-flight debits and publishes, close sockets with 1001."""
-        self.draining = self.gifts.draining = True
+        self.draining = self.gifts.draining = self.video_gifts.draining = True
         await self.batcher.drain()
         await self.gifts.drain()
         while self.inflight:

@@ -118,14 +118,7 @@ def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
     msg_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LEN and raw_id.isprintable() else None
     kind = obj.get("type")
     if kind == "gift":
-        gid = _str(obj, "id", MAX_ID_LEN, None)
-        assert gid is not None
-        gift = _str(obj, "gift", MAX_NAME_LEN, gid)
-        assert gift is not None
-        count = obj.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool):
-            raise ProtocolError("'count' must be an integer", gid)
-        return Gift(gid, gift, count)
+        return gift_of(obj)
     if kind == "resume":
         since = obj.get("since")
         if isinstance(since, int) and not isinstance(since, bool):
@@ -142,6 +135,18 @@ def decode(data: bytes | str, subprotocol: str) -> ClientMessage:
     # RecursionError here (tests/test_fuzz_decoder.py), and of a huge one cost its whole size.
     shown = repr(kind[:40]) if isinstance(kind, str) else f"of kind {type(kind).__name__}"
     raise ProtocolError(f"unknown message type {shown}", msg_id)
+
+
+def gift_of(obj: dict[str, Any]) -> Gift:
+    """A gift's fields, from a socket frame or a video gift's HTTP body (the same rules)."""
+    gid = _str(obj, "id", MAX_ID_LEN, None)
+    assert gid is not None
+    gift = _str(obj, "gift", MAX_NAME_LEN, gid)
+    assert gift is not None
+    count = obj.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ProtocolError("'count' must be an integer", gid)
+    return Gift(gid, gift, count)
 
 
 def encode(message: dict[str, Any], subprotocol: str) -> bytes | str:

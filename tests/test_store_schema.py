@@ -49,7 +49,7 @@ async def test_two_processes_migrating_at_once(empty_url: str) -> None:
 TIME_COLUMNS = {("users", "created_ms"), ("orders", "created_ms"), ("orders", "updated_ms"), ("rooms", "created_ms"),
                 ("rooms", "ended_ms"), ("movements", "ts_ms"), ("gifts", "sent_ms"), ("gifts", "settled_ms"),
                 ("payment_events", "received_ms"), ("order_transitions", "at_ms"), ("order_transitions", "done_ms"),
-                ("gift_holds", "held_ms"), ("gift_holds", "released_ms")}
+                ("gift_holds", "held_ms"), ("gift_holds", "released_ms"), ("videos", "created_ms")}
 
 
 async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_secondary_index(
