@@ -1,4 +1,4 @@
-"""`giftstream serve | token | audit | settle | migrate`."""
+"""`giftstream serve | token | audit | settle | migrate | dev-cluster`."""
 
 from __future__ import annotations
 
@@ -295,18 +295,13 @@ def _valkey_fate(node: Any) -> str:
 
 async def print_demo(app: Any, settings: Settings) -> None:
     """A demo room, two tokens and the next steps, each a command to paste as it is."""
-    from server.store.models import Room, now_ms
-
     node = app.state.node
     secret = settings.secret or ""
     host = auth.issue(secret, "demo_host", role="host", name="Demo Host", ttl_s=settings.token_ttl_s)
     viewer = auth.issue(secret, "demo_viewer", role="viewer", name="Demo Viewer", ttl_s=settings.token_ttl_s)
     room_id = "demo"
-    state = await node.rooms.get(room_id)
-    if state is None or not state.live:
-        if await node.store.get_room(room_id) is None:
-            await node.store.create_room(Room(room_id, "demo_host", "Demo LIVE", now_ms(), None))
-        await node.rooms.create(room_id, "demo_host", "Demo Host", "Demo LIVE")
+    # Live at every start, and never ended for idleness (rooms/lifecycle.py).
+    await node.lifecycle.reopen(room_id, "demo_host", "Demo Host", "Demo LIVE")
     print(banner(settings, room_id, host, viewer), flush=True)
 
 
@@ -470,6 +465,40 @@ def cmd_settle(args: argparse.Namespace) -> int:
     return _run_with_store("settle", settings, settle, start_redis=False)
 
 
+def cmd_dev_cluster(args: argparse.Namespace) -> int:
+    """A local Valkey Cluster in the foreground (server/devcluster.py) until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from server import devcluster
+
+    settings = from_env(data_dir=args.data_dir)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cluster = devcluster.start(data_dir, primaries=args.primaries, replicas=args.replicas)
+    except (RuntimeError, ValueError) as exc:
+        _refuse(f"the cluster did not start: {exc}")
+        return 2
+    cluster.supervise()  # a node that dies is started again (it rejoins as a replica when failed over)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("\n".join([
+        f"Valkey Cluster: {cluster.primaries} primaries, {cluster.replicas} replica(s) each, data in {data_dir}",
+        f"  {cluster.url}",
+        "Point every gateway and settler at it: paste this line in their terminals first",
+        f"  export GIFTSTREAM_REDIS_URL={cluster.url}",
+        "Ctrl-C stops the cluster (its data stays: the same command brings it back).",
+        "",
+    ]), flush=True)
+    try:
+        stop.wait()
+    finally:
+        cluster.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="giftstream", description="Live-stream gifting server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -510,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rebuild)
     rebuild.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
     rebuild.set_defaults(fn=cmd_rebuild)
+
+    cluster = sub.add_parser("dev-cluster", help="run a local Valkey Cluster (for trying cluster mode) and print "
+                                                  "its redis+cluster:// URL")
+    cluster.add_argument("--primaries", type=int, default=3)
+    cluster.add_argument("--replicas", type=int, default=1, help="replicas of each primary")
+    cluster.add_argument("--data-dir", help="where the nodes keep their data (./var)")
+    cluster.set_defaults(fn=cmd_dev_cluster)
 
     migrate = sub.add_parser("migrate", help="apply schema migrations")
     _common(migrate)

@@ -10,6 +10,7 @@ from typing import TypedDict, Unpack
 import pytest
 import redis
 
+from server.devcluster import LocalCluster
 from tests.support import Api, ServerProc, ValkeyProc, token
 
 # PostgreSQL tests read their URL from here and skip when it is unset (.ci/run sets it).
@@ -29,6 +30,17 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProc]:
     proc = ValkeyProc(tmp_path_factory.mktemp("valkey"))
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local Valkey Cluster for the session: 3 primaries with a replica each (server/devcluster.py,
+    as `giftstream dev-cluster` runs it)."""
+    from server import devcluster
+
+    local = devcluster.start(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1)
+    yield local
+    local.stop()
 
 
 @pytest.fixture
