@@ -106,6 +106,7 @@ async def room_info(request: Request) -> Response:
         "live": state.live, "viewers": viewers,
         "coins_total": state.coins_total, "gifts_total": state.gifts_total,
         "top_gifters": top, "epoch": state.epoch,
+        "goal": state.goal.to_json() if state.goal is not None else None,
     })
 
 

@@ -17,6 +17,7 @@ SCRIPTS = {
     "set_budget": "server.wallet",
     "room_publish": "server.rooms",
     "room_tick": "server.rooms",
+    "room_goal": "server.rooms",
 }
 
 

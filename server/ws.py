@@ -115,6 +115,8 @@ class Session:
             "type": "welcome", "room": conn.room_id, "viewers": viewers, "offset": offset,
             "epoch": state.epoch, "host": {"id": state.host_id, "name": state.host_name},
             "you": {"id": conn.principal.user_id, "name": conn.principal.name, "role": conn.principal.role},
+            # The room's LIVE goal as it is now (read with the state); its `goal` events follow.
+            "goal": state.goal.to_json() if state.goal is not None else None,
         })
         conn.live_from = conn.last_offset = offset
         node.hub.release(conn, after=offset)

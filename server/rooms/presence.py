@@ -85,8 +85,11 @@ class Presence:
         settings = self.rooms.settings
         oldest_kept = now_ms - settings.resume_max_age_s * 1000
         return self.rooms.batcher.call(
-            "room_tick", [k.presence, k.leaderboard, k.names, k.events, *_minutes(k, now_ms)],
-            [self.node_id, entry, now_ms, top, oldest_kept, settings.republish_window_s * 1000 + 120_000])
+            "room_tick", [k.presence, k.leaderboard, k.names, k.events, *_minutes(k, now_ms),
+                          # LIVE goal: a progress the interval held back goes out from the tick.
+                          k.state],
+            [self.node_id, entry, now_ms, top, oldest_kept, settings.republish_window_s * 1000 + 120_000,
+             k.channel, settings.resume_max_events, settings.goal_event_interval_ms])
 
     async def withdraw_all(self) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -8,6 +8,8 @@
 -- ARGV[1] node id, or "" to write nothing   ARGV[2] "<count>:<expires ms>", or "" to withdraw
 -- ARGV[3] now ms   ARGV[4] how many top gifters (0: none)   ARGV[5] oldest stream id to keep (ms)
 -- ARGV[6] the record's lifetime ms
+-- LIVE goal (a tick that writes only): KEYS[7] room state hash   ARGV[7] pub/sub channel
+-- ARGV[8] stream max length   ARGV[9] goal event interval ms
 -- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
 -- The event stream is trimmed by age here, once per tick, rather than on every publish, and its
 -- newest event is always kept: an emptied stream would make `welcome` offsets "0-0" and hide
@@ -29,6 +31,22 @@ else
   end
 end
 local now = tonumber(ARGV[3])
+-- LIVE goal: a progress that room_publish.lua held back (its last goal event was younger than the
+-- interval) goes out here once the interval has passed, so the last gifts of a burst are shown.
+-- One HMGET per room a second; several nodes ticking the room emit it once (goal_event_ms).
+if KEYS[7] and ARGV[1] ~= '' and ARGV[2] ~= '' then
+  local g = redis.call('HMGET', KEYS[7], 'goal_target', 'goal_done', 'goal_progress', 'goal_sent',
+    'goal_event_ms', 'goal_gift', 'goal_id')
+  if g[1] and g[2] ~= '1' and g[3] ~= g[4] and now >= tonumber(g[5] or '0') + tonumber(ARGV[9]) then
+    local event = {type = 'goal', goal_id = g[7], target = tonumber(g[1]), progress = tonumber(g[3] or '0'),
+      done = false, ts = now}
+    if (g[6] or '') ~= '' then event.gift = g[6] end
+    redis.call('HSET', KEYS[7], 'goal_event_ms', ARGV[3], 'goal_sent', g[3] or '0')
+    local payload = cmsgpack.pack(event)
+    local offset = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'e', payload, 'c', 0)
+    redis.call('PUBLISH', ARGV[7], offset .. '|0|' .. payload)
+  end
+end
 local viewers = 0
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 2, #entries, 2 do

@@ -16,6 +16,7 @@ from server.batcher import ScriptBatcher
 from server.keys import RoomKeys
 from server.protocol import parse_offset
 from server.rooms.bus import decode_event
+from server.rooms.goals import RoomGoal, goal_from_state
 from server.settings import Settings
 
 
@@ -29,6 +30,8 @@ class RoomState:
     epoch: str
     coins_total: int
     gifts_total: int
+    # The room's LIVE goal (rooms/goals.py), read with the rest of the state: None when it has none.
+    goal: RoomGoal | None = None
 
 
 def _s(value: Any) -> str:
@@ -63,7 +66,7 @@ class Rooms:
         h = {_s(k): _s(v) for k, v in raw.items()}
         return RoomState(room_id, h["host"], h.get("host_name", h["host"]), h.get("title", ""),
                          h.get("live") == "1", h.get("epoch", ""), int(h.get("coins_total", 0)),
-                         int(h.get("gifts_total", 0)))
+                         int(h.get("gifts_total", 0)), goal_from_state(h))
 
     def publish_gift_later(self, room_id: str, event: dict[str, Any], debit_ms: int,
                            record_name: bool = True) -> asyncio.Future[Any]:
@@ -77,7 +80,8 @@ class Rooms:
         args = ["gift", msgpack.packb(event), now, self.settings.resume_max_events, k.channel,
                 f"{sender}:{event['gift']}", int(self.settings.combo_window_s * 1000), sender, event["coins"],
                 event["from"]["name"] if record_name else "", event["gift_id"], debit_ms,
-                self.settings.republish_window_s * 1000]
+                self.settings.republish_window_s * 1000,
+                event["gift"], event["count"], self.settings.goal_event_interval_ms]
         return self.batcher.call("room_publish", keys, args)
 
     async def end(self, room_id: str) -> str | None:
