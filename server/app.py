@@ -66,7 +66,6 @@ def create_app(settings: Settings, embedded: Embedded | None = None) -> Starlett
         Route("/v1/rooms", http_api.create_room, methods=["POST"]),
         Route("/v1/rooms/{room_id}", http_api.room_info),
         Route("/v1/rooms/{room_id}/end", http_api.end_room, methods=["POST"]),
-        Route("/v1/me/earnings", http_api.earnings),
         *creators.routes(),
         WebSocketRoute("/v1/rooms/{room_id}/ws", room_socket),
         *web.routes(),

@@ -1,4 +1,4 @@
-"""HTTP API: catalog, wallet, rooms, earnings, health, metrics (recharges: server/payments/http.py).
+"""HTTP API: catalog, wallet, rooms, health, metrics (recharges: server/payments/http.py; earnings: server/creators/).
 
 Errors are JSON {"code", "message"} with the same codes as the socket.
 """
@@ -18,7 +18,7 @@ from server.codes import Err, GiftstreamError
 from server.metrics import Figure, exposition
 from server.node import Node
 from server.protocol import plain
-from server.store.models import UNITS_PER_DIAMOND, Room, now_ms
+from server.store.models import Room, now_ms
 
 # Every JSON body the API takes is a few hundred bytes.
 MAX_BODY = 16 * 1024
@@ -108,15 +108,6 @@ async def room_info(request: Request) -> Response:
         "top_gifters": top, "epoch": state.epoch,
         "goal": state.goal.to_json() if state.goal is not None else None,
     })
-
-
-async def earnings(request: Request) -> Response:
-    p = principal_of(request)
-    p.require("host", "admin")
-    units, gifts = await node_of(request).store.earnings(p.user_id)
-    return JSONResponse({"host_id": p.user_id, "diamonds": units // UNITS_PER_DIAMOND,
-                         "diamond_units": units, "units_per_diamond": UNITS_PER_DIAMOND,
-                         "gifts_received": gifts})
 
 
 async def healthz(request: Request) -> Response:
