@@ -421,9 +421,17 @@ async def test_socket_examples(server: ServerProc) -> None:
             gift = example("gift")
             await sock.send(gift)
             compare("ack", await sock.next(lambda m: m.get("id") == gift["id"]))
-            events = example("events", lambda b: '"gift"' in b.text)
+            events = example("events", lambda b: '"type": "gift"' in b.text)
             for item in events["events"]:
                 check(item, await sock.event(item["type"]), f"events item {item['type']}", FIXED_SOCKET)
+
+            # A LIVE goal of one rose: the next rose reaches it, and its `done` event follows.
+            r = await client.put(f"/v1/rooms/{room}/goal", json={"gift": "rose", "count": 1},
+                                 headers={"authorization": f"Bearer {host}"})
+            assert r.status_code == 200, r.text
+            await sock.send({"type": "gift", "id": "goal-1", "gift": "rose", "count": 1})
+            goal = example("events", lambda b: '"type": "goal"' in b.text)["events"][0]
+            check(goal, await sock.event("goal", done=True), "events item goal", FIXED_SOCKET)
 
             # A balance change that is not alice's own gift reaches her socket: a recharge.
             r = await client.post("/v1/recharges", headers={"authorization": f"Bearer {alice}"},

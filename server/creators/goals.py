@@ -58,7 +58,7 @@ async def _hosted(request: Request) -> tuple[Node, str]:
     if state is None:
         raise GiftstreamError(Err.NOT_FOUND, "no such room")
     if p.role != "admin" and p.user_id != state.host_id:
-        raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can set its goal")
+        raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can change its goal")
     return node, room_id
 
 
