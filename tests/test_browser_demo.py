@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -296,6 +297,37 @@ async def test_a_bad_token_is_named_and_not_retried(server: ServerProc, tabs: An
     await tab.hook("join").click()
     await expect(tab.page.locator("#join-error")).to_contain_text("invalid token")
     await expect(tab.hook("status")).to_have_text("offline")
+
+
+async def test_the_goal_shows_from_the_welcome_fills_and_goes_when_cleared(server: ServerProc, tabs: Any) -> None:
+    """A LIVE goal set before the viewer came is shown from the welcome, fills with the gifts'
+    `goal` events, is marked done, and goes away when the host clears it."""
+    from playwright.async_api import expect
+
+    host = Api(server, token("hana", "host", name="Hana"))
+    walt_token = token("walt", name="Walt")
+    walt = Api(server, walt_token)
+    try:
+        room = await host.create_room()
+        assert (await host.client.put(f"/v1/rooms/{room}/goal", json={"gift": "rose", "count": 3})).status_code == 200
+        assert (await walt.recharge(package_id="coins_65")).status_code == 201
+        tab = await tabs()
+        await tab.page.goto(f"{server.base}/demo?room={room}&token={token('vera', name='Vera')}")
+        await expect(tab.hook("status")).to_have_text("connected")
+        goal, figures = tab.page.locator("#goal"), tab.page.locator("#goal-figures")
+        await expect(figures).to_have_text("0 / 3")
+        await expect(goal).to_be_visible()
+        async with join(server, room, walt_token, "giftstream.json") as sock:
+            for i in range(3):
+                await sock.gift(f"goal-{i}", "rose")
+                assert (await sock.reply(f"goal-{i}"))["type"] == "ack"
+        await expect(figures).to_have_text("3 / 3")
+        await expect(goal).to_have_class(re.compile(r"\bdone\b"))
+        assert (await host.client.delete(f"/v1/rooms/{room}/goal")).status_code == 200
+        await expect(goal).to_be_hidden()
+    finally:
+        await host.close()
+        await walt.close()
 
 
 async def side_by_side(tabs: Any, shown: list[Tab], path: Path) -> None:

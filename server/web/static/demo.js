@@ -325,6 +325,8 @@
   }
 
   function renderGoal(e) {
+    // The host cleared the goal (docs: "LIVE goals"): nothing to show until the next one.
+    if (e.cleared) { $("goal").hidden = true; return; }
     const target = Number(e.target ?? e.goal ?? e.target_coins ?? 0);
     const current = Number(e.progress ?? e.current ?? e.coins ?? e.received ?? 0);
     if (!target) return;
@@ -432,6 +434,7 @@
     setViewers(msg.viewers);
     setHost(msg.host);
     $("me").textContent = msg.you ? msg.you.name : "";
+    if (msg.goal) renderGoal(msg.goal); // the room's LIVE goal as it is now; `goal` events follow
     if (s.joined && s.offset !== null) {
       // Back after a drop: the gap comes first, then live events (docs: "How to resume").
       send({ type: "resume", since: s.offset, epoch: s.epoch });
