@@ -86,6 +86,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rooms", type=int, default=4)
     p.add_argument("--partitions", type=int, default=Settings.partitions)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--debits-only", action="store_true",
+                   help="only the debit phase: send_gift.lua's bytes and cost (a quicker before/after benchmark)")
     p.add_argument("--json", action="store_true", help="print the JSON document only")
     args = p.parse_args(argv)
     if not 1 <= args.gifts <= MAX_GIFTS:
@@ -149,6 +151,15 @@ def cost(before: dict[str, Any], after: dict[str, Any], calls: int) -> dict[str,
     }
 
 
+async def keyspace_tables(redis: Redis) -> int:
+    """Bytes of the keyspace's own tables (keys and their expiry times), which MEMORY USAGE of a
+    key leaves out: a key with a TTL pays for a slot in both."""
+    stats: dict[str, Any] = await redis.memory_stats()
+    db = stats.get("db.0") or {}
+    return sum(int(v) for k, v in db.items() if str(k).startswith("overhead.hashtable")) + \
+        int(stats.get("overhead.db.hashtable.lut", 0)) + int(stats.get("overhead.db.hashtable.rehashing", 0))
+
+
 class Snapshot:
     def __init__(self, memory: int, kinds: dict[str, dict[str, int]]) -> None:
         self.memory, self.kinds = memory, kinds
@@ -156,7 +167,15 @@ class Snapshot:
     @classmethod
     async def take(cls, redis: Redis) -> Snapshot:
         # Memory first, then the scan (the scan's own client buffers are gone by the next take).
-        return cls(await used_memory(redis), await by_kind(redis))
+        memory = await used_memory(redis)
+        tables = await keyspace_tables(redis)
+        kinds = await by_kind(redis)
+        kinds["keyspace_tables"] = {"keys": 0, "bytes": tables}
+        return cls(memory, kinds)
+
+    def others(self, since: Snapshot, *kinds: str) -> int:
+        """What MEMORY USAGE of every kind but `kinds` grew by since `since`."""
+        return sum(self.bytes(k) - since.bytes(k) for k in set(self.kinds) | set(since.kinds) if k not in kinds)
 
     def bytes(self, kind: str) -> int:
         return self.kinds.get(kind, {}).get("bytes", 0)
@@ -200,10 +219,10 @@ async def windows(calls: list[Any], make: Any) -> list[Any]:
     return out
 
 
-async def settle(redis: Redis, partitions: int) -> int:
+async def settle(url: str, partitions: int) -> int:
     """Read every outbox entry with the settlers' group, then XACK + XDEL it, as the settler does
     once a batch is committed to SQL."""
-    pipe = FastPipe.like(redis, max_connections=1, encoding="utf-8")
+    pipe = FastPipe(url, max_connections=1, encoding="utf-8")
     consumer = GroupConsumer(pipe, [outbox_key(p) for p in range(partitions)], "records")
     done = 0
     try:
@@ -250,7 +269,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             await rooms.create(room, f"host-{r}", f"Host {r}", "records")
         per_user = 2 * 1000 * (n // len(plan.users) + 1)  # never insufficient_funds
         await windows(plan.users, lambda u: wallet.credit_later(u, f"order-{u}", per_user))
-        await settle(redis, args.partitions)
+        await settle(url, args.partitions)
         orders = [plan.order() for _ in range(n)]
 
         start = await Snapshot.take(redis)
@@ -261,6 +280,13 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         c1 = await cpu_and_scripts(redis)
         debited = await Snapshot.take(redis)
 
+        if args.debits_only:
+            return {"gifts": n, "users": len(plan.users), "partitions": args.partitions,
+                    "idempotency_ttl_s": settings.idempotency_ttl_s,
+                    "bytes_per_gift": {"idempotency": round((debited.memory - start.memory - debited.others(
+                        start, "idempotency", "keyspace_tables")) / n, 1),
+                        "idempotency_memory_usage": round(debited.bytes("idempotency") / n, 1)},
+                    "phases": {"debit": {**growth(start, debited, n), "seconds": round(debit_s, 2), **cost(c0, c1, n)}}}
         named: set[tuple[str, str]] = set()
 
         def publish(pair: tuple[GiftOrder, Debit]) -> Any:
@@ -279,7 +305,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         shown = sum(1 for r in published if r[0])
         after_publish = await Snapshot.take(redis)
 
-        settled = await settle(redis, args.partitions)
+        settled = await settle(url, args.partitions)
         after_settle = await Snapshot.take(redis)
         await delete(redis, "idempotency")
         no_idem = await Snapshot.take(redis)
@@ -293,11 +319,17 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             "partitions": args.partitions, "idempotency_ttl_s": settings.idempotency_ttl_s,
             "republish_window_s": settings.republish_window_s, "resume_max_events": settings.resume_max_events,
             "bytes_per_gift": {
-                # Each is what one gift leaves while the record lives.
-                "idempotency": round((after_settle.memory - no_idem.memory) / n, 1),
+                # Each is what one gift leaves while the record lives: what used_memory grew by in
+                # the phase that writes it, less what MEMORY USAGE shows the other kinds grew by.
+                # The keyspace tables' growth is the idempotency record's when it is a key each.
+                "idempotency": round((debited.memory - start.memory
+                                      - debited.others(start, "idempotency", "keyspace_tables")) / n, 1),
                 "idempotency_memory_usage": round(after_settle.bytes("idempotency") / n, 1),
-                "publish_once": round((no_idem.memory - no_pub.memory) / n, 1),
+                "idempotency_freed_by_delete": round((after_settle.memory - no_idem.memory) / n, 1),
+                "publish_once": round((after_publish.memory - debited.memory
+                                       - after_publish.others(debited, "publish_once", "keyspace_tables")) / n, 1),
                 "publish_once_memory_usage": round(after_publish.bytes("publish_once") / n, 1),
+                "publish_once_freed_by_delete": round((no_idem.memory - no_pub.memory) / n, 1),
                 "outbox_unsettled": round(debited.bytes("outbox") / n, 1),
                 "outbox_after_settlement": round(after_settle.bytes("outbox") / n, 1),
                 "room_stream_entry": round(streams / max(1, stream_len), 1),
@@ -323,6 +355,11 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     b = result["bytes_per_gift"]
+    if "publish" not in result["phases"]:
+        d = result["phases"]["debit"]
+        return (f"{result['gifts']} debits: idempotency record {b['idempotency']} B/gift "
+                f"(MEMORY USAGE {b['idempotency_memory_usage']}); send_gift.lua valkey CPU {d['valkey_cpu_us']} "
+                f"us/call (script {d['script_us']} us, {d['redis_calls_per_script']} redis.call)")
     d, p = result["phases"]["debit"], result["phases"]["publish"]
     lines = [
         f"{result['gifts']} gifts, {result['users']} users, {result['rooms']} rooms, "
