@@ -43,6 +43,13 @@ MAX_VIDEO_ID_LEN = 64
 OWNER_CACHE = 10_000
 
 
+def could_be_video_id(text: str) -> bool:
+    """Whether `text` may be an id this server made (creators/videos.py new_video_id): anything
+    else is not_found without a store read (PostgreSQL text cannot even hold a NUL)."""
+    return (text.startswith(VIDEO_ID_PREFIX) and len(text) <= MAX_VIDEO_ID_LEN and text.isascii()
+            and text.isprintable())
+
+
 @dataclass(frozen=True, slots=True)
 class Sent:
     """A video gift's answer: the debit (or the first one's, replayed) and the video it was on."""
@@ -68,7 +75,7 @@ class VideoGifts:
         cached = self.videos.get(video_id)
         if cached is not None:
             return cached
-        if not video_id.startswith(VIDEO_ID_PREFIX) or len(video_id) > MAX_VIDEO_ID_LEN:
+        if not could_be_video_id(video_id):
             raise GiftstreamError(Err.NOT_FOUND, "no such video")
         video = await self.store.get_video(video_id)
         if video is None:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.codes import Err, GiftstreamError
-from server.creators.video_gifts import VIDEO_ID_PREFIX
+from server.creators.video_gifts import VIDEO_ID_PREFIX, could_be_video_id
 from server.http_api import json_body, node_of, principal_of
 from server.protocol import gift_of, plain
 from server.store.models import now_ms
@@ -78,7 +78,7 @@ async def get_video(request: Request) -> Response:
     """GET /v1/videos/{video_id}: the video and its settled gift totals."""
     node = node_of(request)
     video_id = request.path_params["video_id"]
-    video = await node.store.get_video(video_id) if video_id.startswith(VIDEO_ID_PREFIX) else None
+    video = await node.store.get_video(video_id) if could_be_video_id(video_id) else None
     if video is None:
         raise GiftstreamError(Err.NOT_FOUND, "no such video")
     gifts, coins = await node.store.video_totals(video.id)
