@@ -243,3 +243,21 @@ async def test_no_goal_on_an_ended_room(goal_server: ServerProc) -> None:
     # The goal it ended with can still be read.
     assert (await host.client.get(f"/v1/rooms/{room}/goal")).json()["target"] == 10
     await host.close()
+
+
+async def test_a_room_made_again_under_its_id_starts_without_a_goal(goal_server: ServerProc, redis_url: str) -> None:
+    """The demo room is made again at every start, with a new epoch: the last life's goal is gone."""
+    from redis.asyncio import Redis
+
+    from server.rooms.state import Rooms
+    from server.settings import Settings
+
+    room = await _room(goal_server, "ah")
+    assert (await _put(goal_server, room, {"coins": 10}, "ah")).status_code == 200
+    client = Redis.from_url(redis_url)
+    try:
+        await Rooms(client, None, Settings()).create(room, "ah", "Ah", "again")  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+    assert (await _get(goal_server, f"/v1/rooms/{room}/goal"))["code"] == "not_found"
+    assert (await _get(goal_server, f"/v1/rooms/{room}"))["goal"] is None

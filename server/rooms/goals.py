@@ -19,6 +19,9 @@ from server.codes import Err, GiftstreamError
 from server.keys import RoomKeys
 from server.settings import Settings
 
+# The goal's fields in the room state hash (room_goal.lua clears the same list).
+GOAL_FIELDS = ("goal_id", "goal_gift", "goal_target", "goal_progress", "goal_done", "goal_event_ms", "goal_sent")
+
 
 @dataclass(frozen=True, slots=True)
 class RoomGoal:

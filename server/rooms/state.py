@@ -16,7 +16,7 @@ from server.batcher import ScriptBatcher
 from server.keys import RoomKeys
 from server.protocol import parse_offset
 from server.rooms.bus import decode_event
-from server.rooms.goals import RoomGoal, goal_from_state
+from server.rooms.goals import GOAL_FIELDS, RoomGoal, goal_from_state
 from server.settings import Settings
 
 
@@ -52,9 +52,13 @@ class Rooms:
     async def create(self, room_id: str, host_id: str, host_name: str, title: str) -> RoomState:
         k = RoomKeys(room_id)
         epoch = secrets.token_hex(6)
-        await self.redis.hset(k.state, mapping={
+        pipe = self.redis.pipeline(transaction=True)
+        # A new life of a room starts without the last one's goal (the demo room reopens at every start).
+        pipe.hdel(k.state, *GOAL_FIELDS)
+        pipe.hset(k.state, mapping={
             "host": host_id, "host_name": host_name, "title": title, "live": "1", "epoch": epoch,
             "coins_total": 0, "gifts_total": 0, "created_at": int(time.time() * 1000)})
+        await pipe.execute()
         return RoomState(room_id, host_id, host_name, title, True, epoch, 0, 0)
 
     async def get(self, room_id: str) -> RoomState | None:
