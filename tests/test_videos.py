@@ -225,13 +225,18 @@ async def test_over_the_users_rate_is_rate_limited_and_a_retry_still_learns_its_
     rate_limited and charge nothing, but a retry of a charged id answers its first result."""
     host, viewer = users("host", "host"), users("viewer")
     video = await new_video(host)
-    await fund(viewer, 200)
-    answers = await asyncio.gather(*(gift(viewer, video, f"l-{i}") for i in range(120)))
+    await fund(viewer, 500)
+    answers: list[httpx.Response] = []
+    # Bursts of 80 until one is refused: a slow machine may refill the bucket during a burst.
+    for burst in range(5):
+        answers += await asyncio.gather(*(gift(viewer, video, f"l-{burst}-{i}") for i in range(80)))
+        if any(r.status_code == 429 for r in answers):
+            break
     ok = [r.json() for r in answers if r.status_code == 200]
     limited = [r.json() for r in answers if r.status_code == 429]
-    assert len(ok) + len(limited) == 120 and limited and len(ok) >= 50, [r.text for r in answers]
+    assert len(ok) + len(limited) == len(answers) and limited and len(ok) >= 50, [r.text for r in answers]
     assert {b["code"] for b in limited} == {"rate_limited"}
-    assert await coins(viewer) == 200 - len(ok)
+    assert await coins(viewer) == 500 - len(ok)
     retry = await gift(viewer, video, ok[0]["id"])
     assert retry.status_code == 200 and retry.json()["gift_id"] == ok[0]["gift_id"], retry.text
 
