@@ -136,11 +136,20 @@ async def test_every_kind_settles_into_balanced_legs_and_the_audit_passes(wallet
                      "check_in", "reward"]
     coins = wallet.settings.reward_rate_coins
     seq = {r[1]: r[0] for r in movements}
+    # The gift's share, held by the dispute, released when it is won, held again by the refund
+    # (store/holds.py: legs 4 and 5 of the claw-back or reversal).
+    share = 250 * wallet.settings.host_share_bp
     expected_keyed = [
         (seq["dispute"], 0, "platform:payments", "coin", 300), (seq["dispute"], 1, "user:hal9", "coin", -300),
+        (seq["dispute"], 4, "host:hal", "diamond_unit", -share),
+        (seq["dispute"], 5, "host_held:hal", "diamond_unit", share),
         (seq["dispute_reversal"], 0, "platform:payments", "coin", -300),
         (seq["dispute_reversal"], 1, "user:hal9", "coin", 300),
+        (seq["dispute_reversal"], 4, "host:hal", "diamond_unit", share),
+        (seq["dispute_reversal"], 5, "host_held:hal", "diamond_unit", -share),
         (seq["refund"], 0, "platform:payments", "coin", 300), (seq["refund"], 1, "user:hal9", "coin", -300),
+        (seq["refund"], 4, "host:hal", "diamond_unit", -share),
+        (seq["refund"], 5, "host_held:hal", "diamond_unit", share),
         (seq["adjustment"], 0, "platform:adjustments", "coin", 7), (seq["adjustment"], 1, "user:hal9", "coin", -7),
         (seq["points_grant"], 2, "platform:rewards", "point", -3 * rate),
         (seq["points_grant"], 3, "user:hal9", "point", 3 * rate),
