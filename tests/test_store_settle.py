@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from server.movement import Kind
 from server.store.models import (
     UNITS_PER_DIAMOND,
     PartitionTotals,
     now_ms,
 )
-from server.movement import Kind
 from server.store.rows import DAY_MS
 from server.store.sqlite import SQLiteStore
 from tests.ledger import TS0, Backend, credit, gift, keyed
