@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 import msgpack
+import pyotp
 import pytest
 import websockets
 
@@ -232,11 +233,27 @@ async def test_http_examples(server: ServerProc) -> None:
             await sock.send({"type": "gift", "id": "setup-1", "gift": "rose", "count": 1})
             assert (await sock.next(lambda m: m.get("id") == "setup-1"))["type"] == "ack"
         await until(lambda: _coins_total(client, room))
+        # Diamonds for the cash-out examples (a withdrawal is 10,000 at least): a lion, 14,999.5.
+        patron = adult_token("patron", name="Patron")
+        r = await client.post("/v1/recharges", headers={"authorization": f"Bearer {patron}"},
+                              json={"coins": 29_999, "payment_method": "sandbox_card", "idempotency_key": "setup"})
+        assert r.status_code == 201, r.text
+        async with Socket.join(server, room, patron) as sock:
+            await sock.send({"type": "gift", "id": "setup-2", "gift": "lion", "count": 1})
+            assert (await sock.next(lambda m: m.get("id") == "setup-2"))["type"] == "ack"
 
         # `<signature>`: the example's body signed now with the server's webhook secret.
         values["signature"] = SIGN
         webhook_secret = (server.data_dir / "webhook_secret").read_text().strip()
+        # `<totp>`: a code of the two-factor secret the last enrolment answered, of a time step the
+        # server has not taken (it takes each once, and only later ones): the step after the last
+        # one a 2xx answer took, or now's. `<used_totp>`: the code of that last one.
+        taken = 0
         for ex in http:
+            uses_totp = "<totp>" in ex.request.text
+            if uses_totp:
+                step = max(taken + 1, int(time.time()) // 30)
+                values["totp"] = pyotp.TOTP(values["totp_secret"]).at(step * 30)
             method, path, headers, body = parse_request(ex.request, values)
             if method == "GET":
                 # A GET may show settled figures (a video's gift list): settlement follows an ack by
@@ -246,11 +263,16 @@ async def test_http_examples(server: ServerProc) -> None:
                 headers["giftstream-signature"] = signature.sign(webhook_secret, body.encode(), int(time.time()))
             r = await client.request(method, path, headers=headers, content=body.encode() or None)
             check_response(ex.response, r)
-            # `<order_id>`, `<payment_id>`, `<video_id>`: those of the last answer that named one.
+            if uses_totp and r.is_success:
+                taken, values["used_totp"] = step, values["totp"]
+            # `<order_id>`, `<payment_id>`, `<video_id>`, `<withdrawal_id>`: those of the last answer
+            # that named one.
             got = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
             if isinstance(got, dict):
-                values.update({k: got[k] for k in ("order_id", "payment_id", "video_id")
+                values.update({k: got[k] for k in ("order_id", "payment_id", "video_id", "withdrawal_id")
                                if isinstance(got.get(k), str)})
+                if isinstance(got.get("secret"), str):
+                    values["totp_secret"] = got["secret"]
 
 
 async def _settled(client: httpx.AsyncClient) -> bool:

@@ -71,14 +71,14 @@ async def sandbox_payment(request: Request) -> Response:
     return JSONResponse({"event": event, "deliveries": answers})
 
 
-def webhook_url(settings: Settings) -> str:
-    """This server's own webhook, as the sandbox network reaches it."""
+def webhook_url(settings: Settings, path: str = "/v1/payments/sandbox/webhook") -> str:
+    """This server's own webhook (the payments one, or `path`), as the sandbox network reaches it."""
     host = settings.host
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.port}/v1/payments/sandbox/webhook"
+    return f"http://{host}:{settings.port}{path}"
 
 
 def routes() -> list[Any]:

@@ -1,0 +1,130 @@
+"""Payouts: the payout provider's webhook, and the sandbox network that plays the provider.
+
+    POST /v1/payouts/sandbox/webhook
+    Giftstream-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">
+    {"id": "evt_...", "type": "payout.paid" | "payout.failed", "created": <unix s>,
+     "data": {"withdrawal_id", "amount_cents", "currency", "reason"?}}
+
+Signed as the payment webhooks are (payments/webhooks.py, the same secret). Nothing changes
+unless the signature is good and fresh (400 bad_signature), the event is well formed (400
+bad_request), its withdrawal is known (404) and its amount and currency are the withdrawal's
+(400 amount_mismatch, logged). Then the event is applied once, keyed by its id (a delivery seen
+before answers `{"duplicate": true}`), and moves a pending withdrawal on once: paid, its
+reserved diamonds are paid out; failed, they are available again. A withdrawal past pending
+stays as it is (a late `failed` after `paid` is recorded as ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from server.codes import Err, GiftstreamError
+from server.http_api import json_body, node_of, principal_of, read_body
+from server.payments import sandbox, webhooks
+from server.payments.http import MAX_DELIVERIES, webhook_url
+from server.store.models import now_ms
+from server.store.withdrawals import FAILED, PAID, PayoutEvent
+
+log = logging.getLogger("giftstream.payouts")
+
+WEBHOOK = "/v1/payouts/sandbox/webhook"
+PROVIDER = "sandbox"
+# event type -> the status it moves a withdrawal to
+STATUS = {"payout.paid": PAID, "payout.failed": FAILED}
+
+
+async def webhook(request: Request) -> Response:
+    """POST /v1/payouts/sandbox/webhook: the payout provider says a withdrawal was paid or failed."""
+    raw = await read_body(request, webhooks.MAX_BODY)
+    node = node_of(request)
+    webhooks.verify(node.settings.webhook_secret, raw, request.headers.get("giftstream-signature"))
+    event_id, kind, data = parse(raw)
+    w = await node.store.get_withdrawal(data["withdrawal_id"])
+    if w is None:
+        raise GiftstreamError(Err.NOT_FOUND, "no such withdrawal")
+    if (data["amount_cents"], data["currency"]) != (w.amount_cents, node.catalog.currency):
+        log.warning("payout webhook %s for withdrawal %s: %s %s, but it is %s %s; nothing applied", event_id, w.id,
+                    data["amount_cents"], data["currency"], w.amount_cents, node.catalog.currency)
+        raise GiftstreamError(Err.AMOUNT_MISMATCH, f"the event's amount or currency is not the withdrawal's "
+                                                   f"({w.amount_cents} {node.catalog.currency})")
+    event = PayoutEvent(event_id, PROVIDER, kind, w.id, now_ms(), raw.decode())
+    applied = await node.store.apply_payout(event, STATUS[kind], data.get("reason"))
+    if applied.duplicate:
+        return JSONResponse({"duplicate": True})
+    return JSONResponse({"duplicate": False, "applied": applied.applied, "withdrawal_id": w.id,
+                         "status": applied.withdrawal.status})
+
+
+def parse(raw: bytes) -> tuple[str, str, dict[str, Any]]:
+    """(event id, type, data) of a well-formed event, or 400 bad_request saying what is wrong."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise GiftstreamError(Err.BAD_REQUEST, "body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        raise GiftstreamError(Err.BAD_REQUEST, "an event is an object with id, type, created and data")
+    event_id, kind, data = body.get("id"), body.get("type"), body["data"]
+    if not _text(event_id, 255):
+        raise GiftstreamError(Err.BAD_REQUEST, "id must be a string of 1 to 255 printable characters")
+    if not isinstance(body.get("created"), int):
+        raise GiftstreamError(Err.BAD_REQUEST, "created must be unix seconds")
+    if kind not in STATUS:
+        raise GiftstreamError(Err.BAD_REQUEST, f"type must be one of {', '.join(STATUS)}")
+    amount, reason = data.get("amount_cents"), data.get("reason")
+    if not _text(data.get("withdrawal_id"), 128) or not _text(data.get("currency"), 8):
+        raise GiftstreamError(Err.BAD_REQUEST, "data needs withdrawal_id and currency strings")
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise GiftstreamError(Err.BAD_REQUEST, "data.amount_cents must be a whole number of cents")
+    if reason is not None and not (_text(reason, 64) and reason.replace("_", "").isalnum()):
+        raise GiftstreamError(Err.BAD_REQUEST, "data.reason must be a short code such as account_closed")
+    assert isinstance(event_id, str) and isinstance(kind, str)
+    return event_id, kind, data
+
+
+def _text(value: Any, most: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= most and value.isprintable()
+
+
+async def sandbox_payout(request: Request) -> Response:
+    """POST /v1/sandbox/payouts/{withdrawal_id} {"outcome", "deliveries"?, "reason"?} (admin): the
+    sandbox network sends that outcome's event to this server's payout webhook, `deliveries`
+    times at once; the answer holds the event and each delivery's answer."""
+    p = principal_of(request)
+    p.require("admin")
+    node = node_of(request)
+    if not node.settings.sandbox:
+        raise GiftstreamError(Err.NOT_FOUND, "the sandbox provider is off (GIFTSTREAM_SANDBOX=0)")
+    body = await json_body(request)
+    outcome = body.get("outcome")
+    if outcome not in (PAID, FAILED):
+        raise GiftstreamError(Err.BAD_REQUEST, f"outcome must be {PAID} or {FAILED}")
+    deliveries = body.get("deliveries", 1)
+    if not isinstance(deliveries, int) or isinstance(deliveries, bool) or not 1 <= deliveries <= MAX_DELIVERIES:
+        raise GiftstreamError(Err.BAD_REQUEST, f"deliveries must be 1 to {MAX_DELIVERIES}")
+    reason = body.get("reason")
+    if reason is not None and not (isinstance(reason, str) and 0 < len(reason) <= 64):
+        raise GiftstreamError(Err.BAD_REQUEST, "reason must be a short code such as account_closed")
+    w = await node.store.get_withdrawal(request.path_params["withdrawal_id"])
+    if w is None:
+        raise GiftstreamError(Err.NOT_FOUND, "no such withdrawal")
+    data: dict[str, Any] = {"withdrawal_id": w.id, "amount_cents": w.amount_cents, "currency": node.catalog.currency}
+    if outcome == FAILED:
+        data["reason"] = reason or "account_closed"
+    event = {"id": "evt_" + uuid.uuid4().hex, "type": f"payout.{outcome}", "created": int(time.time()), "data": data}
+    answers = await sandbox.deliver(webhook_url(node.settings, WEBHOOK), node.settings.webhook_secret or "", event,
+                                    deliveries)
+    return JSONResponse({"event": event, "deliveries": answers})
+
+
+ROUTES: list[BaseRoute] = [
+    Route(WEBHOOK, webhook, methods=["POST"]),
+    Route("/v1/sandbox/payouts/{withdrawal_id}", sandbox_payout, methods=["POST"]),
+]
