@@ -49,7 +49,10 @@ async def test_two_processes_migrating_at_once(empty_url: str) -> None:
 TIME_COLUMNS = {("users", "created_ms"), ("orders", "created_ms"), ("orders", "updated_ms"), ("rooms", "created_ms"),
                 ("rooms", "ended_ms"), ("movements", "ts_ms"), ("gifts", "sent_ms"), ("gifts", "settled_ms"),
                 ("payment_events", "received_ms"), ("order_transitions", "at_ms"), ("order_transitions", "done_ms"),
-                ("gift_holds", "held_ms"), ("gift_holds", "released_ms"), ("videos", "created_ms")}
+                ("gift_holds", "held_ms"), ("gift_holds", "released_ms"), ("videos", "created_ms"),
+                ("twofactor", "created_ms"), ("twofactor", "updated_ms"), ("twofactor", "failures_since_ms"),
+                ("withdrawals", "created_ms"), ("withdrawals", "updated_ms"), ("withdrawal_transitions", "at_ms"),
+                ("payout_events", "received_ms")}
 
 
 async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_secondary_index(
@@ -80,6 +83,8 @@ async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_sec
                if table in ("movements", "gifts", "ledger", "host_earnings", "host_days")}
     assert settled == {"movements_user_seq", "gifts_host_sent", "gifts_room_sent"}
     assert {("orders_status", "orders"), ("rooms_host", "rooms"), ("gift_holds_order", "gift_holds")} <= indexes
+    # A host's withdrawals by time: the list and the UTC day's total (sql/0006_withdrawals.sql).
+    assert ("withdrawals_host_created", "withdrawals") in indexes
 
 
 async def test_a_schema_past_every_migration_is_refused_not_used(backend: Backend) -> None:
