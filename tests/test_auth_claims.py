@@ -39,7 +39,7 @@ def test_a_well_typed_token_passes() -> None:
     10**30,  # never expires
     True,
     [int(time.time()) + 3600],
-])
+], ids=["numeric-string", "float", "far-future", "bool", "list"])  # stable ids: pytest-xdist workers must agree
 def test_exp_must_be_whole_seconds_in_a_sane_range(exp: Any) -> None:
     assert _refused(_token(exp=exp)) in ("invalid token", "invalid exp", "token expired")
 
@@ -77,3 +77,43 @@ def test_role_must_be_one_of_the_role_strings(role: Any) -> None:
 def test_a_name_loses_its_bidi_overrides() -> None:
     p = auth.verify(SECRET, _token(name="\u202eevil\u202c name"))
     assert p.name == "evil name"
+
+
+def _outcome(token: str) -> tuple[str, Any]:
+    try:
+        return "ok", auth.verify(SECRET, token)
+    except GiftstreamError as exc:
+        return "refused", exc.message
+
+
+def test_the_plain_check_and_pyjwt_agree_on_every_kind_of_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = int(time.time())
+    good = _token()
+    tokens = [
+        good, _token(name=None, birthdate=None), _token(nbf=now - 5), _token(nbf=now + 600), _token(iat=now + 600),
+        _token(exp=now - 1), _token(exp=now + 1), _token(exp=float(now + 60)), _token(exp=True), _token(aud="x"),
+        _token(jti="j1"), _token(sub=5), _token(sub=""), _token(sub="a:b"), _token(role="root"), _token(iat="1"),
+        good[:-3] + "abc", good + "A", good.replace(".", ".x", 1), good + ".x", "a.b.c", "..", good.split(".")[0] + "..",
+        jwt.encode({"sub": "u1", "exp": now + 60}, "another secret of enough length!", algorithm="HS256"),
+        jwt.encode({"sub": "u1", "exp": now + 60}, "k" * 64, algorithm="HS384"),
+        jwt.encode({"sub": "u1", "exp": now + 60}, SECRET, algorithm="HS256", headers={"kid": "k"}),
+        jwt.encode({"sub": "u1", "exp": now + 60}, None, algorithm="none"),  # type: ignore[arg-type]
+    ]
+    pyjwt_only = []
+    for token in tokens:
+        auth._HEADERS.clear()  # every token goes through PyJWT
+        pyjwt_only.append(_outcome(token))
+    decoded: list[str] = []
+    real = jwt.decode
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        decoded.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    auth._HEADERS.clear()
+    auth.verify(SECRET, good)  # PyJWT accepts the usual header once
+    decoded.clear()
+    assert [_outcome(t) for t in tokens] == pyjwt_only
+    # the good ones of the usual shape never reached PyJWT again
+    assert good not in decoded and _token(nbf=now - 5) not in decoded
