@@ -18,7 +18,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.fastpipe import FastPipe, is_noscript
+from server.fastpipe import FastPipe, Pipe, is_noscript
 from server.metrics import LUA_BATCH_CALLS, LUA_BATCH_SECONDS
 from server.outage import Outage
 from server.scripts import Scripts
@@ -34,9 +34,9 @@ class _Call:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, scripts: Scripts, pipe: FastPipe | None = None, max_batch: int = 2000,
+    def __init__(self, redis: Redis, scripts: Scripts, pipe: Pipe | None = None, max_batch: int = 2000,
                  max_inflight: int = 1) -> None:
-        # redis-py only to (re)load scripts; batches go through the lean pipeline.
+        # redis-py only for its address; batches (and script reloads) go through the lean pipeline.
         self.redis = redis
         self.pipe = pipe or FastPipe.like(redis)
         self.scripts = scripts
@@ -84,18 +84,28 @@ class ScriptBatcher:
                 sent = time.perf_counter()
                 results = await self.pipe.execute([self.scripts.command(c.name, c.keys, c.args) for c in pending])
                 LUA_BATCH_SECONDS.observe(time.perf_counter() - sent)
-                self.outage.recovered()
+                lost = next((r for r in results if isinstance(r, Exception) and not isinstance(r, hiredis.ReplyError)),
+                            None)
+                if lost is None:
+                    self.outage.recovered()
+                else:
+                    self.outage.failed(lost)
                 retry: list[_Call] = []
                 for c, result in zip(pending, results, strict=True):
                     if is_noscript(result):
                         retry.append(c)  # not executed: safe to send again
                     elif isinstance(result, hiredis.ReplyError):
                         _settle(c.future, exc=ResponseError(str(result)))
+                    elif isinstance(result, Exception):
+                        # A cluster node's connection lost (clusterpipe.py): that node's calls only,
+                        # outcome unknown; the others' replies stand.
+                        _settle(c.future, exc=result)
                     else:
                         _settle(c.future, result=result)
                 if not retry:
                     return
-                await self.scripts.load(self.redis)
+                # On every primary: after a failover the promoted replica has no scripts cached.
+                await self.scripts.load_on(self.pipe)
                 pending = retry
             for c in pending:
                 _settle(c.future, exc=RuntimeError("scripts could not be loaded"))

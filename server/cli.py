@@ -359,11 +359,11 @@ def _run_with_store(command: str, settings: Settings, fn: Callable[[Settings, An
     _tell(command, settings, source)
 
     async def main() -> int:
-        from redis.asyncio import Redis
-
+        from server.node import redis_client
         from server.store import open_store
 
-        redis = Redis.from_url(settings.redis_url or "", decode_responses=True)
+        # A cluster client for redis+cluster:// URLs.
+        redis = redis_client(settings.redis_url or "", decode=True)
         store = open_store(settings.effective_database_url)
         try:
             if settings.migrate_on_start:

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 import hiredis
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = bytes | str | int | float
 
 # What Redis being unreachable or silent raises: the builtin errors of this pipeline and of the
-# room bus's connection, and redis-py's own. Callers answer `unavailable`, never a 500.
-UNREACHABLE: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError)
+# room bus's connection, and redis-py's own; with a cluster, also a slot without a primary (a
+# failover under way) and a slot being moved (TRYAGAIN past redis-py's retries). Callers answer
+# `unavailable`, never a 500: a retry with the same id is safe.
+UNREACHABLE: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError,
+                                            ClusterDownError, TryAgainError, SlotNotCoveredError)
 
 
 def pack(command: Sequence[Arg]) -> bytes:
@@ -33,10 +38,16 @@ def pack(command: Sequence[Arg]) -> bytes:
 
 
 class Address:
-    __slots__ = ("db", "host", "password", "port", "username")
+    __slots__ = ("db", "host", "password", "port", "tls", "username")
 
-    def __init__(self, host: str, port: int, db: int, username: str | None, password: str | None) -> None:
+    def __init__(self, host: str, port: int, db: int, username: str | None, password: str | None,
+                 tls: bool = False) -> None:
         self.host, self.port, self.db, self.username, self.password = host, port, db, username, password
+        self.tls = tls
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
 
     def auth_command(self) -> list[Arg]:
         assert self.password is not None
@@ -45,11 +56,11 @@ class Address:
 
 def redis_address(url: str) -> Address:
     parts = urlsplit(url)
-    if parts.scheme not in ("redis", ""):
-        raise ValueError("the lean Redis paths speak plain redis:// (use redis-py for TLS)")
+    if parts.scheme not in ("redis", "rediss", ""):
+        raise ValueError(f"the lean Redis paths speak redis:// and rediss://, not {parts.scheme}://")
     return Address(parts.hostname or "127.0.0.1", parts.port or 6379, int(parts.path.lstrip("/") or 0),
                    unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password else None)
+                   unquote(parts.password) if parts.password else None, tls=parts.scheme == "rediss")
 
 
 class _Conn:
@@ -79,20 +90,50 @@ class _Conn:
         self.writer.close()
 
 
+class Pipe(Protocol):
+    """What the hot paths send through: `FastPipe` to one server, `ClusterPipe` (clusterpipe.py)
+    to the primaries of a cluster, each command to its key's slot."""
+
+    async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Replies in order. An error reply comes back as a hiredis.ReplyError; a command whose
+        outcome is unknown (its connection was lost) raises, or with a cluster comes back as the
+        exception, so the other nodes' replies still count."""
+        ...
+
+    async def everywhere(self, commands: Sequence[Sequence[Arg]]) -> list[list[Any]]:
+        """The same commands on every primary (SCRIPT LOAD): one reply list per primary."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    # True when commands go to several servers by slot: a command may not span slots (CROSSSLOT).
+    sharded: bool
+
+
 class FastPipe:
-    def __init__(self, url: str, max_connections: int = 8, timeout_s: float = 10.0,
+    sharded = False
+
+    def __init__(self, url: str | Address, max_connections: int = 8, timeout_s: float = 10.0,
                  encoding: str | None = None) -> None:
-        addr = redis_address(url)
+        addr = url if isinstance(url, Address) else redis_address(url)
         self.host, self.port, self.db = addr.host, addr.port, addr.db
         self.username, self.password = addr.username, addr.password
+        self.tls = addr.tls
         self.timeout = timeout_s
         self.encoding = encoding
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_connections)
 
     @classmethod
-    def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> FastPipe:
-        """A pipeline to the same server as a redis-py client."""
+    def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> Pipe:
+        """A pipeline to the same server as a redis-py client (to the same cluster, by slot, as a
+        redis-py cluster client)."""
+        from redis.asyncio.cluster import RedisCluster
+
+        if isinstance(client, RedisCluster):
+            from server.clusterpipe import ClusterPipe
+
+            return ClusterPipe.like(client, max_connections=max_connections, encoding=encoding)
         kw = client.connection_pool.connection_kwargs
         auth = ""
         if kw.get("password"):
@@ -101,7 +142,9 @@ class FastPipe:
                    max_connections=max_connections, encoding=encoding)
 
     async def _connect(self) -> _Conn:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+        context = ssl.create_default_context() if self.tls else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port, ssl=context),
+                                                self.timeout)
         conn = _Conn(reader, writer, self.encoding)
         hello: list[list[Arg]] = []
         if self.password is not None:
@@ -128,6 +171,9 @@ class FastPipe:
                 raise
             self._idle.append(conn)
             return replies
+
+    async def everywhere(self, commands: Sequence[Sequence[Arg]]) -> list[list[Any]]:
+        return [await self.execute(commands)]
 
     async def aclose(self) -> None:
         while self._idle:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from functools import partial
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -13,19 +14,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server import catalog as catalog_mod
-from server import errors, guard
+from server import cluster, errors, guard
 from server.batcher import ScriptBatcher
+from server.clusterpipe import ClusterPipe
 from server.creators.video_gifts import VideoGifts
 from server.embedded import Embedded
-from server.fastpipe import FastPipe
+from server.fastpipe import FastPipe, Pipe
 from server.gifts import Gifts
 from server.payments.recharges import Recharges
 from server.payments.sandbox import SandboxProvider
 from server.payments.sweep import PaymentSweep
 from server.payments.webhooks import Webhooks
+from server.rooms import door
 from server.rooms.bus import Bus
 from server.rooms.hub import Hub, catch_up_from
+from server.rooms.lifecycle import Lifecycle
 from server.rooms.presence import Presence
+from server.rooms.shardbus import ShardedBus
 from server.rooms.state import Rooms
 from server.rooms.takeover import Keepalive, RoomProtocol
 from server.rooms.wallet_events import WalletEvents
@@ -40,6 +45,8 @@ log = logging.getLogger("giftstream.node")
 
 
 def redis_client(url: str, *, decode: bool) -> Redis:
+    if cluster.is_cluster(url):
+        return cluster.redis_client(url, decode=decode)
     # A blocking pool: a burst of joins waits for a connection instead of failing.
     # One retry on a fresh connection: after an outage the pool still holds connections made
     # before it, and a request should not fail on one of those. Safe because everything this
@@ -63,17 +70,23 @@ class Node:
         self.redis_bin = redis_client(settings.redis_url, decode=False)
         self.store: Store = open_store(settings.effective_database_url)
         guard.configure(settings)  # the limits of this process's HTTP and WebSocket protocols
-        self.scripts = Scripts()
-        self.fastpipe = FastPipe(settings.redis_url)
+        clustered = cluster.is_cluster(settings.redis_url)
+        self.scripts = Scripts(sharded_pubsub=clustered)
+        # On a cluster, each call to the primary of its slot (clusterpipe.py).
+        self.fastpipe: Pipe = ClusterPipe(settings.redis_url) if clustered else FastPipe(settings.redis_url)
         self.batcher = ScriptBatcher(self.redis, self.scripts, self.fastpipe, max_inflight=settings.redis_inflight)
         self.catalog = catalog_mod.load()
         self.wallet = Wallet(self.redis, self.batcher, settings)
         self.rooms = Rooms(self.redis_bin, self.batcher, settings)
         self.hub = Hub(settings.tick_ms, settings.pass_slice, settings.fanout_slice_ms, settings.fanout_share,
                        per_user_room=settings.max_sockets_per_user_room, per_user=settings.max_sockets_per_user)
-        self.bus = Bus(settings.redis_url, self.hub.deliver, catch_up=self.catch_up)
+        # On a cluster, sharded pub/sub: a room's events reach only the nodes with viewers in it.
+        self.bus: Bus | ShardedBus = (ShardedBus if clustered else Bus)(settings.redis_url, self.hub.deliver,
+                                                                         catch_up=self.catch_up)
         self.wallet_events = WalletEvents(settings.redis_url, self.hub)
         self.presence = Presence(self.redis, self.hub, self.rooms, settings.node_id, settings.presence_interval_s)
+        # Rooms open and end (one live room per host, the idle end, the session's figures) here.
+        self.lifecycle = Lifecycle(self.redis, self.rooms, self.store, settings)
         self.gifts = Gifts(settings, self.catalog, self.wallet, self.rooms, self.hub)
         self.video_gifts = VideoGifts(settings, self.catalog, self.wallet, self.store)
         self.recharges = Recharges(self.store, self.wallet, self.catalog, SandboxProvider())
@@ -98,10 +111,14 @@ class Node:
             await self.store.migrate()
         await self.scripts.load(self.redis)
         await ensure_groups(self.redis, self.settings.partitions)
+        await self.wallet.start()
         self.bus.start()
         self.wallet_events.start()
         self.presence.start()
+        self.lifecycle.start()
         self.keepalive.start()
+        if self.settings.fast_join and self.settings.takeover:
+            guard.open_door(partial(door.enter, self))  # room sockets past uvicorn (rooms/door.py)
         await self.recharges.reconcile()
         self.payment_sweep.start()
         if self.settings.settler:
@@ -136,6 +153,8 @@ class Node:
 
     async def drain(self) -> None:
         """SIGTERM: stop taking gifts, finish in-flight debits and publishes, close sockets with 1001."""
+        # No idle end starts on a node going away (one in progress finishes, Redis and SQL both).
+        await self.lifecycle.stop()
         self.draining = self.gifts.draining = self.video_gifts.draining = True
         await self.batcher.drain()
         await self.gifts.drain()
@@ -146,6 +165,7 @@ class Node:
 
     async def stop(self) -> None:
         await self.drain()
+        guard.open_door(None)
         await self.keepalive.stop()
         await self.presence.stop()
         await self.bus.stop()

@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from server.cluster import is_cluster, parse
 from server.keys import WALLET_CHANNEL
 from server.outage import Backoff, Outage
 from server.rooms.hub import Hub
@@ -40,14 +41,27 @@ class WalletEvents:
     missed meanwhile is in GET /v1/wallet)."""
 
     def __init__(self, url: str, hub: Hub) -> None:
+        # On a cluster a plain PUBLISH reaches every node, so any one node will do: the URL's
+        # nodes in turn, the next one after each failure.
+        self._nodes = parse(url) if is_cluster(url) else []
+        self._turn = 0
+        self.url = url
         # A client of its own: a subscribed connection waits for messages without a read timeout.
-        self.redis = Redis.from_url(url, decode_responses=True)
+        self.redis = self._client()
         self.hub = hub
         self.delivered = 0
         self.backoff = Backoff(first=0.1, cap=5.0)
         self.outage = Outage(log, "wallet events", "reconnecting")
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
+
+    def _client(self) -> Redis:
+        if not self._nodes:
+            return Redis.from_url(self.url, decode_responses=True)
+        n = self._nodes[self._turn % len(self._nodes)]
+        self._turn += 1
+        return Redis(host=n.host, port=n.port, username=n.username, password=n.password, ssl=n.tls,
+                     decode_responses=True)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="giftstream-wallet-events")
@@ -74,6 +88,9 @@ class WalletEvents:
             except Exception as exc:
                 self.subscribed.clear()
                 self.outage.failed(exc)
+                if self._nodes:  # that node may be gone for good (failed over): the next one
+                    await self.redis.aclose()
+                    self.redis = self._client()
                 await self.backoff.wait()
 
     def _on_message(self, msg: dict[str, Any]) -> None:

@@ -8,13 +8,14 @@ entry's flat field list goes straight to the codec (server/movement.py).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
 from redis.exceptions import ResponseError
 
-from server.fastpipe import Arg, FastPipe
+from server.fastpipe import Arg, Pipe
 from server.keys import SETTLER_GROUP
 from server.movement import Movement, from_flat
 
@@ -38,7 +39,7 @@ class Batch:
 
 
 class GroupConsumer:
-    def __init__(self, pipe: FastPipe, streams: list[str], consumer: str) -> None:
+    def __init__(self, pipe: Pipe, streams: list[str], consumer: str) -> None:
         self.pipe = pipe
         self.streams = streams
         self.consumer = consumer
@@ -55,7 +56,11 @@ class GroupConsumer:
         batch = Batch()
         for reply in replies:
             self._add(batch, reply, count)
-        if not batch.ids and block_ms is not None:
+        if not batch.ids and block_ms is not None and self.pipe.sharded:
+            # On a cluster one XREADGROUP cannot span the partitions' slots (CROSSSLOT): poll
+            # instead, a quarter of the block time apart (16 short reads each time).
+            await asyncio.sleep(block_ms / 4000)
+        elif not batch.ids and block_ms is not None:
             blocking: list[Arg] = ["XREADGROUP", "GROUP", SETTLER_GROUP, self.consumer, "COUNT", count,
                                    "BLOCK", block_ms, "STREAMS", *self.streams, *([start_id] * len(self.streams))]
             self._add(batch, (await self.pipe.execute([blocking]))[0], count)
@@ -67,6 +72,8 @@ class GroupConsumer:
             return
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
+        if isinstance(reply, Exception):  # a cluster node's connection lost (clusterpipe.py)
+            raise reply
         for stream, messages in reply:
             batch.full = batch.full or len(messages) >= count
             batch.add(stream, messages)
@@ -83,3 +90,5 @@ class GroupConsumer:
         for reply in await self.pipe.execute(commands):
             if isinstance(reply, hiredis.ReplyError):
                 raise ResponseError(str(reply))
+            if isinstance(reply, Exception):
+                raise reply

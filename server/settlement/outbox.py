@@ -7,6 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from server.cluster import node_client
 from server.keys import outbox_key, quarantine_key, totals_key
 from server.movement import Movement, encode
 
@@ -20,10 +21,11 @@ async def snapshot(redis: Redis, p: int) -> tuple[dict[str, str], list[Movement]
     seq at or below the snapshot's, and the settler deletes entries only after they commit to SQL,
     so an entry missing from this read is already in the ledger.
     """
-    pipe = redis.pipeline(transaction=True)
-    pipe.hgetall(totals_key(p))
-    pipe.xrevrange(outbox_key(p), count=1)
-    replies: Any = await pipe.execute()
+    async with node_client(redis, totals_key(p)) as node:  # on a cluster: the partition's primary
+        pipe = node.pipeline(transaction=True)
+        pipe.hgetall(totals_key(p))
+        pipe.xrevrange(outbox_key(p), count=1)
+        replies: Any = await pipe.execute()
     totals, last = replies
     entries = await _read(redis, outbox_key(p), last[0][0]) if last else []
     return totals, entries
@@ -57,10 +59,11 @@ async def requeue(redis: Redis, partitions: int) -> int:
             page: Any = await redis.xrange(quarantine_key(p), count=PAGE) or []
             for mid, fields in page:
                 entry: Any = encode(Movement.from_fields(fields))  # without the error and time
-                tx = redis.pipeline(transaction=True)
-                tx.xadd(outbox_key(p), entry)
-                tx.xdel(quarantine_key(p), mid)
-                await tx.execute()
+                async with node_client(redis, outbox_key(p)) as node:
+                    tx = node.pipeline(transaction=True)
+                    tx.xadd(outbox_key(p), entry)
+                    tx.xdel(quarantine_key(p), mid)
+                    await tx.execute()
                 moved += 1
             if len(page) < PAGE:
                 break

@@ -20,6 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from server.cluster import node_client
 from server.keys import UserKeys, totals_key, user_from_wallet_key, wallet_pattern
 from server.movement import COUNTERS, KEYED, Kind, Movement
 from server.settlement.outbox import quarantined, snapshot
@@ -150,7 +151,7 @@ async def _current(redis: Redis, partitions: int, users: list[str]) -> list[tupl
 
 async def _write_partition(redis: Redis, p: int, seq: int, writes: dict[str, dict[str, int]]) -> bool:
     """Write the wallets unless the partition moved since its snapshot; False when it did."""
-    async with redis.pipeline(transaction=True) as pipe:
+    async with node_client(redis, totals_key(p)) as node, node.pipeline(transaction=True) as pipe:
         try:
             await pipe.watch(totals_key(p))
             if int(await pipe.hget(totals_key(p), "seq") or 0) != seq:

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from server import metrics
-from server.fastpipe import Arg, FastPipe
+from server.fastpipe import Arg, FastPipe, Pipe
 from server.keys import SETTLER_GROUP, outbox_key, quarantine_key
 from server.movement import Movement, encode
 from server.outage import Backoff, Outage
@@ -63,7 +63,7 @@ class _Permanent(Exception):
 class Settler:
     def __init__(self, redis: Redis, store: Store, *, partitions: int, consumer: str,
                  max_batch: int = 2000, claim_idle_ms: int = 30_000, commits: int = 2,
-                 linger_ms: float = 150.0, pipe: FastPipe | None = None,
+                 linger_ms: float = 150.0, pipe: Pipe | None = None,
                  hold_window_ms: int = DEFAULT_HOLD_WINDOW_MS) -> None:
         self.redis = redis
         self.store = store
@@ -107,7 +107,7 @@ class Settler:
 
     @classmethod
     def from_settings(cls, redis: Redis, store: Store, settings: Settings, *, consumer: str,
-                      pipe: FastPipe | None = None) -> Settler:
+                      pipe: Pipe | None = None) -> Settler:
         """The settler `serve` and `settle` run: batch size, claim idle time and linger from settings."""
         return cls(redis, store, partitions=settings.partitions, consumer=consumer, max_batch=settings.settle_batch,
                    claim_idle_ms=settings.settle_claim_idle_ms, linger_ms=settings.settle_linger_ms, pipe=pipe,

@@ -1,0 +1,195 @@
+"""The lean pipeline over a Redis/Valkey Cluster: each command to the primary of its key's slot.
+
+`FastPipe`'s interface (server/fastpipe.py), so the Lua batcher and the settler run on a
+cluster unchanged. A batch is split by owning primary, each part goes out on that node's own
+FastPipe, all parts at once, and the replies come back in the caller's order. Redirections
+are followed here, never surfaced:
+
+- MOVED: the slot has a new owner (a resharding finished, a failover): the map learns it and
+  the command is sent there. MOVED and ASK mean the command did not run: resending is safe.
+- ASK: the slot is being migrated and this key is already on the target: ASKING + the
+  command to the target, this once.
+- TRYAGAIN: a multi-key command (every script) whose keys are split by a migration in
+  progress: sent again after a short wait, for up to ~3 s, then `unavailable`.
+- A connection lost, CLUSTERDOWN, a slot without a primary: the commands of that node come
+  back as a ConnectionError (the outcome is unknown: the client retries with the same id,
+  which replays a debit that did run) and the slot map is read again before the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+
+from server.cluster import NoOwner, SlotMap, parse, slot_of
+from server.fastpipe import Address, Arg, FastPipe
+
+# Rounds of redirections (MOVED, ASK, TRYAGAIN) one batch may take before a command is
+# answered `unavailable`; TRYAGAIN waits 20 ms doubling to 500 ms between rounds (~3 s in all).
+MAX_ROUNDS = 12
+TRYAGAIN_FIRST_S = 0.02
+TRYAGAIN_CAP_S = 0.5
+# Error replies that mean "this node cannot serve it now", not "the command failed".
+_UNAVAILABLE = ("CLUSTERDOWN", "MASTERDOWN", "LOADING")
+# Commands whose first key is not their first argument.
+_SCRIPT = {"EVALSHA", "EVAL", "EVALSHA_RO", "EVAL_RO", "FCALL", "FCALL_RO"}
+_STREAMS = {"XREADGROUP", "XREAD"}
+
+
+def command_key(command: Sequence[Arg]) -> Arg:
+    """The key a command is routed by (its first; every key of a call shares its hash tag)."""
+    name = _text(command[0]).upper()
+    if name in _SCRIPT:
+        if int(command[2]) < 1:
+            raise ValueError(f"{name} without keys cannot be routed in a cluster")
+        return command[3]
+    if name in _STREAMS:
+        i = next(i for i, a in enumerate(command) if _text(a).upper() == "STREAMS")
+        return command[i + 1]
+    return command[1]
+
+
+def _text(arg: Arg) -> str:
+    return arg.decode() if isinstance(arg, bytes) else str(arg)
+
+
+class ClusterPipe:
+    sharded = True
+
+    def __init__(self, url: str | list[Address], max_connections: int = 8, timeout_s: float = 10.0,
+                 encoding: str | None = None) -> None:
+        self.map = SlotMap(parse(url) if isinstance(url, str) else url)
+        self.max_connections = max_connections
+        self.timeout = timeout_s
+        self.encoding = encoding
+        self._pipes: dict[tuple[str, int], FastPipe] = {}
+        # The map's version when a caller found it wrong: the next batch reads it again first.
+        self._stale: int | None = None
+        self.redirects = 0
+
+    @classmethod
+    def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> ClusterPipe:
+        """A pipeline to the cluster of a redis-py RedisCluster client."""
+        kw = client.nodes_manager.connection_kwargs
+        tls = "SSL" in getattr(kw.get("connection_class"), "__name__", "")
+        seeds = [Address(n.host, n.port, 0, kw.get("username"), kw.get("password"), tls=tls)
+                 for n in client.nodes_manager.startup_nodes.values()]
+        return cls(seeds, max_connections=max_connections, encoding=encoding)
+
+    def _pipe(self, addr: Address) -> FastPipe:
+        pipe = self._pipes.get(addr.key)
+        if pipe is None:
+            pipe = self._pipes[addr.key] = FastPipe(addr, self.max_connections, self.timeout, self.encoding)
+        return pipe
+
+    async def _fresh_map(self) -> None:
+        if self._stale is not None:
+            stale, self._stale = self._stale, None
+            with contextlib.suppress(Exception):  # still failing over: its commands fail as unavailable
+                await self.map.refresh(seen=stale)
+        if not self.map.loaded:
+            await self.map.refresh()
+
+    def _mark_stale(self) -> None:
+        if self._stale is None:
+            self._stale = self.map.version
+
+    async def execute(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        replies: list[Any] = [None] * len(commands)
+        try:
+            await self._fresh_map()
+        except Exception as exc:
+            return [exc] * len(commands)
+        pending = list(range(len(commands)))
+        asking: dict[int, Address] = {}
+        wait = TRYAGAIN_FIRST_S
+        for _round in range(MAX_ROUNDS):
+            groups: dict[tuple[str, int], tuple[Address, list[int]]] = {}
+            for i in pending:
+                try:
+                    addr = asking.get(i) or self.map.owner(slot_of(command_key(commands[i])))
+                except NoOwner as exc:
+                    replies[i] = exc
+                    self._mark_stale()
+                    continue
+                groups.setdefault(addr.key, (addr, []))[1].append(i)
+            parts = list(groups.values())
+            results = await asyncio.gather(*(self._send(addr, idx, commands, asking) for addr, idx in parts),
+                                           return_exceptions=True)
+            asking = {}
+            again: list[int] = []
+            try_again = refresh = False
+            for (_addr, idx), result in zip(parts, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    for i in idx:
+                        replies[i] = result
+                    self._mark_stale()
+                    continue
+                for i, reply in zip(idx, result, strict=True):
+                    if not isinstance(reply, hiredis.ReplyError):
+                        replies[i] = reply
+                        continue
+                    text = str(reply)
+                    if text.startswith(("MOVED ", "ASK ")):
+                        kind, slot, where = text.split(" ", 2)
+                        host, _, port = where.rpartition(":")
+                        self.redirects += 1
+                        if kind == "MOVED":
+                            self.map.moved(int(slot), host, int(port))
+                            refresh = True
+                        else:
+                            asking[i] = self.map.address(host, int(port))
+                        again.append(i)
+                    elif text.startswith("TRYAGAIN"):
+                        try_again = True
+                        again.append(i)
+                    elif text.startswith(_UNAVAILABLE):
+                        replies[i] = ConnectionError(f"cluster: {text}")
+                        self._mark_stale()
+                    else:
+                        replies[i] = reply
+            if not again:
+                return replies
+            if refresh:
+                self._mark_stale()
+            if try_again:
+                await asyncio.sleep(wait)
+                wait = min(TRYAGAIN_CAP_S, wait * 2)
+            pending = sorted(again)
+        for i in pending:
+            replies[i] = ConnectionError("cluster: the slot kept moving (TRYAGAIN/MOVED); retry")
+        return replies
+
+    async def _send(self, addr: Address, idx: list[int], commands: Sequence[Sequence[Arg]],
+                    asking: dict[int, Address]) -> list[Any]:
+        if not asking:
+            return await self._pipe(addr).execute([commands[i] for i in idx])
+        out: list[Sequence[Arg]] = []
+        picks: list[int] = []
+        for i in idx:
+            if i in asking:
+                out.append(["ASKING"])
+            picks.append(len(out))
+            out.append(commands[i])
+        replies = await self._pipe(addr).execute(out)
+        return [replies[p] for p in picks]
+
+    async def everywhere(self, commands: Sequence[Sequence[Arg]]) -> list[list[Any]]:
+        await self._fresh_map()
+        results = await asyncio.gather(*(self._pipe(a).execute(commands) for a in self.map.primaries),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                self._mark_stale()
+                raise result
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    async def aclose(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.aclose()
