@@ -194,7 +194,9 @@ def http(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     except ValueError:
         data = {"code": "http_" + str(r.status_code), "message": r.text[:200]}
     if r.status_code >= 400:
-        raise SystemExit(f"error {r.status_code} {data.get('code')}: {data.get('message')}")
+        # The details an error carries beside code and message (already_live's room_id).
+        extra = "".join(f"; {k} {v}" for k, v in data.items() if k not in ("code", "message"))
+        raise SystemExit(f"error {r.status_code} {data.get('code')}: {data.get('message')}{extra}")
     return data  # type: ignore[no-any-return]
 
 

@@ -1,4 +1,5 @@
-"""HTTP API: catalog, wallet, rooms, health, metrics (recharges: server/payments/http.py; earnings: server/creators/).
+"""HTTP API: catalog, a room's view, health, metrics (recharges: server/payments/http.py; rooms' lives:
+server/creators/sessions.py; earnings: server/creators/).
 
 Errors are JSON {"code", "message"} with the same codes as the socket.
 """
@@ -17,8 +18,6 @@ from server import auth
 from server.codes import Err, GiftstreamError
 from server.metrics import Figure, exposition
 from server.node import Node
-from server.protocol import plain
-from server.store.models import Room, now_ms
 
 # Every JSON body the API takes is a few hundred bytes.
 MAX_BODY = 16 * 1024
@@ -61,37 +60,6 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 async def catalog(request: Request) -> Response:
     return JSONResponse(node_of(request).catalog.to_json())
-
-
-async def create_room(request: Request) -> Response:
-    p = principal_of(request)
-    p.require("host", "admin")
-    node = node_of(request)
-    body = await json_body(request)
-    title = body.get("title", f"{p.name}'s LIVE")
-    if not isinstance(title, str) or len(title) > 200:
-        raise GiftstreamError(Err.BAD_REQUEST, "title must be a string of at most 200 characters")
-    title = plain(title)
-    room_id = node.rooms.new_id()
-    await node.store.upsert_user(p.user_id, p.name)
-    await node.store.create_room(Room(room_id, p.user_id, title, now_ms(), None))
-    state = await node.rooms.create(room_id, p.user_id, p.name, title)
-    return JSONResponse({"room_id": room_id, "epoch": state.epoch, "title": title,
-                         "ws": f"/v1/rooms/{room_id}/ws"}, status_code=201)
-
-
-async def end_room(request: Request) -> Response:
-    p = principal_of(request)
-    node = node_of(request)
-    room_id = request.path_params["room_id"]
-    state = await node.rooms.get(room_id)
-    if state is None:
-        raise GiftstreamError(Err.NOT_FOUND, "no such room")
-    if p.role != "admin" and p.user_id != state.host_id:
-        raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can end it")
-    offset = await node.rooms.end(room_id)
-    await node.store.end_room(room_id, now_ms())
-    return JSONResponse({"room_id": room_id, "live": False, "offset": offset})
 
 
 async def room_info(request: Request) -> Response:

@@ -219,7 +219,9 @@ async def test_http_examples(server: ServerProc) -> None:
     assert http, "protocol.md has no HTTP examples"
     viewer = adult_token("alice", name="Alice")
     host = adult_token("demo_host", "host", name="Demo Host")
+    # A second host: the first one is live in <room_id> (one live room per host).
     values = {"viewer_token": viewer, "host_token": host, "admin_token": adult_token("support", "admin"),
+              "other_host_token": adult_token("late_host", "host", name="Late Host"),
               "minor_token": token("kid", birthdate=minor_birthdate()), "room_id": ""}
     async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
         # A room with a gift in it, so every list in the examples has an item to compare.

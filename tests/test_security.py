@@ -100,7 +100,7 @@ async def test_a_bad_token_is_refused_on_http(gate: ServerProc, kind: str) -> No
 @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
 async def test_a_bad_token_is_refused_on_the_socket(gate: ServerProc, kind: str) -> None:
     server = gate
-    host = Api(server, token("sh", "host"))
+    host = Api(server, token(f"sh-{kind}", "host"))  # one server for every kind: one live room per host
     room = await host.create_room()
     await host.close()
     with pytest.raises((websockets.ConnectionClosed, websockets.InvalidStatus)) as refused:

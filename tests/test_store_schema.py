@@ -85,6 +85,8 @@ async def test_every_time_is_integer_milliseconds_and_settled_tables_have_no_sec
     assert {("orders_status", "orders"), ("rooms_host", "rooms"), ("gift_holds_order", "gift_holds")} <= indexes
     # A host's withdrawals by time: the list and the UTC day's total (sql/0006_withdrawals.sql).
     assert ("withdrawals_host_created", "withdrawals") in indexes
+    # One live room per host, the LIVE-now list and sweep, the recently ended (sql/0007_sessions.sql).
+    assert {("rooms_one_live", "rooms"), ("rooms_live", "rooms"), ("rooms_ended", "rooms")} <= indexes
 
 
 async def test_a_schema_past_every_migration_is_refused_not_used(backend: Backend) -> None:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from server.keys import RoomKeys
 from server.outage import Outage
 from server.rooms.hub import Hub
+from server.rooms.lifecycle import host_seen_every_ms
 from server.rooms.state import Rooms
 
 log = logging.getLogger("giftstream.presence")
@@ -43,6 +44,9 @@ class Presence:
         self.interval = interval_s
         self._task: asyncio.Task[None] | None = None
         self._published: set[str] = set()
+        # Each room's host, for the idle end (rooms/lifecycle.py): read from the room state once per
+        # room this node has sockets in, so a tick can say whether the host is here.
+        self.hosts: dict[str, str] = {}
         # A failing tick is logged once, and its end once.
         self.outage = Outage(log, "presence ticks", "viewer counts and leaderboards wait")
 
@@ -89,7 +93,28 @@ class Presence:
                           # LIVE goal: a progress the interval held back goes out from the tick.
                           k.state],
             [self.node_id, entry, now_ms, top, oldest_kept, settings.republish_window_s * 1000 + 120_000,
-             k.channel, settings.resume_max_events, settings.goal_event_interval_ms])
+             k.channel, settings.resume_max_events, settings.goal_event_interval_ms,
+             # Sessions: the host seen here (idle end); room_tick.lua keeps the peak viewers too.
+             "1" if self._host_here(room_id) else "", host_seen_every_ms(settings)])
+
+    def _host_here(self, room_id: str) -> bool:
+        room = self.hub.rooms.get(room_id)
+        host = self.hosts.get(room_id)
+        return host is not None and room is not None and not room.ended and host in room.users
+
+    async def _learn_hosts(self, room_ids: list[str]) -> None:
+        """The hosts of rooms new to this node, in one pipeline; forget those of rooms it left."""
+        for gone in [r for r in self.hosts if r not in self.hub.rooms]:
+            del self.hosts[gone]
+        unknown = [r for r in room_ids if r not in self.hosts]
+        if not unknown:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for room_id in unknown:
+            pipe.hget(RoomKeys(room_id).state, "host")
+        for room_id, host in zip(unknown, await pipe.execute(), strict=True):
+            if host is not None:
+                self.hosts[room_id] = _s(host)
 
     async def withdraw_all(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -112,6 +137,7 @@ class Presence:
 
     async def tick(self) -> None:
         """One room_tick.lua per room, all in one pipeline: about 1 µs of Redis per room."""
+        await self._learn_hosts([r.room_id for r in self.hub.rooms.values() if not r.ended])
         now = int(time.time() * 1000)
         rooms = [r for r in self.hub.rooms.values() if not r.ended]
         gone = self._published - {r.room_id for r in rooms}

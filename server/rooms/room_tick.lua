@@ -10,6 +10,8 @@
 -- ARGV[6] the record's lifetime ms
 -- LIVE goal (a tick that writes only): KEYS[7] room state hash   ARGV[7] pub/sub channel
 -- ARGV[8] stream max length   ARGV[9] goal event interval ms
+-- Sessions (a tick that writes only; KEYS[7] as above): ARGV[10] "1" when this node has a socket
+-- of the room's host in the room, else ""   ARGV[11] how old host_seen may get before it is rewritten (ms)
 -- Returns {viewers, {user, coins, name, user, coins, name, ...}}.
 -- The event stream is trimmed by age here, once per tick, rather than on every publish, and its
 -- newest event is always kept: an emptied stream would make `welcome` offsets "0-0" and hide
@@ -52,6 +54,19 @@ local entries = redis.call('HGETALL', KEYS[1])
 for i = 2, #entries, 2 do
   local count, expires = string.match(entries[i], '^(%d+):(%d+)$')
   if expires and tonumber(expires) >= now then viewers = viewers + tonumber(count) end
+end
+-- Sessions (rooms/lifecycle.py): the most viewers the room had at once (its summary's
+-- peak_viewers), and when a node last had the host's socket in it (the idle end), kept in the
+-- state of a live room only. One HMGET per room a tick; a write only when the peak grows or
+-- host_seen is ARGV[11] old, not an AOF record per room a second.
+if KEYS[7] and ARGV[1] ~= '' and ARGV[10] then
+  local s = redis.call('HMGET', KEYS[7], 'live', 'peak_viewers', 'host_seen')
+  if s[1] == '1' then
+    if viewers > tonumber(s[2] or '0') then redis.call('HSET', KEYS[7], 'peak_viewers', viewers) end
+    if ARGV[10] == '1' and now >= tonumber(s[3] or '0') + tonumber(ARGV[11]) then
+      redis.call('HSET', KEYS[7], 'host_seen', ARGV[3])
+    end
+  end
 end
 local top = {}
 local n = tonumber(ARGV[4])

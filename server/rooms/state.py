@@ -88,10 +88,14 @@ class Rooms:
                 event["gift"], event["count"], self.settings.goal_event_interval_ms]
         return self.batcher.call("room_publish", keys, args)
 
-    async def end(self, room_id: str) -> str | None:
+    async def end(self, room_id: str, reason: str | None = None) -> str | None:
+        """Publish the room's end (once: None when it had ended). Call rooms/lifecycle.py's
+        `Lifecycle.end`, which also ends the room's SQL row; `reason` says why (host, admin, idle)."""
         k = RoomKeys(room_id)
         now = int(time.time() * 1000)
-        event = {"type": "room_ended", "room": room_id, "ts": now}
+        event: dict[str, Any] = {"type": "room_ended", "room": room_id, "ts": now}
+        if reason is not None:
+            event["reason"] = reason
         keys = [k.state, k.events, k.leaderboard, k.combos, k.names, k.published(now)]
         args = ["ended", msgpack.packb(event), now, self.settings.resume_max_events, k.channel]
         offset, _combo, _again = await self.batcher.call("room_publish", keys, args)

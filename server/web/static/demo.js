@@ -93,7 +93,9 @@
   // -- HTTP -------------------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+    constructor(status, code, message, body) {
+      super(message); this.status = status; this.code = code; this.body = body || {};
+    }
   }
 
   async function api(method, path, body) {
@@ -104,7 +106,7 @@
     let data = null;
     try { data = await r.json(); } catch { data = null; }
     if (!r.ok) {
-      throw new ApiError(r.status, data && data.code, (data && data.message) || "HTTP " + r.status);
+      throw new ApiError(r.status, data && data.code, (data && data.message) || "HTTP " + r.status, data);
     }
     return data;
   }
@@ -662,9 +664,17 @@
     $("join-error").textContent = "";
     try {
       takeToken();
-      const r = await retrying(() => api("POST", "/v1/rooms", {}));
-      $("room").value = r.room_id;
-      await enter(r.room_id);
+      let room;
+      try {
+        room = (await retrying(() => api("POST", "/v1/rooms", {}))).room_id;
+      } catch (err) {
+        // One live room per host: a host who is live already goes back to that room.
+        if (!(err instanceof ApiError && err.code === "already_live" && err.body.room_id)) throw err;
+        room = err.body.room_id;
+        toast("You are live already: back to your room", "good");
+      }
+      $("room").value = room;
+      await enter(room);
     } catch (err) {
       $("join-error").textContent = err.message;
     }
