@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from loadtests import storm as st
-from loadtests.target import ROOT, Target, free_port, raise_fd_limit, rss_kib
+from loadtests.target import NO_IDLE_END, ROOT, Target, free_port, raise_fd_limit, rss_kib
 from loadtests.wsclient import OP_PING, client_frame
 from server import auth, embedded
 from server.keys import PREFIX
@@ -93,7 +93,7 @@ class Rig:
         self.secret = sa.secret or secrets.token_urlsafe(24)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "GIFTSTREAM_SECRET": self.secret, "PYTHONUNBUFFERED": "1", **FAST,
+        self.env = {**os.environ, "GIFTSTREAM_SECRET": self.secret, "PYTHONUNBUFFERED": "1", **FAST, **NO_IDLE_END,
                     **dict(kv.split("=", 1) for kv in sa.server_env)}
         self.logf = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - open while the rig runs
         self.serve: subprocess.Popen[bytes] | None = None

@@ -18,6 +18,8 @@ retried, anything else is final.
 
 Env: GIFTSTREAM_SECRET (token signing secret of the server under test, required),
 LOCUST_BASE_ROOMS (rooms opened at test start, default 5), LOCUST_GIFT_BURST (default 5).
+The base rooms' hosts never join them: for a run longer than 5 minutes, start the server with
+GIFTSTREAM_ROOM_IDLE_END_S=86400, or its rooms end for idleness (room_idle_end_s).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ import httpx
 from server import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
+# A load run's hosts open rooms and never join them; a room ends once its host has been away
+# room_idle_end_s (300 s), so a run's servers take a day instead.
+NO_IDLE_END = {"GIFTSTREAM_ROOM_IDLE_END_S": "86400"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -127,7 +130,8 @@ class Target:
         if valkey_fsync:
             valkey, redis_url = _start_valkey(data_dir / "valkey-ext", valkey_fsync)
             cmd += ["--redis-url", redis_url]
-        full_env = {**os.environ, "GIFTSTREAM_SECRET": secret, **env}
+        # A storm's hosts never join their rooms: no room of a long run ends for idleness.
+        full_env = {**os.environ, "GIFTSTREAM_SECRET": secret, **NO_IDLE_END, **env}
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         t = cls(f"http://127.0.0.1:{port}", secret, data_dir, redis_url, proc.pid, proc, tmp)
         t.valkey = valkey
