@@ -12,6 +12,7 @@ died on its port and dir: a primary that was failed over comes back as a replica
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -357,3 +358,75 @@ class _Supervisor:
                 backoff[n.port].reset()
                 outages[n.port].recovered()
                 _write_state(self.cluster)
+
+
+# --- moving slots and failing over, for tests and drills ----------------------------------------
+
+
+def owner_port(cluster: LocalCluster, slot: int) -> int:
+    """The port of the primary serving `slot`, as the first node that answers sees it."""
+    for n in cluster.nodes:
+        try:
+            return next(port for first, last, port in slot_owners(n) if first <= slot <= last)
+        except (redis.RedisError, StopIteration):
+            continue
+    raise RuntimeError(f"no node knows who serves slot {slot}")
+
+
+def primary_ports(cluster: LocalCluster) -> list[int]:
+    for n in cluster.nodes:
+        try:
+            return sorted({port for _first, _last, port in slot_owners(n)})
+        except redis.RedisError:
+            continue
+    raise RuntimeError("no cluster node answers")
+
+
+def migrate_slot(cluster: LocalCluster, slot: int, to_port: int, batch: int = 10, pause_s: float = 0.0) -> int:
+    """Move one slot to the primary on `to_port` the classic way (what valkey-cli --cluster reshard
+    does): IMPORTING on the target, MIGRATING on the source, MIGRATE its keys `batch` at a time
+    (`pause_s` apart: clients meanwhile get ASK and TRYAGAIN), then SETSLOT NODE everywhere.
+    How many keys moved."""
+    source, target = cluster.node(owner_port(cluster, slot)), cluster.node(to_port)
+    if source is target:
+        return 0
+    source_id, target_id = str(source.command("CLUSTER", "MYID")), str(target.command("CLUSTER", "MYID"))
+    target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    moved = 0
+    while keys := source.command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+        source.command("MIGRATE", "127.0.0.1", target.port, "", 0, 10_000, "KEYS", *keys)
+        moved += len(keys)
+        if pause_s:
+            time.sleep(pause_s)
+    # The target first, then the source (from then on it answers MOVED), then the other primaries;
+    # replicas learn it by gossip.
+    others = [cluster.node(p) for p in primary_ports(cluster) if p not in (source.port, target.port)]
+    for n in [target, source, *others]:
+        with contextlib.suppress(redis.RedisError):
+            n.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    _wait(lambda: all(_serves(n, slot, target.port) for n in cluster.nodes), 30, "the slot's move did not spread")
+    return moved
+
+
+def _serves(n: ClusterNode, slot: int, port: int) -> bool:
+    try:
+        return any(first <= slot <= last and p == port for first, last, p in slot_owners(n))
+    except redis.RedisError:
+        return False
+
+
+def failover(cluster: LocalCluster, primary_port: int, timeout: float = 30.0) -> int:
+    """CLUSTER FAILOVER on a replica of the primary on `primary_port` (a manual, lossless
+    failover: the replica catches up first); the new primary's port once the cluster agrees."""
+    primary = cluster.node(primary_port)
+    primary_id = str(primary.command("CLUSTER", "MYID"))
+    replicas = primary.command("CLUSTER", "REPLICAS", primary_id)
+    if not replicas:
+        raise RuntimeError(f"the primary on port {primary_port} has no replica")
+    port = int(str(replicas[0]).split()[1].split("@")[0].rsplit(":", 1)[1])
+    cluster.node(port).command("CLUSTER", "FAILOVER")
+    _wait(lambda: primary_port not in primary_ports(cluster) and port in primary_ports(cluster), timeout,
+          "the failover did not happen")
+    cluster.wait_ok(timeout)
+    return port

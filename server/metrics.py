@@ -105,6 +105,11 @@ def node_figures_read() -> tuple[NodeFigure, ...]:
                    lambda n: n.batcher.calls),
         NodeFigure("giftstream_bus_reconnects_total", "Room bus reconnections (each followed by a catch-up)",
                    "counter", lambda n: n.bus.reconnects),
+        NodeFigure("giftstream_cluster_redirects_total", "MOVED and ASK replies the Lua pipeline followed (cluster)",
+                   "counter", lambda n: getattr(n.fastpipe, "redirects", 0)),
+        NodeFigure("giftstream_cluster_slot_map_reads_total", "Slot maps the Lua pipeline read (cluster: at start, "
+                   "then after each MOVED, lost node or failover)", "counter",
+                   lambda n: getattr(getattr(n.fastpipe, "map", None), "refreshes", 0)),
         NodeFigure("giftstream_keepalive_dropped_total", "Sockets dropped for not answering pings", "counter",
                    lambda n: n.keepalive.dropped),
     )
