@@ -377,6 +377,24 @@ async def test_concurrent_withdrawals_never_reserve_more_than_available(backend:
             await s.close()
 
 
+async def test_concurrent_requests_over_http_reserve_at_most_available(live: tuple[ServerProc, Backend],
+                                                                       people: Callable[..., Any]) -> None:
+    """Twenty withdrawals at once of a host who has 1.5 of them, with two good codes among them:
+    one is taken, whichever; the others find the code used or the diamonds gone (or, past five
+    used codes, the checks locked)."""
+    server, ledger = live
+    host = people()
+    units = await fund(server, ledger, host)
+    base = await base_step()
+    app = await host.two_factor(base - 1)
+    answers = await asyncio.gather(*(host.withdraw(MIN, app.code(base + i % 2)) for i in range(20)))
+    codes = [code_of(r) if r.status_code != 202 else (202, "") for r in answers]
+    assert codes.count((202, "")) == 1, codes
+    refusals = {(403, "bad_2fa_code"), (402, "insufficient_diamonds"), (429, "rate_limited")}
+    assert set(codes) - {(202, "")} <= refusals, codes
+    assert await host_row(ledger, host.user_id) == (units, 0, MIN * UNITS_PER_DIAMOND, 0)
+
+
 # -- payouts ------------------------------------------------------------------------------------
 
 

@@ -55,8 +55,9 @@ async def webhook(request: Request) -> Response:
                     data["amount_cents"], data["currency"], w.amount_cents, node.catalog.currency)
         raise GiftstreamError(Err.AMOUNT_MISMATCH, f"the event's amount or currency is not the withdrawal's "
                                                    f"({w.amount_cents} {node.catalog.currency})")
-    event = PayoutEvent(event_id, PROVIDER, kind, w.id, now_ms(), raw.decode())
-    applied = await node.store.apply_payout(event, STATUS[kind], data.get("reason"))
+    event = PayoutEvent(event_id, PROVIDER, kind, w.id, now_ms(), raw.decode("utf-8", "replace"))
+    status = STATUS[kind]
+    applied = await node.store.apply_payout(event, status, data.get("reason") if status == FAILED else None)
     if applied.duplicate:
         return JSONResponse({"duplicate": True})
     return JSONResponse({"duplicate": False, "applied": applied.applied, "withdrawal_id": w.id,

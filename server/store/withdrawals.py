@@ -34,8 +34,8 @@ Step = tuple[str, tuple[Any, ...]]
 # A transaction's decision: statements out, rows back, (result, commit) at the end.
 Steps = Generator[Step, list[Row], tuple[T, bool]]
 
+# A withdrawal's statuses: pending until the payout provider says paid or failed, then never again.
 PENDING, PAID, FAILED = "pending", "paid", "failed"
-STATUSES = (PENDING, PAID, FAILED)
 
 
 @dataclass(frozen=True, slots=True)
