@@ -195,6 +195,8 @@ class SlotMap:
         self.min_interval = min_interval_s
         self._owner: list[Address | None] = []
         self.primaries: list[Address] = []
+        # Replicas each primary has, as the map says (CLUSTER SLOTS lists the ones not failed).
+        self.replicas: dict[tuple[str, int], int] = {}
         self.version = 0
         self.refreshes = 0
         self._lock: asyncio.Lock | None = None
@@ -237,12 +239,14 @@ class SlotMap:
             reply = await self._read()
             owner: list[Address | None] = [None] * SLOTS
             primaries: dict[tuple[str, int], Address] = {}
+            replicas: dict[tuple[str, int], int] = {}
             for entry in reply:
                 first, last, primary = int(entry[0]), int(entry[1]), entry[2]
                 host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
                 addr = primaries.setdefault((host, int(primary[1])), self.address(host, int(primary[1])))
+                replicas[addr.key] = len(entry) - 3
                 owner[first : last + 1] = [addr] * (last - first + 1)
-            self._owner, self.primaries = owner, list(primaries.values())
+            self._owner, self.primaries, self.replicas = owner, list(primaries.values()), replicas
             self.version += 1
             self.refreshes += 1
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,9 @@ import hiredis
 
 from server.cluster import NoOwner, SlotMap, parse, slot_of
 from server.fastpipe import Address, Arg, FastPipe
+from server.outage import Outage
+
+log = logging.getLogger("giftstream.cluster")
 
 # Rounds of redirections (MOVED, ASK, TRYAGAIN) one batch may take before a command is
 # answered `unavailable`; TRYAGAIN waits 20 ms doubling to 500 ms between rounds (~3 s in all).
@@ -61,8 +65,15 @@ class ClusterPipe:
     sharded = True
 
     def __init__(self, url: str | list[Address], max_connections: int = 8, timeout_s: float = 10.0,
-                 encoding: str | None = None) -> None:
+                 encoding: str | None = None, replica_acks: int = 0, replica_wait_ms: int = 100) -> None:
         self.map = SlotMap(parse(url) if isinstance(url, str) else url)
+        # WAIT for this many replicas (at most as many as the primary has) behind each node's part
+        # of a batch, up to replica_wait_ms: see Settings.cluster_replica_acks.
+        self.replica_acks = replica_acks
+        self.replica_wait_ms = replica_wait_ms
+        self.replica_lags = 0
+        self.lagging = Outage(log, "cluster replication", "replies go out unconfirmed by a replica; a failover "
+                              "now may lose the newest writes")
         self.max_connections = max_connections
         self.timeout = timeout_s
         self.encoding = encoding
@@ -168,7 +179,8 @@ class ClusterPipe:
 
     async def _send(self, addr: Address, idx: list[int], commands: Sequence[Sequence[Arg]],
                     asking: dict[int, Address]) -> list[Any]:
-        if not asking:
+        acks = min(self.replica_acks, self.map.replicas.get(addr.key, 0))
+        if not asking and not acks:
             return await self._pipe(addr).execute([commands[i] for i in idx])
         out: list[Sequence[Arg]] = []
         picks: list[int] = []
@@ -177,8 +189,19 @@ class ClusterPipe:
                 out.append(["ASKING"])
             picks.append(len(out))
             out.append(commands[i])
+        if acks:
+            out.append(["WAIT", acks, self.replica_wait_ms])
         replies = await self._pipe(addr).execute(out)
+        if acks:
+            self._replicated(addr, replies[-1], acks)
         return [replies[p] for p in picks]
+
+    def _replicated(self, addr: Address, reply: Any, acks: int) -> None:
+        if isinstance(reply, int) and reply >= acks:
+            self.lagging.recovered()
+            return
+        self.replica_lags += 1
+        self.lagging.failed(ConnectionError(f"{addr.host}:{addr.port}: {reply!r} of {acks} replicas acknowledged"))
 
     async def everywhere(self, commands: Sequence[Sequence[Arg]]) -> list[list[Any]]:
         await self._fresh_map()

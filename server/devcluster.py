@@ -185,6 +185,8 @@ def _spawn(n: ClusterNode, startup_timeout: float = 30.0) -> int:
             "--appenddirname", "aof",
             "--auto-aof-rewrite-min-size", AOF_REWRITE_MIN_SIZE,
             "--save", "",
+            # A replica's full sync starts at once, not 5 s later in case more replicas come.
+            "--repl-diskless-sync-delay", "0",
             "--protected-mode", "yes",
             "--logfile", str(n.dir / "valkey.log"),
             "--daemonize", "no",
@@ -428,5 +430,23 @@ def failover(cluster: LocalCluster, primary_port: int, timeout: float = 30.0) ->
     cluster.node(port).command("CLUSTER", "FAILOVER")
     _wait(lambda: primary_port not in primary_ports(cluster) and port in primary_ports(cluster), timeout,
           "the failover did not happen")
+    cluster.wait_ok(timeout)
+    return port
+
+
+def kill_primary(cluster: LocalCluster, primary_port: int, timeout: float = 60.0) -> int:
+    """kill -9 of the primary on `primary_port`. Once its replica took its slots over (after the node
+    timeout and an election), the killed node is started again, from its AOF, and rejoins as that
+    replica's replica. The new primary's port."""
+    primary = cluster.node(primary_port)
+    replicas = primary.command("CLUSTER", "REPLICAS", str(primary.command("CLUSTER", "MYID")))
+    if not replicas:
+        raise RuntimeError(f"the primary on port {primary_port} has no replica")
+    port = int(str(replicas[0]).split()[1].split("@")[0].rsplit(":", 1)[1])
+    _kill(primary.pid)
+    _wait_dead(primary.pid, 10)
+    _wait(lambda: port in primary_ports(cluster), timeout, "the replica did not take over")
+    primary.pid = _spawn(primary)
+    _write_state(cluster)
     cluster.wait_ok(timeout)
     return port

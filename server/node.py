@@ -73,7 +73,9 @@ class Node:
         clustered = cluster.is_cluster(settings.redis_url)
         self.scripts = Scripts(sharded_pubsub=clustered)
         # On a cluster, each call to the primary of its slot (clusterpipe.py).
-        self.fastpipe: Pipe = ClusterPipe(settings.redis_url) if clustered else FastPipe(settings.redis_url)
+        self.fastpipe: Pipe = (ClusterPipe(settings.redis_url, replica_acks=settings.cluster_replica_acks,
+                                           replica_wait_ms=settings.cluster_replica_wait_ms)
+                               if clustered else FastPipe(settings.redis_url))
         self.batcher = ScriptBatcher(self.redis, self.scripts, self.fastpipe, max_inflight=settings.redis_inflight)
         self.catalog = catalog_mod.load()
         self.wallet = Wallet(self.redis, self.batcher, settings)

@@ -68,6 +68,11 @@ class Settings:
     socket_sndbuf: int = 256 * 1024
     # Hand joined room sockets from uvicorn to a light protocol (rooms/takeover.py).
     takeover: bool = True
+    # Take room sockets' plain upgrade requests below uvicorn (rooms/door.py; needs takeover):
+    # handshake, auth and join in one pass, a known room joined with no Redis read. A join cost
+    # ~2 ms of gateway CPU through uvicorn and Starlette (2026-11-30 join storms); 0 sends every
+    # room socket the long way again.
+    fast_join: bool = True
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     gift_rate_per_s: float = 20.0
@@ -98,13 +103,30 @@ class Settings:
     http_header_timeout_s: float = 10.0
     # An idle kept-alive HTTP connection is closed after this long (uvicorn's timeout_keep_alive).
     http_idle_timeout_s: float = 5.0
-    idempotency_ttl_s: int = 24 * 3600
+    # How long a charged gift id is remembered: a retry with that id inside it is answered with the
+    # first result, one after it is charged as a new gift. It must outlive every retry: the client
+    # library resends for at most 30 minutes (client_demo/state.py, GIFT_MAX_AGE_S) and its
+    # reconnects give up after ~2 minutes of failures; a gateway restart with everyone reconnecting
+    # takes seconds to a minute; a retry is shown in its room only up to republish_window_s (2
+    # minutes) anyway. An hour holds all of those with room to spare. A gift is a live action, not
+    # a payment call that a server may retry for a day, and each remembered gift costs Redis ~98
+    # bytes (docs/scaling.md): an hour is 0.35 GB at 1,000 gifts/s and 7 GB at 20,000; 24 hours
+    # (before 2026-11-30) was 13.5 GB at 1,000 gifts/s with the record of then, 8.5 with this one.
+    idempotency_ttl_s: int = 3600
     max_gift_count: int = 9999
     # Lua pipelines in flight to Redis at once. Calls made while they are all out wait and
     # leave together in the next one (group commit): under load batches grow instead of the
     # number of round trips, so Redis does fewer reads, writes and AOF fsyncs per gift. One
     # beat two in a 5,000 gifts/s storm: gateway CPU 33% vs 36%, ack p99 15 vs 21 ms.
     redis_inflight: int = 1
+    # Cluster mode (docs/cluster.md): a Lua pipeline's replies wait until this many replicas of
+    # each primary it wrote to hold its writes (WAIT, one per node per pipeline, not per gift),
+    # so a failover after a kill -9 of a primary cannot lose an acknowledged debit. Capped by
+    # the replicas a primary has (none: no wait). A replica that does not answer within
+    # cluster_replica_wait_ms does not stop gifts: the replies go out, and the lag is logged once
+    # as an outage (a failover during it may lose those writes).
+    cluster_replica_acks: int = 1
+    cluster_replica_wait_ms: int = 100
     settler: bool = True
     settle_batch: int = 8000
     # A settler that read less than a full batch waits this long before reading again. At 6,000

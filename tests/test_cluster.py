@@ -335,6 +335,25 @@ async def test_a_failover_mid_storm_charges_each_gift_once(cserver: ServerProc, 
     _audit(cserver)
 
 
+async def test_a_primary_killed_mid_storm_fails_over_and_charges_each_gift_once(
+        cserver: ServerProc, api: Callable[..., Api], cluster: LocalCluster) -> None:
+    """kill -9 of the primary of a sender's partition: its gifts in flight are answered
+    `unavailable` until the replica takes over, and succeed on retry with the same id; every
+    acknowledged debit was on the replica before its ack (WAIT), so none is lost or doubled."""
+    users = [f"k9{i}" for i in range(4)]
+    killed: list[int] = []
+
+    def kill(_room: str) -> None:
+        port = devcluster.owner_port(cluster, slot_of(partition_tag(UserKeys(users[0], 16).partition)[1:-1]))
+        killed.append(port)
+        devcluster.kill_primary(cluster, port)
+
+    storm = await _storm_with(cserver, api, users, 150, kill)
+    assert killed and killed[0] not in devcluster.primary_ports(cluster)
+    assert storm.unavailable > 0  # the storm did run into the dead primary
+    _audit(cserver)
+
+
 def _settler(data_dir: Path, url: str, name: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "server.cli", "settle", "--redis-url", url, "--data-dir",
                              str(data_dir), "--consumer", name], cwd=ROOT, text=True, stdout=subprocess.PIPE,
