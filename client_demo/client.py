@@ -8,7 +8,8 @@
 What it does for you (docs/protocol.md says why each matters):
 - gifts carry an id that stays the same on every retry: after a reply `unavailable` or
   `rate_limited`, and after a reconnect, the gift is sent again with that id, so it is charged
-  at most once; any other error is final (`GiftRefused`);
+  at most once; any other error is final (`GiftRefused`); a gift still unanswered 30 minutes
+  after it was sent is not sent again (`GiftUnanswered`: the server forgets an id after an hour);
 - a dropped socket is reconnected with jittered backoff, or after the close's advised
   `retry_ms`; a close that advises against reconnecting ends the client (`RoomClosed`);
 - after a reconnect it resumes from the last offset it handed on (with the room's epoch) and
@@ -33,7 +34,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from client_demo._wire import JSON, MSGPACK, decode, encode, socket_url
-from client_demo.state import Backoff, CloseAdvice, Feed, PendingGifts
+from client_demo.state import GIFT_MAX_AGE_S, Backoff, CloseAdvice, Feed, PendingGifts
 
 # Connection failures the client retries (refused, timed out, a handshake answered with an
 # HTTP error, as a wrong path is); anything else is a bug to show.
@@ -68,6 +69,16 @@ class GiftRefused(ClientError):
     def __init__(self, gift_id: str, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.gift_id, self.code, self.message = gift_id, code, message
+
+
+class GiftUnanswered(ClientError):
+    """No answer came within GIFT_MAX_AGE_S of the first send: the gift may or may not have been
+    charged (the balance and GET /v1/wallet/transactions show it if it was), and it is not sent
+    again, as the server may have forgotten its id by the next try."""
+
+    def __init__(self, gift_id: str) -> None:
+        super().__init__(f"gift {gift_id} unanswered for {GIFT_MAX_AGE_S // 60} minutes; not sent again")
+        self.gift_id = gift_id
 
 
 class RoomClient:
@@ -157,9 +168,17 @@ class RoomClient:
 
     async def _retry_later(self, gid: str, delay: float) -> None:
         await asyncio.sleep(delay)
+        self._expire()
         frame = self.pending.frames.get(gid)
         if frame is not None:
             self._send(frame)
+
+    def _expire(self) -> None:
+        """Gifts too old to send again end unanswered (GiftUnanswered)."""
+        for gid in self.pending.expire():
+            waiter = self._waiters.pop(gid, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(GiftUnanswered(gid))
 
     def drop(self) -> None:
         """Cut the current socket without a close frame, as a flaky network does (demos, tests):
@@ -236,6 +255,7 @@ class RoomClient:
         resume = self.position.resume_frame(welcome)
         if resume is not None:
             await ws.send(encode(resume, self.subprotocol))
+        self._expire()
         unanswered = self.pending.unanswered()
         if unanswered:  # same ids: a gift charged before the drop is not charged again
             self._items.put_nowait({"type": "resent", "ids": [f["id"] for f in unanswered]})

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,6 +21,11 @@ from client_demo._wire import STOP_CODES, offset_key
 
 # Reply codes after which the same gift (same id) is sent again; every other error is final.
 RETRYABLE: Final = frozenset({"rate_limited", "unavailable"})
+# A gift unanswered this long after it was first sent is not sent again. The server remembers a
+# charged id for an hour (docs/protocol.md, "Idempotency"); a resend after that would be charged
+# as a new gift. Half of it leaves room for a clock step and a slow server; wall-clock time, so
+# the hours a laptop or a phone slept count too.
+GIFT_MAX_AGE_S: Final = 30 * 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,17 +155,32 @@ class PendingGifts:
     reconnect, or after `unavailable`/`rate_limited`) sends the same id: the server charges an
     id at most once."""
 
-    def __init__(self, max_tries: int = 8) -> None:
+    def __init__(self, max_tries: int = 8, max_age_s: float = GIFT_MAX_AGE_S,
+                 clock: Callable[[], float] = time.time) -> None:
         self.frames: dict[str, dict[str, Any]] = {}
         self.tries: dict[str, int] = {}
+        # When each gift was first sent (clock seconds).
+        self.sent_at: dict[str, float] = {}
         # Retryable refusals a gift may get before it is given up as refused.
         self.max_tries = max_tries
+        self.max_age_s = max_age_s
+        self.clock = clock
 
     def add(self, gift_id: str, gift: str, count: int) -> dict[str, Any]:
         frame = {"type": "gift", "id": gift_id, "gift": gift, "count": count}
         self.frames[gift_id] = frame
         self.tries[gift_id] = 0
+        self.sent_at[gift_id] = self.clock()
         return frame
+
+    def expire(self) -> list[str]:
+        """Forget the gifts first sent more than `max_age_s` ago, and name them: whether they were
+        charged is unknown, and sending them again could charge them twice."""
+        now = self.clock()
+        old = [gid for gid, at in self.sent_at.items() if now - at > self.max_age_s]
+        for gid in old:
+            self.forget(gid)
+        return old
 
     def answer(self, msg: dict[str, Any]) -> Answer | None:
         """Read an `ack` or `error`; None when it answers no gift of ours."""
@@ -177,6 +199,7 @@ class PendingGifts:
     def forget(self, gift_id: str) -> None:
         self.frames.pop(gift_id, None)
         self.tries.pop(gift_id, None)
+        self.sent_at.pop(gift_id, None)
 
     def unanswered(self) -> list[dict[str, Any]]:
         """The frames to send again on a new socket, oldest first."""

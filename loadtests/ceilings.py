@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -223,7 +224,10 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
 
     from redis.asyncio import Redis
 
+    from server.keys import gift_ids_key
     from server.movement import Kind, gift_body
+
+    fingerprint = hashlib.blake2b(b"room|rose|1", digest_size=8).digest()
 
     redis = Redis.from_url(url, decode_responses=True)
     script = resources.files("server.wallet").joinpath("send_gift.lua").read_text()
@@ -246,10 +250,11 @@ async def _lua(url: str, duration: float, pipeline: int = 100, inflight: int = 4
                 u = seq % users
                 tag = "{p" + str(u % 16) + "}"
                 now = int(time.time() * 1000)
-                pipe.evalsha(sha, 4, f"gs:{tag}:u:u{u}", f"gs:{tag}:idem:u{u}:c{seq}", f"gs:{tag}:totals",
-                             f"gs:{tag}:outbox", "room|rose|1", 1, "2026-11", 86400, f"g{u % 16}-", now,
+                pipe.evalsha(sha, 4, f"gs:{tag}:u:u{u}", gift_ids_key(u % 16), f"gs:{tag}:totals",
+                             f"gs:{tag}:outbox", fingerprint, 1, "2026-11", 3600, f"g{u % 16}-", now,
                              Kind.GIFT.code, gift_body(u % 16, f"u{u}", f"user {u}", "host", "room", "rose", 1, 1,
-                                                       5000, now, f"c{seq}"))
+                                                       5000, now, f"c{seq}"),
+                             hashlib.blake2b(f"u{u}\nc{seq}".encode(), digest_size=16).digest())
             await pipe.execute()
             calls += pipeline
 

@@ -21,8 +21,8 @@ micro-benchmark of send_gift.lua and room_publish.lua. Other work on the machine
 figures, not the bytes.
 
 Ids are shaped as the clients send them: users `user-NNNNNN`, gift ids `cli-<12 hex>` (the
-client library's), rooms `room-N`. Every extra character of a user or gift id adds about a byte
-to the idempotency record. The result is one JSON document (`--json`) or a table.
+client library's), rooms `room-N`; `--uuid-users` makes user ids 36 characters long. Records that
+hold the ids grow with them. The result is one JSON document (`--json`) or a table.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ MAX_GIFTS = 1_000_000
 
 # Record kinds, by a part of the key name (first match wins); server/keys.py builds the names.
 KINDS = [
+    (":gift-ids", "idempotency"),
     (":idem", "idempotency"),
     (":outbox", "outbox"),
     (":pub:", "publish_once"),
@@ -86,6 +88,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rooms", type=int, default=4)
     p.add_argument("--partitions", type=int, default=Settings.partitions)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--uuid-users", action="store_true", help="user ids of 36 characters (a UUID) instead of 11")
     p.add_argument("--debits-only", action="store_true",
                    help="only the debit phase: send_gift.lua's bytes and cost (a quicker before/after benchmark)")
     p.add_argument("--json", action="store_true", help="print the JSON document only")
@@ -199,7 +202,8 @@ class Plan:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.rng = random.Random(args.seed)
-        self.users = [f"user-{i:06d}" for i in range(args.users)]
+        self.users = [str(uuid.UUID(int=self.rng.getrandbits(128))) if args.uuid_users else f"user-{i:06d}"
+                      for i in range(args.users)]
         self.rooms = [f"room-{i}" for i in range(args.rooms)]
         self.items = [g for g in catalog_mod.load().gifts.values() if g.coins <= 100]
 
@@ -208,7 +212,7 @@ class Plan:
         user = self.rng.choice(self.users)
         r = self.rng.randrange(len(self.rooms))
         return GiftOrder(client_id=f"cli-{self.rng.getrandbits(48):012x}", sender_id=user,
-                         sender_name=f"User {user[5:]}", host_id=f"host-{r}", room_id=self.rooms[r],
+                         sender_name=f"User {user[-6:]}", host_id=f"host-{r}", room_id=self.rooms[r],
                          gift=item.id, count=self.rng.choice((1, 1, 1, 5, 10)), unit_coins=item.coins)
 
 

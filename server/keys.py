@@ -2,12 +2,13 @@
 
 Cluster rule: a Lua script touches keys of one slot only, so every key a script
 touches carries the same hash tag:
-- user partition ``{p<k>}``: wallets, idempotency keys, credited orders, totals, outbox;
+- user partition ``{p<k>}``: wallets, gift id records, credited orders, totals, outbox;
 - room ``{r:<room_id>}``: room state, event stream, leaderboard, combos, presence, channel.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 PREFIX = "gs"
@@ -18,7 +19,7 @@ def partition_of(user_id: str, partitions: int) -> int:
 
 
 class UserKeys:
-    __slots__ = ("partition", "tag", "wallet", "totals", "outbox", "orders", "user_id")
+    __slots__ = ("partition", "tag", "wallet", "totals", "outbox", "orders", "gift_ids", "user_id")
 
     def __init__(self, user_id: str, partitions: int) -> None:
         self.user_id = user_id
@@ -28,8 +29,22 @@ class UserKeys:
         self.totals = totals_key(self.partition)
         self.outbox = outbox_key(self.partition)
         self.orders = f"{PREFIX}:{self.tag}:orders"
+        # The partition's charged gift ids (send_gift.lua): one hash, a field per gift id that
+        # expires on its own (HSETEX). A key per gift id with its own TTL cost ~156 bytes a gift
+        # (184 with 36-character user ids); a field of this hash ~98, whatever the ids' lengths
+        # (docs/benchmarks.md, "What a gift leaves in valkey").
+        self.gift_ids = gift_ids_key(self.partition)
 
-    def idempotency(self, client_id: str) -> str:
+    def gift_id_field(self, client_id: str) -> bytes:
+        """The field of a gift id in `gift_ids`: 16 bytes of BLAKE2b over the user and the id, not
+        the ids themselves, so every record is as small as the shortest (a gift id may be 128
+        characters). 128 bits: two ids meeting is not to be expected in the life of the data set.
+        The encoding is one-to-one: a gift id holds no line break."""
+        return hashlib.blake2b(f"{self.user_id}\n{client_id}".encode(), digest_size=16).digest()
+
+    def legacy_idempotency(self, client_id: str) -> str:
+        """A gift id's record as releases before 2026-11-30 kept it: a string key of its own,
+        read by send_gift.lua only while such records may still live (Wallet.start)."""
         return f"{PREFIX}:{self.tag}:idem:{self.user_id}:{client_id}"
 
     def done(self, kind_code: str) -> str:
@@ -40,6 +55,10 @@ class UserKeys:
 
 def partition_tag(partition: int) -> str:
     return "{p" + str(partition) + "}"
+
+
+def gift_ids_key(partition: int) -> str:
+    return f"{PREFIX}:{partition_tag(partition)}:gift-ids"
 
 
 def totals_key(partition: int) -> str:
@@ -85,6 +104,12 @@ class RoomKeys:
 def room_id_from_channel(channel: str) -> str:
     return channel[len(PREFIX) + 4 : channel.index("}")]
 
+
+# Until when (ms) gift ids may still have records of the string-key layout (Wallet.start): set
+# once, by the first node of a release with the hash layout to start on the data set. No hash
+# tag: only Python reads it.
+LEGACY_IDEMPOTENCY_UNTIL = f"{PREFIX}:legacy-idempotency-until"
+LEGACY_IDEMPOTENCY_PATTERN = f"{PREFIX}:{{p*}}:idem:*"
 
 SETTLER_GROUP = "settlers"
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from client_demo._wire import JSON, MSGPACK
-from client_demo.client import CannotConnect, GiftRefused, RoomClient, RoomClosed
-from client_demo.state import Backoff, CloseAdvice, Feed, PendingGifts
+from client_demo.client import CannotConnect, GiftRefused, GiftUnanswered, RoomClient, RoomClosed
+from client_demo.state import GIFT_MAX_AGE_S, Backoff, CloseAdvice, Feed, PendingGifts
+from server.settings import Settings
 from tests.support import FAST, Api, ServerProc, TcpProxy, free_port, token, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,6 +109,20 @@ def test_pending_gifts_retry_only_what_the_server_says_is_retryable() -> None:
     assert gifts.answer({"type": "ack", "id": "stranger"}) is None
 
 
+def test_pending_gifts_are_not_resent_past_their_age_so_an_expired_id_is_never_charged_twice() -> None:
+    # The server remembers a charged id for idempotency_ttl_s; the client stops resending well before.
+    assert Settings.idempotency_ttl_s >= GIFT_MAX_AGE_S * 2
+    now = [1000.0]
+    gifts = PendingGifts(clock=lambda: now[0])
+    gifts.add("g1", "rose", 1)
+    now[0] += GIFT_MAX_AGE_S / 2
+    gifts.add("g2", "rose", 1)
+    assert gifts.expire() == [] and [f["id"] for f in gifts.unanswered()] == ["g1", "g2"]
+    now[0] += GIFT_MAX_AGE_S / 2 + 1  # a suspended laptop wakes up: g1 is past its age, g2 not
+    assert gifts.expire() == ["g1"] and [f["id"] for f in gifts.unanswered()] == ["g2"]
+    assert gifts.answer({"type": "ack", "id": "g1"}) is None  # a late ack of it answers nothing
+
+
 # --- against a real server -----------------------------------------------------------------
 
 
@@ -172,6 +187,27 @@ async def test_a_lost_ack_is_resent_with_the_same_id_and_charged_once(
     assert (await viewer.wallet())["coins"] == 90
     info = (await viewer.client.get(f"/v1/rooms/{room}")).json()
     assert info["gifts_total"] == 1 and info["coins_total"] == 10
+
+
+async def test_a_gift_unanswered_past_its_age_is_not_resent_after_a_reconnect(
+        server: ServerProc, api: Callable[..., Api]) -> None:
+    room, viewer = await room_and_viewer(api)
+    async with RoomClient(server.base, room, viewer.token) as client:
+        now = [time.time()]
+        client.pending.clock = lambda: now[0]
+
+        def lose_ack_and_sleep(msg: dict[str, Any]) -> bool:
+            now[0] += GIFT_MAX_AGE_S + 1  # the socket drops, and the laptop sleeps past the age
+            return True
+
+        client.lose_reply = lose_ack_and_sleep
+        feed = Collector(client)
+        with pytest.raises(GiftUnanswered):
+            await client.gift("panda", 2, gift_id="slept-1")
+        await feed.wait(lambda: len(feed.of("connected")) == 2)
+        assert not feed.of("resent") and client.pending.unanswered() == []
+        await feed.stop()
+    assert (await viewer.wallet())["coins"] == 90  # charged once, by the first send
 
 
 async def test_gifts_during_a_server_restart_are_retried_and_charged_once(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from server.batcher import ScriptBatcher
 from server.codes import Err, GiftstreamError
-from server.keys import WALLET_CHANNEL, UserKeys
+from server.keys import LEGACY_IDEMPOTENCY_PATTERN, LEGACY_IDEMPOTENCY_UNTIL, WALLET_CHANNEL, UserKeys
 from server.movement import COUNTERS, Kind, credit_body, gift_body, gift_id_prefix, keyed_body
 from server.settings import Settings
 
@@ -61,6 +62,13 @@ class GiftOrder:
     def fingerprint(self) -> str:
         return f"{self.room_id}|{self.gift}|{self.count}"
 
+    @property
+    def fingerprint_digest(self) -> bytes:
+        """What a gift id's record keeps of the fingerprint: 8 bytes of BLAKE2b. It is only ever
+        compared with a retry of the same id by the same user, so a different gift under that id
+        passes for a replay once in 2^64 such retries (and is then not charged)."""
+        return hashlib.blake2b(self.fingerprint.encode(), digest_size=8).digest()
+
 
 @dataclass(frozen=True, slots=True)
 class Moved:
@@ -74,6 +82,10 @@ class Moved:
 
 
 _month_cache: tuple[int, str] = (-1, "")
+
+# How long a gift id's record lived in the layout before 2026-11-30 (a string key per id): an
+# upgraded data set may hold such records this long after its first start on the hash layout.
+LEGACY_IDEMPOTENCY_TTL_S = 24 * 3600
 
 
 def month_of(ts: float | None = None) -> str:
@@ -95,9 +107,35 @@ class Wallet:
         self.redis = redis
         self.batcher = batcher
         self.settings = settings
+        # Until then (ms) gift ids may also have records of the string-key layout (start()).
+        self.legacy_until_ms = 0
+
+    async def start(self) -> None:
+        """Once per process, before its first gift: whether gift ids charged by a release before
+        2026-11-30 (a string key per id, kept 24 h) may be retried still, so that send_gift.lua
+        must look for their records too. The first node of this release to start on a data set
+        decides for every node: 24 h from then if it finds such a record, never if it finds none
+        (a new data set). Looking costs one GET per new gift, and only that day."""
+        until = await self.redis.get(LEGACY_IDEMPOTENCY_UNTIL)
+        if until is None:
+            now_ms = int(time.time() * 1000)
+            found = False
+            async for _ in self.redis.scan_iter(match=LEGACY_IDEMPOTENCY_PATTERN, count=10_000):
+                found = True
+                break
+            await self.redis.set(LEGACY_IDEMPOTENCY_UNTIL, now_ms + LEGACY_IDEMPOTENCY_TTL_S * 1000 if found else 0,
+                                 nx=True)
+            until = await self.redis.get(LEGACY_IDEMPOTENCY_UNTIL)
+        self.legacy_until_ms = int(until or 0)
 
     def keys(self, user_id: str) -> UserKeys:
         return UserKeys(user_id, self.settings.partitions)
+
+    def _legacy(self, k: UserKeys, order: GiftOrder, now_ms: int) -> tuple[list[str], list[str]]:
+        """send_gift.lua's and gift_replay.lua's extra key and argument while old records may live."""
+        if now_ms < self.legacy_until_ms:
+            return [k.legacy_idempotency(order.client_id)], [order.fingerprint]
+        return [], []
 
     async def send_gift(self, order: GiftOrder) -> Debit:
         return self.debit_result(await self.debit(order))
@@ -107,13 +145,15 @@ class Wallet:
         k = self.keys(order.sender_id)
         now = time.time()
         coins, share_bp, now_ms = order.coins, self.settings.host_share_bp, int(now * 1000)
+        old_key, old_arg = self._legacy(k, order, now_ms)
         return self.batcher.call(
             "send_gift",
-            [k.wallet, k.idempotency(order.client_id), k.totals, k.outbox],
-            [order.fingerprint, coins, month_of(now), self.settings.idempotency_ttl_s, gift_id_prefix(k.partition),
-             now_ms, _GIFT_CODE,
+            [k.wallet, k.gift_ids, k.totals, k.outbox, *old_key],
+            [order.fingerprint_digest, coins, month_of(now), self.settings.idempotency_ttl_s,
+             gift_id_prefix(k.partition), now_ms, _GIFT_CODE,
              gift_body(k.partition, order.sender_id, order.sender_name, order.host_id, order.room_id, order.gift,
-                       order.count, coins, share_bp, now_ms, order.client_id)],
+                       order.count, coins, share_bp, now_ms, order.client_id),
+             k.gift_id_field(order.client_id), *old_arg],
         )
 
     @staticmethod
@@ -126,8 +166,11 @@ class Wallet:
 
     async def replay(self, order: GiftOrder) -> Debit | None:
         """The first result of this client id, if it was already charged (read-only)."""
-        key = self.keys(order.sender_id).idempotency(order.client_id)
-        result = await self.batcher.call("gift_replay", [key], [order.fingerprint])
+        k = self.keys(order.sender_id)
+        old_key, old_arg = self._legacy(k, order, int(time.time() * 1000))
+        result = await self.batcher.call(
+            "gift_replay", [k.gift_ids, *old_key],
+            [k.gift_id_field(order.client_id), order.fingerprint_digest, gift_id_prefix(k.partition), *old_arg])
         if not result:
             return None
         if _text(result[0]) != "ok":
