@@ -10,7 +10,8 @@ are followed here, never surfaced:
 - ASK: the slot is being migrated and this key is already on the target: ASKING + the
   command to the target, this once.
 - TRYAGAIN: a multi-key command (every script) whose keys are split by a migration in
-  progress: sent again after a short wait, for up to ~3 s, then `unavailable`.
+  progress: sent again after a short wait, for up to ~150 ms, then `unavailable` (the client
+  retries with the same id). Not longer: the whole batch, every slot's calls, waits with it.
 - A connection lost, CLUSTERDOWN, a slot without a primary: the commands of that node come
   back as a ConnectionError (the outcome is unknown: the client retries with the same id,
   which replays a debit that did run) and the slot map is read again before the next batch.
@@ -32,11 +33,11 @@ from server.outage import Outage
 
 log = logging.getLogger("giftstream.cluster")
 
-# Rounds of redirections (MOVED, ASK, TRYAGAIN) one batch may take before a command is
-# answered `unavailable`; TRYAGAIN waits 20 ms doubling to 500 ms between rounds (~3 s in all).
-MAX_ROUNDS = 12
-TRYAGAIN_FIRST_S = 0.02
-TRYAGAIN_CAP_S = 0.5
+# Rounds of redirections (MOVED, ASK, TRYAGAIN) one batch may take before a command is answered
+# `unavailable`; TRYAGAIN waits 10 ms doubling between rounds, at most TRYAGAIN_ROUNDS of them.
+MAX_ROUNDS = 8
+TRYAGAIN_FIRST_S = 0.01
+TRYAGAIN_ROUNDS = 4
 # Error replies that mean "this node cannot serve it now", not "the command failed".
 _UNAVAILABLE = ("CLUSTERDOWN", "MASTERDOWN", "LOADING")
 # Commands whose first key is not their first argument.
@@ -118,6 +119,7 @@ class ClusterPipe:
         pending = list(range(len(commands)))
         asking: dict[int, Address] = {}
         wait = TRYAGAIN_FIRST_S
+        waits = 0
         for _round in range(MAX_ROUNDS):
             groups: dict[tuple[str, int], tuple[Address, list[int]]] = {}
             for i in pending:
@@ -158,8 +160,11 @@ class ClusterPipe:
                             asking[i] = self.map.address(host, int(port))
                         again.append(i)
                     elif text.startswith("TRYAGAIN"):
-                        try_again = True
-                        again.append(i)
+                        if waits < TRYAGAIN_ROUNDS:
+                            try_again = True
+                            again.append(i)
+                        else:
+                            replies[i] = ConnectionError("cluster: the slot is being moved (TRYAGAIN); retry")
                     elif text.startswith(_UNAVAILABLE):
                         replies[i] = ConnectionError(f"cluster: {text}")
                         self._mark_stale()
@@ -171,7 +176,8 @@ class ClusterPipe:
                 self._mark_stale()
             if try_again:
                 await asyncio.sleep(wait)
-                wait = min(TRYAGAIN_CAP_S, wait * 2)
+                wait *= 2
+                waits += 1
             pending = sorted(again)
         for i in pending:
             replies[i] = ConnectionError("cluster: the slot kept moving (TRYAGAIN/MOVED); retry")
@@ -201,6 +207,7 @@ class ClusterPipe:
             self.lagging.recovered()
             return
         self.replica_lags += 1
+        self._mark_stale()  # a replica that failed leaves the map: then no wait for it
         self.lagging.failed(ConnectionError(f"{addr.host}:{addr.port}: {reply!r} of {acks} replicas acknowledged"))
 
     async def everywhere(self, commands: Sequence[Sequence[Arg]]) -> list[list[Any]]:

@@ -23,6 +23,7 @@ import redis.cluster
 from server import devcluster
 from server.batcher import ScriptBatcher
 from server.cluster import is_cluster, parse, slot_of
+from server.clusterpipe import ClusterPipe
 from server.devcluster import LocalCluster
 from server.keys import PREFIX, RoomKeys, UserKeys, partition_tag
 from server.node import redis_client
@@ -146,6 +147,35 @@ async def test_every_scripts_keys_share_one_slot(cluster_url: str) -> None:
     assert {n for n, _ in batcher.seen} == set(SCRIPTS), "a script is not exercised here: add its call"
     for script, keys in batcher.seen:
         assert len({slot_of(k) for k in keys}) == 1, (script, keys)
+
+
+async def test_the_lean_pipeline_follows_ask_and_moved_and_gives_up_on_tryagain(cluster_url: str,
+                                                                                 cluster: LocalCluster) -> None:
+    pipe = ClusterPipe(cluster_url)
+    a, b, slot = "{pipe-test}a", "{pipe-test}b", slot_of("pipe-test")
+    assert await pipe.execute([["SET", a, "1"], ["SET", b, "2"]]) == [b"OK", b"OK"]
+    source = cluster.node(devcluster.owner_port(cluster, slot))
+    target = cluster.node(next(p for p in devcluster.primary_ports(cluster) if p != source.port))
+    target_id = target.command("CLUSTER", "MYID")
+    target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.command("CLUSTER", "MYID"))
+    source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    source.command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", a)
+    try:
+        # mid-migration: `a` is on the target (ASK), `b` still on the source; a script of both
+        # gets TRYAGAIN until the move is done, and is answered unavailable after a few waits
+        replies = await pipe.execute([["GET", a], ["GET", b],
+                                      ["EVAL", "return redis.call('MGET', KEYS[1], KEYS[2])", 2, a, b]])
+        assert replies[:2] == [b"1", b"2"] and isinstance(replies[2], ConnectionError), replies
+        assert pipe.redirects == 1
+    finally:
+        source.command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", b)
+        for n in [target, source] + [cluster.node(p) for p in devcluster.primary_ports(cluster)]:
+            n.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    # the pipeline's map still names the source: MOVED, followed, and the map learns it
+    assert await pipe.execute([["GET", a], ["GET", b]]) == [b"1", b"2"]
+    assert pipe.redirects == 3 and pipe.map.owner(slot).port == target.port
+    assert await pipe.execute([["GET", a]]) == [b"1"] and pipe.redirects == 3
+    await pipe.aclose()
 
 
 async def test_round_trip_on_a_cluster(cserver: ServerProc, api: Callable[..., Api]) -> None:
