@@ -344,3 +344,22 @@ async def side_by_side(tabs: Any, shown: list[Tab], path: Path) -> None:
     await canvas.page.wait_for_function("[...document.images].every(i => i.complete)")
     path.parent.mkdir(parents=True, exist_ok=True)
     await canvas.page.screenshot(path=str(path))
+
+
+async def test_a_host_who_is_live_already_is_taken_back_to_that_room(server: ServerProc, tabs: Any) -> None:
+    """One live room per host: "open a room" while live answers already_live, and the page
+    enters the room it names instead of failing."""
+    from playwright.async_api import expect
+
+    host_token = token("hana", "host", name="Hana")
+    host = Api(server, host_token)
+    try:
+        room = await host.create_room()
+    finally:
+        await host.close()
+    tab = await tabs()
+    await tab.page.goto(server.base + "/demo")
+    await tab.hook("token-input").fill(host_token)
+    await tab.hook("open-room").click()
+    await expect(tab.hook("status")).to_have_text("connected")
+    assert await tab.hook("room-input").input_value() == room

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import websockets
 
+from server.keys import RoomKeys
 from server.store.migrations import migrations, statements
 from server.store.models import UNITS_PER_DIAMOND
 from tests.support import Api, ServerProc, join, token, wait_until
@@ -95,7 +96,7 @@ async def test_a_room_ended_in_redis_but_not_in_sql_does_not_block_its_host(
     try:
         room = await hana.create_room()
         r = aioredis.Redis.from_url(redis_url)
-        await r.hset(f"gs:{{r:{room}}}:state", mapping={"live": "0", "end_reason": "host"})
+        await r.hset(RoomKeys(room).state, mapping={"live": "0", "end_reason": "host"})
         await r.aclose()
         again = await hana.client.post("/v1/rooms", json={})
         assert again.status_code == 201, again.text
