@@ -111,7 +111,7 @@ class Settings:
     # minutes) anyway. An hour holds all of those with room to spare. A gift is a live action, not
     # a payment call that a server may retry for a day, and each remembered gift costs Redis ~98
     # bytes (docs/scaling.md): an hour is 0.35 GB at 1,000 gifts/s and 7 GB at 20,000; 24 hours
-    # (before 2026-11-30) was 13.5 GB at 1,000 gifts/s with the record of then, 8.5 with this one.
+    # (before 2026-11-30) was 13.5 GB at 1,000 gifts/s with the record of then, 8.4 with this one.
     idempotency_ttl_s: int = 3600
     max_gift_count: int = 9999
     # Lua pipelines in flight to Redis at once. Calls made while they are all out wait and
