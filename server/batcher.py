@@ -84,12 +84,10 @@ class ScriptBatcher:
                 sent = time.perf_counter()
                 results = await self.pipe.execute([self.scripts.command(c.name, c.keys, c.args) for c in pending])
                 LUA_BATCH_SECONDS.observe(time.perf_counter() - sent)
-                lost = next((r for r in results if isinstance(r, Exception) and not isinstance(r, hiredis.ReplyError)),
-                            None)
-                if lost is None:
+                # A cluster node's calls lost (an exception among the replies) is that node's outage,
+                # logged by the cluster pipeline; this one is of the pipeline as a whole.
+                if not any(isinstance(r, Exception) and not isinstance(r, hiredis.ReplyError) for r in results):
                     self.outage.recovered()
-                else:
-                    self.outage.failed(lost)
                 retry: list[_Call] = []
                 for c, result in zip(pending, results, strict=True):
                     if is_noscript(result):

@@ -73,6 +73,8 @@ class ClusterPipe:
         self.replica_acks = replica_acks
         self.replica_wait_ms = replica_wait_ms
         self.replica_lags = 0
+        # A node unreachable is logged once, and its return once (its calls fail meanwhile).
+        self._outages: dict[tuple[str, int], Outage] = {}
         self.lagging = Outage(log, "cluster replication", "replies go out unconfirmed by a replica; a failover "
                               "now may lose the newest writes")
         self.max_connections = max_connections
@@ -136,14 +138,16 @@ class ClusterPipe:
             asking = {}
             again: list[int] = []
             try_again = refresh = False
-            for (_addr, idx), result in zip(parts, results, strict=True):
+            for (addr, idx), result in zip(parts, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, Exception):
                         raise result
                     for i in idx:
                         replies[i] = result
                     self._mark_stale()
+                    self._outage(addr).failed(result)
                     continue
+                self._outage(addr).recovered()
                 for i, reply in zip(idx, result, strict=True):
                     if not isinstance(reply, hiredis.ReplyError):
                         replies[i] = reply
@@ -182,6 +186,13 @@ class ClusterPipe:
         for i in pending:
             replies[i] = ConnectionError("cluster: the slot kept moving (TRYAGAIN/MOVED); retry")
         return replies
+
+    def _outage(self, addr: Address) -> Outage:
+        outage = self._outages.get(addr.key)
+        if outage is None:
+            outage = self._outages[addr.key] = Outage(log, f"cluster node {addr.host}:{addr.port}",
+                                                      "its slots' calls are answered unavailable")
+        return outage
 
     async def _send(self, addr: Address, idx: list[int], commands: Sequence[Sequence[Arg]],
                     asking: dict[int, Address]) -> list[Any]:

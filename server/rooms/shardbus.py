@@ -180,7 +180,9 @@ class ShardedBus:
         self.messages = 0
         # Read by /metrics at scrape time.
         self.reconnects = 0
-        self.backoff = Backoff(first=0.1, cap=5.0)
+        # Capped at 1 s, not 5 as one server's bus: a failover takes a few seconds, and the rooms
+        # on the promoted replica should not wait up to 5 s more for their live events.
+        self.backoff = Backoff(first=0.1, cap=1.0)
         self.outage = Outage(log, "room bus", "reconnecting")
 
     def start(self) -> None:
