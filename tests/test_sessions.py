@@ -140,8 +140,12 @@ async def _apply(url: str, scripts: list[tuple[int, str]]) -> None:
 
 
 async def test_a_room_without_its_host_ends_by_itself_and_one_with_its_host_does_not(
-        make_server: Callable[..., ServerProc], redis_url: str) -> None:
-    server = make_server(redis_url=redis_url, env=QUICK).start()
+        make_server: Callable[..., ServerProc], redis_url: str, tmp_path: Path) -> None:
+    """Two nodes on one Redis and ledger, both sweeping: a host is seen on the node it is on, and
+    an idle room ends once."""
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    server, other = (make_server(data_dir=tmp_path / name, redis_url=redis_url, database_url=db, env=QUICK).start()
+                     for name in ("a", "b"))
     never, left, stays = host(server, "never"), host(server, "left"), host(server, "stays")
     viewer = token("vic", name="Vic")
     try:
@@ -151,7 +155,7 @@ async def test_a_room_without_its_host_ends_by_itself_and_one_with_its_host_does
         opened = time.monotonic()
         started = {who: (await summary(never, room))["started_ms"] for who, room in rooms.items()}
         async with join(server, rooms["stays"], stays.token), join(server, rooms["never"], viewer) as watcher:
-            async with join(server, rooms["left"], left.token):
+            async with join(other, rooms["left"], left.token):
                 # Connected past the limit: its room stays live meanwhile.
                 await wait_until(lambda: time.monotonic() - opened > IDLE_S + 1, timeout=10)
                 assert (await summary(left, rooms["left"]))["live"] is True
@@ -163,6 +167,7 @@ async def test_a_room_without_its_host_ends_by_itself_and_one_with_its_host_does
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await watcher.until(lambda: False, timeout=10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4410
+            assert watcher.count("room_ended") == 1  # two sweepers, one end
             # At the limit (and within a sweep, a quarter of it), not long after.
             s = await summary(never, rooms["never"])
             assert IDLE_S * 1000 <= s["ended_ms"] - started["never"] < (IDLE_S + 2) * 1000, s
@@ -266,6 +271,14 @@ async def test_a_summary_is_public_and_404_for_no_room(server: ServerProc) -> No
             await hana.close()
         r = await anyone.get(f"/v1/rooms/{room}/summary")
         assert r.status_code == 200 and r.json()["live"] is True and r.json()["settled"] is True
+        # An admin may end anyone's room: the summary says who ended it.
+        admin = Api(server, token("support", "admin"))
+        try:
+            assert (await admin.client.post(f"/v1/rooms/{room}/end")).status_code == 200
+        finally:
+            await admin.close()
+        r = await anyone.get(f"/v1/rooms/{room}/summary")
+        assert (r.json()["live"], r.json()["end_reason"]) == (False, "admin")
 
 
 # -- LIVE now --------------------------------------------------------------------------------
