@@ -97,7 +97,9 @@ def describe_event(event: dict[str, Any], gift_names: dict[str, str]) -> str:
         ranks = "  ".join(f"{i}. {t.get('name')} {t.get('coins')}" for i, t in enumerate(top[:3], 1))
         return f"top gifters: {ranks or '(none)'}"
     if kind == "room_ended":
-        return "room ended"
+        # Why, when it was not its host: an admin, or the host away too long (reason "idle").
+        why = {"admin": " by an admin", "idle": ": its host was away too long"}
+        return "room ended" + why.get(event.get("reason", ""), "")
     return f"event {kind}: {event}"
 
 

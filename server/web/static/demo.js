@@ -449,6 +449,13 @@
     for (const p of s.pending.values()) send(p.msg); // same ids: a charged gift answers as a replay
   }
 
+  // Why a LIVE ended (the room_ended event's reason).
+  const ENDED_BECAUSE = {
+    host: "The host ended this LIVE.",
+    admin: "This LIVE was ended by a moderator.",
+    idle: "This LIVE ended: the host was away too long.",
+  };
+
   function event(e) {
     if (e.offset !== undefined && e.offset !== null) {
       if (!newer(e.offset, s.offset)) return; // already handled, on this socket or the last one
@@ -459,7 +466,7 @@
       case "presence": return setViewers(e.viewers);
       case "leaderboard": return renderLeaderboard(e.top);
       case "goal": return renderGoal(e);
-      case "room_ended": return ended("The host ended this LIVE.");
+      case "room_ended": return ended(ENDED_BECAUSE[e.reason] || ENDED_BECAUSE.host);
       default: return;
     }
   }
