@@ -236,6 +236,10 @@ async def test_resume_and_two_gateways_share_a_room(make_server: Callable[..., S
     async with join(cserver, room, sender.token) as s:
         missed = await _send(s, [f"b{i}" for i in range(30)])
     async with join(other, room, token("cwatch")) as w:
+        # a balance change made through one gateway reaches the user's socket on the other
+        watcher = api("cwatch")
+        assert (await watcher.recharge(coins=100)).status_code == 201
+        await w.until(lambda: any(m["type"] == "wallet" and m["change"] == 100 for m in w.other))
         await w.send({"type": "resume", "since": last, "epoch": epoch})
         await w.wait_events(30)
         await w.drain(0.3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -88,7 +89,9 @@ class Bus:
     async def _run(self) -> None:
         while True:
             try:
-                reader, self._writer = await asyncio.open_connection(self.address.host, self.address.port)
+                context = ssl.create_default_context() if self.address.tls else None  # rediss://
+                reader, self._writer = await asyncio.open_connection(self.address.host, self.address.port,
+                                                                     ssl=context)
                 parser = hiredis.Reader()
                 if self.address.password is not None:
                     self._writer.write(pack(self.address.auth_command()))
