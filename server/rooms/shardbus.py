@@ -252,6 +252,8 @@ class ShardedBus:
                     link.sunsubscribe(channel)
                     raise
                 link.release(channel)
+            if channel not in self.channels:  # its room emptied while this was under way
+                link.sunsubscribe(channel)
             return
         raise ConnectionError(f"room channel {channel} kept moving between cluster nodes")
 
