@@ -355,9 +355,11 @@ class Pool:
         gc.freeze()
         gc.disable()
         self.pipe.send(("joined", joined))
-        _, gifts, checksum, wait_s = await self._recv()
-        self.pipe.send(("delivered", await self.wait_for(gifts, checksum, wait_s)))
-        await self._recv()
+        msg = await self._recv()
+        if msg[0] == "expect":  # a storm with gifts: their deliveries, then the close
+            _, gifts, checksum, wait_s = msg
+            self.pipe.send(("delivered", await self.wait_for(gifts, checksum, wait_s)))
+            await self._recv()
         for v in self.viewers:
             if v.transport is not None and not v.transport.is_closing():
                 v.transport.abort()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import hashlib
+import hmac
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -75,12 +80,15 @@ def issue(
 def verify(secret: str, token: str | None) -> Principal:
     if not token:
         raise GiftstreamError(Err.UNAUTHORIZED, "missing token")
-    try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]})
-    except jwt.ExpiredSignatureError:
-        raise GiftstreamError(Err.UNAUTHORIZED, "token expired") from None
-    except jwt.PyJWTError:
-        raise GiftstreamError(Err.UNAUTHORIZED, "invalid token") from None
+    claims = _plain_claims(secret, token)
+    if claims is None:
+        try:
+            claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]})
+        except jwt.ExpiredSignatureError:
+            raise GiftstreamError(Err.UNAUTHORIZED, "token expired") from None
+        except jwt.PyJWTError:
+            raise GiftstreamError(Err.UNAUTHORIZED, "invalid token") from None
+        _HEADERS.add(token.partition(".")[0])
     _check_times(claims)
     sub, role, name = claims.get("sub"), claims.get("role", "viewer"), claims.get("name")
     if (not isinstance(sub, str) or not 0 < len(sub) <= 64 or ":" in sub or "{" in sub or "}" in sub
@@ -102,6 +110,48 @@ def verify(secret: str, token: str | None) -> Principal:
     display = plain(name) if name is not None else ""
     display = display or sub
     return Principal(sub, display[:64], role, birthdate)
+
+
+# PyJWT takes about 68 us to verify a token here, a join storm's largest single cost after the
+# handshake; the same checks on a token of the usual shape take about 8. A token's header
+# segment is taken as plain once PyJWT accepted a token with exactly that segment (every token
+# this server issues has the same one).
+_HEADERS: set[str] = set()
+# Claims whose checks `_plain_claims` makes exactly as PyJWT (plus `verify`'s own) would.
+_PLAIN_CLAIMS: Final = frozenset(("sub", "name", "role", "birthdate", "iat", "nbf", "exp"))
+# An HMAC-SHA256 keyed with the secret, copied per token: the key is set up once.
+_MACS: dict[str, hmac.HMAC] = {}
+
+
+def _plain_claims(secret: str, token: str) -> dict[str, Any] | None:
+    """The claims of a valid token of the usual shape, checked as PyJWT checks them, or None
+    for PyJWT to decide (any other token, including every invalid or expired one, whose
+    error PyJWT names)."""
+    header, _, rest = token.partition(".")
+    payload, _, signature = rest.partition(".")
+    if header not in _HEADERS or not signature:
+        return None
+    keyed = _MACS.get(secret)
+    if keyed is None:
+        keyed = _MACS[secret] = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+    mac = keyed.copy()
+    mac.update(token[: len(header) + 1 + len(payload)].encode())
+    if not hmac.compare_digest(base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode(), signature):
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(claims, dict) or not claims.keys() <= _PLAIN_CLAIMS or not isinstance(claims.get("sub"), str):
+        return None
+    now = time.time()
+    times = (claims.get("exp"), claims.get("iat", 0), claims.get("nbf", 0))
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in times):
+        return None
+    exp, iat, nbf = (int(t) for t in times)  # type: ignore[arg-type]
+    if exp <= now or iat > now or nbf > now:
+        return None
+    return claims
 
 
 def _check_times(claims: dict[str, Any]) -> None:

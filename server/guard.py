@@ -10,14 +10,21 @@ transport, outside any cap: pings from a peer that never reads grew the server b
 limits added (`serve` passes them as `http=` and `ws=`); a socket taken over after its join
 (rooms/takeover.py) keeps the send-buffer cap in `RoomProtocol`. The limits are set once per
 process from the settings (`configure`), as uvicorn builds its protocols itself.
+
+The HTTP protocol is also where a room socket's request first arrives: a plain one (rooms/
+handshake.py) goes through the node's fast door (rooms/door.py) from there, past uvicorn's
+upgrade, websockets' second parse and the ASGI layers. The per-address cap has counted it
+already; the door is opened by the node of this process once it runs (`open_door`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +33,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from server import errors
 from server.codes import HTTP_STATUS, Err, GiftstreamError
+from server.rooms.handshake import PREFIX, RoomUpgrade, head_end, parse
 from server.settings import Settings
 
 log = logging.getLogger("giftstream.guard")
@@ -92,7 +100,19 @@ class PeerTable:
 
 PEERS = PeerTable()
 
+# The node's fast door for room sockets (rooms/door.py): it takes the connection, its plain
+# upgrade request read, and the bytes the client sent after the request head.
+Door = Callable[[asyncio.Transport, RoomUpgrade, bytes], None]
+DOOR: Door | None = None
 
+
+def open_door(door: Door | None) -> None:
+    """Room sockets of this process go through `door` from now on (None: through uvicorn)."""
+    global DOOR
+    DOOR = door
+
+
+@functools.lru_cache(maxsize=4096)
 def _is_loopback(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_loopback
@@ -120,6 +140,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # Bytes of the current request's head so far; None once its headers are complete.
         self.head_bytes: int | None = 0
         self.head_timer: asyncio.TimerHandle | None = None
+        # No byte read yet: a room socket's request may still go through the fast door.
+        self.fresh = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -136,6 +158,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.fresh:
+            self.fresh = False
+            if DOOR is not None and data.startswith(PREFIX) and self._through_door(DOOR, data):
+                return
         if self.head_bytes is None:
             super().data_received(data)
             return
@@ -160,6 +186,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().data_received(rest)
         elif isinstance(owner, asyncio.Protocol):  # upgraded to a WebSocket within this read
             owner.data_received(rest)
+
+    def _through_door(self, door: Door, data: bytes) -> bool:
+        """A plain room socket request, whole in the connection's first bytes: the door takes
+        the connection (uvicorn no longer tracks it). False: uvicorn reads it as ever."""
+        end = head_end(data)
+        if end < 0 or end > LIMITS.header_bytes or self.transport.is_closing():
+            return False
+        upgrade = parse(data[:end])
+        if upgrade is None:
+            return False
+        self._stop_head_timer()
+        self.head_bytes = None
+        self.connections.discard(self)
+        try:
+            door(self.transport, upgrade, data[end:])
+        except Exception:
+            log.exception("room socket failed at the door")
+            self.transport.abort()
+        return True
 
     def on_headers_complete(self) -> None:
         self.head_bytes = None

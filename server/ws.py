@@ -2,6 +2,11 @@
 
 A reply error keeps the socket open; a close frame ends it (server/errors.py says which
 and with what advice).
+
+A socket comes in one of two ways: the fast door (rooms/door.py), which reads the handshake
+below uvicorn and joins a room this node already knows with no Redis read but the batched
+viewer count; or `room_socket`, through uvicorn and Starlette, for every request the door
+does not take. Both end in the same `Session`.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -23,6 +29,7 @@ from server.node import Node
 from server.ratelimit import TokenBucket
 from server.rooms.conn import Conn
 from server.rooms.hub import offset_after
+from server.rooms.state import RoomState
 from server.rooms.takeover import RoomProtocol
 
 log = logging.getLogger("giftstream.ws")
@@ -71,8 +78,12 @@ async def room_socket(websocket: WebSocket) -> None:
 
 async def _refuse(websocket: WebSocket, refusal: Disconnect) -> None:
     code, reason = errors.closing(refusal)
-    log.info("socket refused: room %s, close %d %s", websocket.path_params.get("room_id"), code, refusal.reason)
+    log_refusal(websocket.path_params.get("room_id"), code, refusal)
     await websocket.close(code, reason)
+
+
+def log_refusal(room_id: str | None, code: int, refusal: Disconnect) -> None:
+    log.info("socket refused: room %s, close %d %s", room_id, code, refusal.reason)
 
 
 def _delivered(conn: Conn, offset: str) -> bool:
@@ -83,11 +94,16 @@ def _delivered(conn: Conn, offset: str) -> bool:
 class Session:
     """One joined room socket: what it receives, its resumes, its end."""
 
-    def __init__(self, node: Node, conn: Conn, sender: Sender) -> None:
+    __slots__ = ("node", "conn", "sender", "tasks", "joined", "taken_over", "room", "bad_frames", "_resuming",
+                 "started", "resumes", "pings")
+
+    def __init__(self, node: Node, conn: Conn, sender: Sender | None) -> None:
         self.node = node
         self.conn = conn
+        # None until the room's host is known (the fast door reads the room after the handshake).
         self.sender = sender
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Resumes running (made on first use: most sockets never resume).
+        self.tasks: set[asyncio.Task[None]] | None = None
         self.joined = False
         self.taken_over = False
         self.room: RoomProtocol | None = None
@@ -111,6 +127,49 @@ class Session:
         if state is None or not state.live:
             await conn.close(errors.ROOM_NOT_FOUND)
             return False
+        node.hub.remember(conn.room_id, state, offset)  # the next joins need no offset read
+        self.welcome(state, offset, viewers)
+        return True
+
+    def join_known(self, accepted: float) -> bool:
+        """Join a room this node is subscribed to and has read (hub.join_known) with no read of
+        its offset; its state (the goal moves) and the viewer count that counts this socket come
+        from one read and one write that the joins of the room share (server/coalesce.py), and
+        the welcome goes out when both are back. False when the room is not known so: `join`
+        then. Raises when the user is over a cap."""
+        node, conn = self.node, self.conn
+        room = node.hub.join_known(conn)
+        if room is None:
+            return False
+        self.joined = True
+        offset = room.known_offset() or "0-0"
+        if self.sender is None:
+            self.sender = node.gifts.sender(conn, room.state.host_id)
+        both = asyncio.gather(node.presence.announce_soon(conn.room_id), node.rooms.get_soon(conn.room_id),
+                              return_exceptions=True)
+        both.add_done_callback(lambda done: self._known_joined(done.result(), offset, accepted))
+        return True
+
+    def _known_joined(self, answers: Sequence[Any], offset: str, accepted: float) -> None:
+        conn = self.conn
+        if conn.closed:
+            return  # the peer left meanwhile; its finish has run or will run
+        viewers, state = answers
+        failed = next((a for a in answers if isinstance(a, BaseException)), None)
+        if failed is not None:
+            conn.close_now(errors.close_for(failed))
+            return
+        if state is None or not state.live:
+            conn.close_now(errors.ROOM_NOT_FOUND)
+            return
+        self.welcome(state, offset, viewers)
+        metrics.JOIN_SECONDS.observe(time.perf_counter() - accepted)
+        if self.room is not None:
+            self.room.go_live()
+
+    def welcome(self, state: RoomState, offset: str, viewers: int) -> None:
+        """The `welcome`, then the events held since the join began: the socket is live."""
+        conn = self.conn
         conn.send_message({
             "type": "welcome", "room": conn.room_id, "viewers": viewers, "offset": offset,
             "epoch": state.epoch, "host": {"id": state.host_id, "name": state.host_name},
@@ -119,8 +178,7 @@ class Session:
             "goal": state.goal.to_json() if state.goal is not None else None,
         })
         conn.live_from = conn.last_offset = offset
-        node.hub.release(conn, after=offset)
-        return True
+        self.node.hub.release(conn, after=offset)
 
     def take_over(self) -> bool:
         """Hand the socket from uvicorn to a light protocol of our own (rooms/takeover.py)."""
@@ -129,10 +187,16 @@ class Session:
         room = self.conn.take_over(self.on_message, self._lost)
         if room is None:
             return False
+        self.adopt(room)
+        return True
+
+    def adopt(self, room: RoomProtocol) -> None:
+        """This socket's bytes come through `room` (taken over, or opened by the fast door)."""
+        room.on_message = self.on_message
+        room.on_lost = self._lost
         self.node.sockets.add(room)
         self.room = room
         self.taken_over = True
-        return True
 
     def _lost(self) -> None:
         if self.room is not None:
@@ -165,6 +229,7 @@ class Session:
             return
         self.bad_frames = 0
         if isinstance(msg, protocol.Gift):
+            assert self.sender is not None  # set before the socket is read (its join)
             self.node.gifts.submit(self.sender, msg)
         elif isinstance(msg, protocol.Resume):
             if not self.resumes.take():
@@ -179,6 +244,8 @@ class Session:
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
+        if self.tasks is None:
+            self.tasks = set()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task

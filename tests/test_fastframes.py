@@ -9,7 +9,7 @@ from websockets.frames import Close as CloseFrame
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from server.rooms.fastframes import split_small_frames, wire_size
+from server.rooms.fastframes import BINARY, PING, PONG, TEXT, split_small_frames, wire_size
 from server.rooms.takeover import RoomProtocol
 from tests.fakes import FakeTransport, room_socket
 
@@ -18,14 +18,17 @@ def _wire(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
     return Frame(opcode, data, fin).serialize(mask=True)
 
 
-def test_takes_the_leading_small_data_frames_and_stops_at_anything_else() -> None:
-    small = _wire(Opcode.TEXT, b'{"type":"gift"}') + _wire(Opcode.BINARY, b"\x81\xa1a\x01")
+def test_takes_the_leading_small_data_and_ping_frames_and_stops_at_anything_else() -> None:
+    small = (_wire(Opcode.TEXT, b'{"type":"gift"}') + _wire(Opcode.BINARY, b"\x81\xa1a\x01")
+             + _wire(Opcode.PING, b"p") + _wire(Opcode.PONG, b""))
     messages, used = split_small_frames(small)
-    assert messages == [(b'{"type":"gift"}', True), (b"\x81\xa1a\x01", False)] and used == len(small)
-    for rest in (_wire(Opcode.PING, b"p"), _wire(Opcode.TEXT, b"x" * 126), _wire(Opcode.TEXT, b"part", fin=False),
+    assert messages == [(b'{"type":"gift"}', TEXT), (b"\x81\xa1a\x01", BINARY), (b"p", PING), (b"", PONG)]
+    assert used == len(small)
+    for rest in (_wire(Opcode.CLOSE, CloseFrame(1000, "").serialize()), _wire(Opcode.TEXT, b"x" * 126),
+                 _wire(Opcode.TEXT, b"part", fin=False), b"\x09\x81\0\0\0\0p",  # a ping without FIN
                  Frame(Opcode.TEXT, b"unmasked").serialize(mask=False), _wire(Opcode.TEXT, b"cut")[:-1]):
         messages, used = split_small_frames(small + rest)
-        assert len(messages) == 2 and used == len(small)
+        assert len(messages) == 4 and used == len(small)
 
 
 def test_wire_size_is_the_serialized_size() -> None:
@@ -108,6 +111,35 @@ def test_small_frames_skip_the_full_parser_once_it_is_known_to_sit_between_frame
     room.ws.receive_data = counted
     room.data_received(_wire(Opcode.TEXT, b"a") + _wire(Opcode.BINARY, b"b"))
     assert got == ["first", "a", b"b"] and parsed == []
-    room.data_received(_wire(Opcode.TEXT, b"c") + _wire(Opcode.PING, b""))
-    # only the ping (6 bytes: header and mask) went to the full parser
-    assert got[-1] == "c" and [len(p) for p in parsed] == [6]
+    room.data_received(_wire(Opcode.TEXT, b"c") + _wire(Opcode.PING, b"") + _wire(Opcode.BINARY, b"d" * 126))
+    # only the long frame (8 bytes of header and mask, 126 of payload) went to the full parser
+    assert got[-2:] == ["c", b"d" * 126] and [len(p) for p in parsed] == [134]
+
+
+def test_a_socket_opened_by_the_door_reads_without_a_parser_until_one_is_needed() -> None:
+    got: list[bytes | str] = []
+    transport = FakeTransport()
+    room = RoomProtocol(None, transport, got.append, lambda: None, joining=True)
+    transport.set_protocol(room)
+    room.data_received(_wire(Opcode.TEXT, b"early"))
+    assert got == []  # held until the welcome is out
+    room.go_live()
+    room.data_received(_wire(Opcode.BINARY, b"b") + _wire(Opcode.PING, b"hi") + _wire(Opcode.PONG, b"gs"))
+    room.ping()
+    assert got == ["early", b"b"] and room.ws is None
+    assert transport.data == b"\x8a\x02hi\x89\x02gs" and room.ping_sent_at > 0
+    room.data_received(_wire(Opcode.PONG, b"gs"))
+    assert room.ping_sent_at == 0.0 and room.ws is None
+    room.data_received(_wire(Opcode.TEXT, b"part", fin=False) + _wire(Opcode.CONT, b"s"))
+    assert got[-1] == "parts" and room.ws is not None and room.ws.state is State.OPEN
+
+
+def test_a_close_from_a_socket_without_a_parser_is_answered() -> None:
+    room = RoomProtocol(None, FakeTransport(), lambda data: None, lambda: None)
+    transport = room.transport
+    assert isinstance(transport, FakeTransport)
+    transport.set_protocol(room)
+    room.send_close(4410, "bye")
+    assert transport.data.startswith(b"\x88") and room.ws is not None
+    room.data_received(_wire(Opcode.CLOSE, CloseFrame(4410, "bye").serialize()))
+    assert transport.closing

@@ -85,14 +85,18 @@ class Conn:
                  "_queued_bytes", "_wakeup", "_writer", "closed", "close_code", "ready", "held",
                  "last_offset", "live_from", "_corked", "__weakref__")
 
-    def __init__(self, ws: WebSocket | None, subprotocol: str, principal: Principal, room_id: str, cap: int) -> None:
+    def __init__(self, ws: WebSocket | None, subprotocol: str, principal: Principal, room_id: str, cap: int,
+                 room: RoomProtocol | None = None) -> None:
         self.ws = ws
         self.subprotocol = subprotocol
         self.principal = principal
         self.room_id = room_id
         self.cap = cap
-        self._proto: Any = _uvicorn_protocol(ws) if ws is not None else None
+        # `room`: a socket opened by the fast door (rooms/door.py), ours from its first byte.
+        self._proto: Any = room if room is not None else _uvicorn_protocol(ws) if ws is not None else None
         self._transport: Any = self._proto.transport if self._proto is not None else None
+        if room is not None:
+            room.cap = cap
         # The fallback writer's queue; direct sockets never need it (memory per idle viewer).
         self._queue: deque[tuple[bytes | str, int]] | None = None if self._transport is not None else deque()
         self._queued_bytes = 0
@@ -125,6 +129,11 @@ class Conn:
         self._transport = room.transport
         room.cap = self.cap  # the pongs it writes count against the same cap as our frames
         self.ws = None
+
+    def preface(self, data: bytes) -> None:
+        """Bytes that go out with this socket's first frame, in the same write: the handshake's
+        answer before the welcome (one syscall, not two, a join)."""
+        self._corked = [data, *(self._corked or ())]
 
     def set_kernel_sndbuf(self, size: int) -> None:
         sock = self._transport.get_extra_info("socket") if self._transport is not None else None

@@ -51,7 +51,8 @@ class _Pass:
 
 class LocalRoom:
     __slots__ = ("room_id", "conns", "users", "pending", "scheduled", "next_frame_at", "last_offset", "ended",
-                 "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing")
+                 "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing", "state",
+                 "read_offset")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
@@ -73,6 +74,21 @@ class LocalRoom:
         # last offset is exactly this needs no per-socket check (the common case, cheap).
         self.flushed_upto: str | None = None
         self.passing = False
+        # The room's state (rooms.state.RoomState) and its stream's offset, as a join read them
+        # from Redis once this node was subscribed: later joins need no read of the offset (any
+        # offset read after the subscription, or any newer one the bus brought, is a correct
+        # welcome offset: every event past it reaches the room's sockets) and share one read of
+        # the state a round trip (its goal moves). The room's end comes over the bus (`ended`).
+        self.state: Any = None
+        self.read_offset: str | None = None
+
+    def known_offset(self) -> str | None:
+        """A welcome offset for a join with no Redis read: the newest this node knows of."""
+        if self.read_offset is None:
+            return None
+        if self.last_offset is not None and offset_after(self.last_offset, self.read_offset):
+            return self.last_offset
+        return self.read_offset
 
 
 def offset_after(offset: str | None, other: str | None) -> bool:
@@ -81,6 +97,11 @@ def offset_after(offset: str | None, other: str | None) -> bool:
     if other is None:
         return True
     return parse_offset(offset) > parse_offset(other)
+
+
+def _subscribed(room: LocalRoom) -> bool:
+    done = room.subscribed
+    return done is not None and done.done() and not done.cancelled() and done.exception() is None
 
 
 def catch_up_from(room: LocalRoom) -> str | None:
@@ -117,6 +138,9 @@ class Hub:
         self.on_first_join: Callable[[str], Awaitable[None]] | None = None
         self.on_last_leave: Callable[[str], Awaitable[None]] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        # Rooms a join is reading from Redis now: the joins that come meanwhile wait for it and
+        # join as known rooms, rather than each reading the room again.
+        self._learning: dict[str, asyncio.Future[None]] = {}
         self.frames = 0
         self.deliveries = 0
         self.events = 0
@@ -191,6 +215,41 @@ class Hub:
                 self._discount(room, conn)
                 raise
         return room
+
+    def join_known(self, conn: Conn) -> LocalRoom | None:
+        """Add a socket to a room this node is subscribed to and knows the state of, at once (no
+        await); None when the room is not known so (`join` then does the slow way). Raises, as
+        `join`, when the user is over a cap."""
+        room = self.rooms.get(conn.room_id)
+        if room is None or room.ended or room.state is None or room.read_offset is None or not _subscribed(room):
+            return None
+        self._admit(room, conn)
+        self._add(room, conn)
+        return room
+
+    def learning(self, room_id: str) -> asyncio.Future[None] | None:
+        """Done when the join reading this room now has remembered it (or failed); None when no
+        join is reading it."""
+        return self._learning.get(room_id)
+
+    def learn(self, room_id: str) -> asyncio.Future[None]:
+        fut = self._learning[room_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def learned(self, room_id: str, fut: asyncio.Future[None]) -> None:
+        if self._learning.get(room_id) is fut:
+            del self._learning[room_id]
+        if not fut.done():
+            fut.set_result(None)
+
+    def remember(self, room_id: str, state: Any, offset: str) -> None:
+        """What a join read from Redis after the subscription: for the joins after it."""
+        room = self.rooms.get(room_id)
+        if room is None or not _subscribed(room):
+            return
+        room.state = state
+        if room.read_offset is None or offset_after(offset, room.read_offset):
+            room.read_offset = offset
 
     async def leave(self, conn: Conn) -> None:
         room = self.rooms.get(conn.room_id)

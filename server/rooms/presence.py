@@ -8,6 +8,10 @@ when they changed.
 A node counts distinct users, not sockets: one user's many tabs are one viewer. A user
 with sockets on two nodes of the same room is counted by each (a set of users per room in
 Redis would cost a write per join and leave; documented in docs/protocol.md).
+
+A join or leave writes the node's count at once, but one write per room is in flight at a
+time: joins and leaves made meanwhile share the next one, which leaves when it returns
+(server/coalesce.py), so a join storm costs a write per round trip, not per socket.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from server.coalesce import Coalesced
 from server.keys import RoomKeys
 from server.outage import Outage
 from server.rooms.hub import Hub
@@ -44,6 +49,8 @@ class Presence:
         self.interval = interval_s
         self._task: asyncio.Task[None] | None = None
         self._published: set[str] = set()
+        # Joins and leaves of a room share a count write (rooms being joined by thousands).
+        self._announcing: Coalesced[str, int] = Coalesced(self._write)
         # Each room's host, for the idle end (rooms/lifecycle.py): read from the room state once per
         # room this node has sockets in, so a tick can say whether the host is here.
         self.hosts: dict[str, str] = {}
@@ -73,6 +80,14 @@ class Presence:
 
     async def announce(self, room_id: str) -> int:
         """Write this node's count for one room now (on join/leave) and return the room total."""
+        return await asyncio.shield(self.announce_soon(room_id))
+
+    def announce_soon(self, room_id: str) -> asyncio.Future[int]:
+        """The room total once this node's count as it is now was written: by the next write of
+        the room, which leaves at once, or when the one in flight returns."""
+        return self._announcing.soon(room_id)
+
+    async def _write(self, room_id: str) -> int:
         viewers, _ = await self._room_tick(room_id, int(time.time() * 1000), top=0)
         return int(viewers)
 

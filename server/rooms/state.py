@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from server.batcher import ScriptBatcher
+from server.coalesce import Coalesced
 from server.keys import RoomKeys
 from server.protocol import parse_offset
 from server.rooms.bus import decode_event
@@ -44,6 +45,7 @@ class Rooms:
         self.redis = redis
         self.batcher = batcher
         self.settings = settings
+        self._reads: Coalesced[str, RoomState | None] = Coalesced(self.get)
 
     @staticmethod
     def new_id() -> str:
@@ -60,6 +62,11 @@ class Rooms:
             "coins_total": 0, "gifts_total": 0, "created_at": int(time.time() * 1000)})
         await pipe.execute()
         return RoomState(room_id, host_id, host_name, title, True, epoch, 0, 0)
+
+    def get_soon(self, room_id: str) -> asyncio.Future[RoomState | None]:
+        """The room as `get` reads it, read after this call; the joins of a room that come while
+        a read is out share the next one (server/coalesce.py): a read per round trip, not per join."""
+        return self._reads.soon(room_id)
 
     async def get(self, room_id: str) -> RoomState | None:
         if not room_id or len(room_id) > 64 or "}" in room_id:

@@ -6,6 +6,11 @@ its transport is handed to `RoomProtocol`, which feeds bytes to the same websock
 sans-I/O `ServerProtocol` uvicorn used for the handshake and hands whole messages to the
 session with no task per socket. Keepalive pings come from one node-wide timer
 (`Keepalive`), not one timer per socket.
+
+A socket opened by the fast handshake (rooms/door.py) never was uvicorn's: it starts with
+no `ServerProtocol` at all, and gets one only when a frame the fast path does not read
+arrives (a close, a fragment, a long frame) or when it is closed from here. Small data
+frames, pings and pongs are all most viewers ever send.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ from typing import Any
 
 from websockets.frames import Opcode
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from server import errors
-from server.rooms.fastframes import split_small_frames, wire_size
+from server.rooms.fastframes import PING, PONG, TEXT, ping_frame, pong_frame, split_small_frames, wire_size
 
 log = logging.getLogger("giftstream.takeover")
 
 # Seconds a socket closed as a slow consumer has to take its close frame before it is dropped.
 CLOSE_GRACE_S = 2.0
+# Bytes a joining socket may send before its welcome is out; past this it is read no more
+# until then (as uvicorn paused a socket whose message was still queued).
+HOLD_BYTES = 64 * 1024
 
 # A timer that never fires: uvicorn closes the transport when the ASGI app returns unless a
 # close timer is pending; after a takeover the socket is no longer uvicorn's to close.
@@ -44,12 +53,16 @@ class RoomProtocol(asyncio.Protocol):
 
     __slots__ = ("ws", "transport", "on_message", "on_lost", "close_sent", "disconnected",
                  "ping_sent_at", "last_seen", "_fragments", "_fragment_text", "_at_boundary", "_fed",
-                 "_parsed", "cap")
+                 "_parsed", "cap", "max_size", "held")
 
     def __init__(self, ws: Any, transport: asyncio.Transport,
                  on_message: Callable[[bytes | str], None], on_lost: Callable[[], None],
-                 cap: int = 1 << 20) -> None:
-        self.ws = ws  # websockets.server.ServerProtocol, state OPEN
+                 cap: int = 1 << 20, max_size: int = 64 * 1024, joining: bool = False) -> None:
+        # websockets.server.ServerProtocol, state OPEN; None until a frame needs it (see above).
+        self.ws = ws
+        self.max_size = max_size
+        # What the peer sent while joining (`joining`), read once `go_live` is called.
+        self.held: bytearray | None = bytearray() if joining else None
         self.transport = transport
         # send_buffer_cap: what this socket may hold unsent, pongs and close frames included.
         self.cap = cap
@@ -65,7 +78,8 @@ class RoomProtocol(asyncio.Protocol):
         # frames. That is known, not assumed: the bytes fed to the parser since it last did
         # must equal the wire size of the frames it returned, with nothing left in its buffer.
         # (A parser caught mid-frame by the takeover never matches, so it keeps the socket.)
-        self._at_boundary = False
+        # A socket with no parser yet has read nothing: it sits between frames.
+        self._at_boundary = ws is None
         self._fed = 0
         self._parsed = 0
 
@@ -76,17 +90,55 @@ class RoomProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
-        if self._at_boundary and self._fragments is None and self.ws.state is State.OPEN:
-            messages, used = split_small_frames(data)
-            for payload, text in messages:
-                self._deliver(payload, text)
+        if self.held is not None:
+            self.held += data
+            if len(self.held) > HOLD_BYTES:
+                self.transport.pause_reading()
+            return
+        self._read(data)
+
+    def go_live(self) -> None:
+        """The join is done (its welcome written): read what the peer sent meanwhile, and on."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        if len(held) > HOLD_BYTES and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if held and not self.disconnected:
+            self._read(bytes(held))
+
+    def _full(self) -> Any:
+        """The full websockets parser, made when first needed, in the state OPEN."""
+        ws = self.ws
+        if ws is None:
+            ws = self.ws = ServerProtocol(state=State.OPEN, max_size=self.max_size, logger=log)
+        return ws
+
+    def _read(self, data: bytes) -> None:
+        ws = self.ws
+        if self._at_boundary and self._fragments is None and (ws is None or ws.state is State.OPEN):
+            frames, used = split_small_frames(data)
+            ponged = False
+            for payload, kind in frames:
+                if kind == PING:
+                    if not self.close_sent:  # after our close frame nothing more is owed
+                        self.transport.write(pong_frame(payload))
+                        ponged = True
+                elif kind == PONG:
+                    self.ping_sent_at = 0.0
+                else:
+                    self._deliver(payload, kind == TEXT)
+            if ponged and not self.close_sent and self.transport.get_write_buffer_size() > self.cap:
+                self.close_slow()  # pings from a peer that reads nothing: pongs fill its buffer
+                return
             if used == len(data):
                 return
             data = data[used:]
+        ws = self._full()
         self._at_boundary = False
         self._fed += len(data)
-        self.ws.receive_data(data)
-        for frame in self.ws.events_received():
+        ws.receive_data(data)
+        for frame in ws.events_received():
             self._parsed += wire_size(len(frame.data))
             self._frame(frame)
         if self._parsed == self._fed and not self.ws.reader.buffer:
@@ -146,16 +198,24 @@ class RoomProtocol(asyncio.Protocol):
     def send_close(self, code: int, reason: str) -> None:
         if self.close_sent or self.transport.is_closing():
             return
-        self.ws.send_close(code, reason)
+        ws = self._full()  # it answers the peer's close frame, and closes the transport then
+        ws.send_close(code, reason)
         self.close_sent = True
-        out = self.ws.data_to_send()
+        out = ws.data_to_send()
         if out:
             self.transport.write(b"".join(out))
+        if self.held is not None:
+            self.go_live()  # closed while joining: the peer's close answer must be read
 
     def ping(self) -> None:
         if self.close_sent or self.transport.is_closing():
             return
         self.ping_sent_at = time.monotonic()
+        if self.ws is None:
+            self.transport.write(ping_frame(b"gs"))
+            if self.transport.get_write_buffer_size() > self.cap:
+                self.close_slow()
+            return
         self.ws.send_ping(b"gs")
         self._flush()
 
@@ -225,6 +285,8 @@ class Keepalive:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
             for sock in list(self.sockets()):
+                if sock.held is not None:
+                    continue  # still joining: nothing, not even a ping, goes before its welcome
                 if sock.ping_sent_at and now - sock.ping_sent_at > self.timeout:
                     self.dropped += 1
                     sock.send_close(*errors.closing(errors.PING_TIMEOUT))
