@@ -127,11 +127,12 @@ async def cpu_and_scripts(redis: Redis) -> dict[str, Any]:
     """valkey's CPU seconds so far, and its per-command counters (calls, usec)."""
     cpu = await redis.info("cpu")
     stats = await redis.info("commandstats")
+    aof = await redis.info("persistence")
     commands = {name.removeprefix("cmdstat_"): {"calls": int(v["calls"]), "usec": int(v["usec"])}
                 for name, v in stats.items()}
     return {"cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
             "cpu_user_s": float(cpu["used_cpu_user"]), "cpu_sys_s": float(cpu["used_cpu_sys"]),
-            "commands": commands}
+            "aof_bytes": int(aof.get("aof_current_size", 0)), "commands": commands}
 
 
 def cost(before: dict[str, Any], after: dict[str, Any], calls: int) -> dict[str, Any]:
@@ -146,6 +147,8 @@ def cost(before: dict[str, Any], after: dict[str, Any], calls: int) -> dict[str,
     script0 = before["commands"].get("evalsha", {"calls": 0, "usec": 0})
     return {
         "valkey_cpu_us": round((after["cpu_s"] - before["cpu_s"]) * 1e6 / calls, 1),
+        # What each call appends to the AOF (every write a script makes is a command there).
+        "aof_bytes": round((after["aof_bytes"] - before["aof_bytes"]) / calls, 1),
         "valkey_cpu_user_us": round((after["cpu_user_s"] - before["cpu_user_s"]) * 1e6 / calls, 1),
         "valkey_cpu_sys_us": round((after["cpu_sys_s"] - before["cpu_sys_s"]) * 1e6 / calls, 1),
         "script_us": round((script["usec"] - script0["usec"]) / max(1, script["calls"] - script0["calls"]), 2),
@@ -363,7 +366,8 @@ def table(result: dict[str, Any]) -> str:
         d = result["phases"]["debit"]
         return (f"{result['gifts']} debits: idempotency record {b['idempotency']} B/gift "
                 f"(MEMORY USAGE {b['idempotency_memory_usage']}); send_gift.lua valkey CPU {d['valkey_cpu_us']} "
-                f"us/call (script {d['script_us']} us, {d['redis_calls_per_script']} redis.call)")
+                f"us/call (script {d['script_us']} us, {d['redis_calls_per_script']} redis.call, "
+                f"{d['aof_bytes']} AOF bytes)")
     d, p = result["phases"]["debit"], result["phases"]["publish"]
     lines = [
         f"{result['gifts']} gifts, {result['users']} users, {result['rooms']} rooms, "
@@ -375,9 +379,9 @@ def table(result: dict[str, Any]) -> str:
         f"  room stream entry         {b['room_stream_entry']:8.1f}   ({result['room_stream']['entries']} kept)",
         f"  debit phase, all          {d['used_memory']:8.1f}   publish phase, all {p['used_memory']}",
         f"  send_gift.lua    valkey CPU {d['valkey_cpu_us']} us/call (script {d['script_us']} us, "
-        f"{d['redis_calls_per_script']} redis.call)",
+        f"{d['redis_calls_per_script']} redis.call, {d['aof_bytes']} AOF bytes)",
         f"  room_publish.lua valkey CPU {p['valkey_cpu_us']} us/call (script {p['script_us']} us, "
-        f"{p['redis_calls_per_script']} redis.call)",
+        f"{p['redis_calls_per_script']} redis.call, {p['aof_bytes']} AOF bytes)",
     ]
     return "\n".join(lines)
 
