@@ -370,7 +370,8 @@ async def test_concurrent_withdrawals_never_reserve_more_than_available(backend:
         assert (reserved, count) == (taken * MIN * UNITS_PER_DIAMOND, taken)
         legs = await backend.query("SELECT account, SUM(delta) FROM ledger WHERE part = -1 GROUP BY account"
                                    " ORDER BY account")
-        assert legs == [("host:h", -taken * MIN), ("host_reserved:h", taken * MIN)]
+        units = taken * MIN * UNITS_PER_DIAMOND
+        assert legs == [("host:h", -units), ("host_reserved:h", units)]
         assert (await store.unbalanced_movements(5))[0] == 0
     finally:
         for s in stores[1:]:
@@ -423,7 +424,7 @@ def applied(bodies: list[dict[str, Any]]) -> list[bool]:
 
 
 async def pay_movements(ledger: Backend, host_id: str) -> list[tuple[str, int]]:
-    """Each ledger movement (part -1) out of the host's reserved account: (where to, diamonds)."""
+    """Each ledger movement (part -1) out of the host's reserved account: (where to, diamond units)."""
     return [(str(r[0]), int(r[1])) for r in await ledger.query(
         "SELECT b.account, b.delta FROM ledger a JOIN ledger b ON b.part = a.part AND b.seq = a.seq AND b.leg = 1"
         f" WHERE a.part = -1 AND a.leg = 0 AND a.account = 'host_reserved:{host_id}' ORDER BY a.seq")]
@@ -439,7 +440,7 @@ async def test_a_payout_delivered_five_times_at_once_pays_once(live: tuple[Serve
     again = await asyncio.gather(drive(admin, wid, "paid", 2), drive(admin, wid, "failed", 5))
     assert applied(again[0]) == [False] and applied(again[1]) == [False]
     assert await host_row(ledger, host.user_id) == (units, 0, 0, MIN * UNITS_PER_DIAMOND)
-    assert await pay_movements(ledger, host.user_id) == [("platform:payouts", MIN)]
+    assert await pay_movements(ledger, host.user_id) == [("platform:payouts", MIN * UNITS_PER_DIAMOND)]
     outcomes = await ledger.query(f"SELECT type, outcome FROM payout_events WHERE withdrawal_id = '{wid}'"
                                   " ORDER BY type, outcome")
     assert outcomes == [("payout.failed", "ignored"), ("payout.paid", "applied"), ("payout.paid", "ignored")]
@@ -456,7 +457,7 @@ async def test_a_failed_payout_returns_the_diamonds_once(live: tuple[ServerProc,
     assert applied(await drive(admin, wid, "failed", 5)) == [True]
     assert applied(await drive(admin, wid, "paid", 3)) == [False]  # late: changes nothing
     assert await host_row(ledger, host.user_id) == (units, 0, 0, 0)
-    assert await pay_movements(ledger, host.user_id) == [(f"host:{host.user_id}", MIN)]
+    assert await pay_movements(ledger, host.user_id) == [(f"host:{host.user_id}", MIN * UNITS_PER_DIAMOND)]
     listed = (await host.listed())["withdrawals"][0]
     assert (listed["status"], listed["failure_reason"]) == ("failed", "account_closed")
     assert [t["status"] for t in listed["transitions"]] == ["pending", "failed"]

@@ -96,15 +96,17 @@ async def _hosts(store: Store) -> tuple[dict[str, Any], list[str]]:
     """Per host, lifetime = available + held + reserved + paid: available is what is left, so each
     other part is checked against its source. Lifetime = the host's settled gifts' units; held =
     its unreleased holds = its held ledger account; reserved and paid = its pending and paid
-    withdrawals; none negative."""
+    withdrawals, reserved = its reserved ledger account; its available ledger account = lifetime -
+    held - reserved - paid; none negative."""
     figures = await store.host_figures(NAMED)
     failures = []
     if figures["mismatched"]:
         named = "; ".join(
             f"{h['host_id']}: lifetime {h['lifetime_units']} (gifts {h['gift_units']}), held {h['held_units']} "
             f"(holds {h['hold_units']}, ledger {h['ledger_held_units']}), reserved {h['reserved_units']} "
-            f"(pending withdrawals {h['pending_withdrawal_units']}), paid {h['paid_units']} "
-            f"(paid withdrawals {h['paid_withdrawal_units']})" for h in figures["first"])
+            f"(pending withdrawals {h['pending_withdrawal_units']}, ledger {h['ledger_reserved_units']}), "
+            f"paid {h['paid_units']} (paid withdrawals {h['paid_withdrawal_units']}), "
+            f"available in the ledger {h['ledger_available_units']}" for h in figures["first"])
         more = figures["mismatched"] - len(figures["first"])
         failures.append(f"host diamonds (units) differ from their sources for {figures['mismatched']} host(s): "
                         f"{named}{f' and {more} more' if more else ''}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from server.store import queries
-from server.store.models import HOST_HELD_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
+from server.store.host_ledger import HOST_RESERVED_PREFIX
+from server.store.models import HOST_ACCOUNT_PREFIX, HOST_HELD_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
 
 if TYPE_CHECKING:
     import asyncpg
@@ -97,6 +98,7 @@ _WITHDRAWALS = (
 _HOST_CHECK = (
     "SELECT * FROM (SELECT e.host_id, e.diamond_units, e.held_units, e.reserved_units, e.paid_units,"
     " COALESCE(g.units, 0) AS gift_units, COALESCE(h.units, 0) AS hold_units, COALESCE(l.units, 0) AS ledger_held,"
+    " COALESCE(a.units, 0) AS ledger_available, COALESCE(r.units, 0) AS ledger_reserved,"
     f" COALESCE(w.reserved, 0) * {UNITS_PER_DIAMOND} AS pending_units,"
     f" COALESCE(w.paid, 0) * {UNITS_PER_DIAMOND} AS withdrawn_units"
     " FROM host_earnings e"
@@ -106,13 +108,21 @@ _HOST_CHECK = (
     " LEFT JOIN (SELECT account, SUM(delta) AS units FROM ledger WHERE unit = 'diamond_unit'"
     f" AND account LIKE '{HOST_HELD_ACCOUNT_PREFIX}%' GROUP BY account) l"
     f" ON l.account = '{HOST_HELD_ACCOUNT_PREFIX}' || e.host_id"
+    " LEFT JOIN (SELECT account, SUM(delta) AS units FROM ledger WHERE unit = 'diamond_unit'"
+    f" AND account LIKE '{HOST_ACCOUNT_PREFIX}%' GROUP BY account) a"
+    f" ON a.account = '{HOST_ACCOUNT_PREFIX}' || e.host_id"
+    " LEFT JOIN (SELECT account, SUM(delta) AS units FROM ledger WHERE unit = 'diamond_unit'"
+    f" AND account LIKE '{HOST_RESERVED_PREFIX}%' GROUP BY account) r"
+    f" ON r.account = '{HOST_RESERVED_PREFIX}' || e.host_id"
     " LEFT JOIN ({withdrawals}) w ON w.host_id = e.host_id) AS c"
     " WHERE diamond_units <> gift_units OR held_units <> hold_units OR held_units <> ledger_held"
-    " OR reserved_units <> pending_units OR paid_units <> withdrawn_units"
+    " OR reserved_units <> pending_units OR paid_units <> withdrawn_units OR reserved_units <> ledger_reserved"
+    " OR ledger_available <> diamond_units - held_units - reserved_units - paid_units"
     " OR held_units < 0 OR reserved_units < 0 OR paid_units < 0"
     " ORDER BY host_id")
 _HOST_COLUMNS = ("host_id", "lifetime_units", "held_units", "reserved_units", "paid_units", "gift_units",
-                 "hold_units", "ledger_held_units", "pending_withdrawal_units", "paid_withdrawal_units")
+                 "hold_units", "ledger_held_units", "ledger_available_units", "ledger_reserved_units",
+                 "pending_withdrawal_units", "paid_withdrawal_units")
 
 
 def host_check(withdrawals: bool) -> str:

@@ -11,17 +11,19 @@ The counter row is one lock that every such movement takes (on PostgreSQL, until
 take it last, after the host_earnings row, so two transactions never wait on each other in a
 cycle. Withdrawals are rare; the one row costs nothing at their rate.
 
-Their unit is DIAMOND, whole diamonds (a withdrawal is whole diamonds), beside the gifts'
-'diamond_unit' rows (1/10,000 of a diamond): the figures the audit compares per unit stay as
-they were.
+Their unit is the gifts' own, DIAMOND_UNIT (1/10,000 of a diamond; a withdrawal's whole diamonds
+times UNITS_PER_DIAMOND), so one host's accounts read in one unit: `host:<id>` is what the host
+may withdraw, `host_held:<id>` what holds keep, `host_reserved:<id>` what pending withdrawals
+keep, and `platform:payouts` what was paid out. `giftstream audit` compares each with
+host_earnings.
 """
 
 from __future__ import annotations
 
-from server.store.models import HOST_ACCOUNT_PREFIX
+from server.store.models import HOST_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
 
 HOST_PART = -1
-DIAMOND = "diamond"
+DIAMOND_UNIT = "diamond_unit"
 # A host's diamonds of pending withdrawals, and the diamonds paid out to hosts.
 HOST_RESERVED_PREFIX = "host_reserved:"
 PAYOUTS_ACCOUNT = "platform:payouts"
@@ -41,5 +43,6 @@ def reserved(host_id: str) -> str:
 
 
 def legs(seq: int, source: str, target: str, diamonds: int) -> list[Leg]:
-    """`diamonds` from `source` to `target`: two legs of movement (-1, seq) that sum to zero."""
-    return [(HOST_PART, seq, 0, source, DIAMOND, -diamonds), (HOST_PART, seq, 1, target, DIAMOND, diamonds)]
+    """`diamonds` (whole) from `source` to `target`: two legs of movement (-1, seq) that sum to zero."""
+    units = diamonds * UNITS_PER_DIAMOND
+    return [(HOST_PART, seq, 0, source, DIAMOND_UNIT, -units), (HOST_PART, seq, 1, target, DIAMOND_UNIT, units)]

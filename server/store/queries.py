@@ -95,8 +95,10 @@ WALLET_TOTALS = (
 GIFT_DIAMONDS = "SELECT COALESCE(SUM(diamond_units), 0), COUNT(*) FROM gifts"
 HOST_DIAMONDS = "SELECT COALESCE(SUM(diamond_units), 0), COALESCE(SUM(gifts_received), 0) FROM host_earnings"
 # A host's diamonds sit on host:<id>, or on host_held:<id> while a refund or dispute holds them.
-LEDGER_HOST_DIAMONDS = ("SELECT COALESCE(SUM(delta), 0) FROM ledger"
-                        " WHERE unit = 'diamond_unit' AND (account LIKE 'host:%' OR account LIKE 'host_held:%')")
+# Every diamond hosts were ever credited, wherever it is now: available, held, reserved, paid out.
+LEDGER_HOST_DIAMONDS = ("SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE unit = 'diamond_unit' AND (account LIKE"
+                        " 'host:%' OR account LIKE 'host_held:%' OR account LIKE 'host_reserved:%'"
+                        " OR account = 'platform:payouts')")
 UNBALANCED_UNITS = "SELECT COUNT(*) FROM (SELECT unit FROM ledger GROUP BY unit HAVING SUM(delta) <> 0) AS u"
 # Double entry per movement: (part, seq, unit, sum) of the first offenders, and how many there
 # are in all (the window counts the groups before LIMIT). One pass over the ledger in key order.
