@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import signal
 import sqlite3
@@ -82,6 +83,41 @@ def _key_fields(keys: UserKeys | RoomKeys) -> list[str]:
     """Every key name a UserKeys or RoomKeys holds (whatever keys.py adds later)."""
     values = (getattr(keys, name) for name in type(keys).__slots__)
     return [v for v in values if isinstance(v, str) and v.startswith(PREFIX + ":")]
+
+
+def test_dev_cluster_prints_its_url_and_comes_back_with_its_data(tmp_path: Path) -> None:
+    def start() -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "dev-cluster", "--primaries", "3",
+                                 "--replicas", "0", "--data-dir", str(tmp_path)], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip().startswith("export GIFTSTREAM_REDIS_URL="):
+                return proc, line.strip().split("=", 1)[1]
+        raise AssertionError(f"dev-cluster exited with {proc.wait()} without a URL")
+
+    proc, url = start()
+    try:
+        nodes = parse(url)
+        assert len(nodes) == 3 and all(n.port < 55536 for n in nodes)
+        client = redis.cluster.RedisCluster(host=nodes[0].host, port=nodes[0].port)
+        assert client.cluster_info()["cluster_state"] == "ok"  # type: ignore[no-untyped-call]
+        client.set("{dev}kept", "1")
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host=nodes[0].host, port=nodes[0].port, retry=None).ping()
+    proc, again = start()
+    try:
+        assert again == url
+        client = redis.cluster.RedisCluster(host=nodes[0].host, port=nodes[0].port)
+        assert client.get("{dev}kept") == b"1"
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 class _Recording(ScriptBatcher):
@@ -194,6 +230,20 @@ async def test_round_trip_on_a_cluster(cserver: ServerProc, api: Callable[..., A
     await wait_until(lambda: _received(host, 1), timeout=10)
     assert (await host.earnings())["diamond_units"] == 25_000
     assert (await alice.wallet())["coins"] == 60
+    # rebuild-wallets and requeue on the cluster: a wallet Redis got wrong is recomputed from the ledger
+    wallet_key = UserKeys("calice", 16).wallet
+    client = redis.cluster.RedisCluster.from_url(f"redis://{cserver.redis_url.split('//')[1].split(',')[0]}")
+    try:
+        client.hset(wallet_key, "coins", 999)
+        url = ["--redis-url", cserver.redis_url, "--data-dir", str(cserver.data_dir)]
+        result = run_cli("rebuild-wallets", *url)
+        assert result.returncode == 0 and json.loads(result.stdout)["changed"] == 1, result.stdout + result.stderr
+        assert client.hget(wallet_key, "coins") == b"60"
+    finally:
+        client.close()
+    result = run_cli("settle", "--requeue", *url)
+    assert result.returncode == 0 and "moved 0 quarantined movements" in result.stdout, result.stderr
+    _audit(cserver)
 
 
 async def _received(host: Api, n: int) -> bool:
