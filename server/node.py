@@ -81,7 +81,8 @@ class Node:
         self.wallet = Wallet(self.redis, self.batcher, settings)
         self.rooms = Rooms(self.redis_bin, self.batcher, settings)
         self.hub = Hub(settings.tick_ms, settings.pass_slice, settings.fanout_slice_ms, settings.fanout_share,
-                       per_user_room=settings.max_sockets_per_user_room, per_user=settings.max_sockets_per_user)
+                       per_user_room=settings.max_sockets_per_user_room, per_user=settings.max_sockets_per_user,
+                       writes_per_s=settings.fanout_writes_per_s / max(1, settings.workers))
         # On a cluster, sharded pub/sub: a room's events reach only the nodes with viewers in it.
         self.bus: Bus | ShardedBus = (ShardedBus if clustered else Bus)(settings.redis_url, self.hub.deliver,
                                                                          catch_up=self.catch_up)

@@ -53,6 +53,13 @@ class Settings:
     # client fell behind and frames dropped to 1.5/s with deliveries 11 s late (one run); 0.8
     # did no better than 0.6 in the one clean run it had.
     fanout_share: float = 0.6
+    # Socket writes per second one node's rooms may make together (shared over `serve --workers
+    # N`'s processes); the rooms sending share it max-min fairly (rooms/budget.py), so a room of
+    # S local sockets sends a frame at most every S / its share seconds: the frame rate follows
+    # the room's size, before any pass has cost anything (fanout_share then only catches what
+    # this misjudges). A write of a small frame costs about 5-10 us here: 100,000 writes/s is
+    # 0.5-1 core of 2 (docs/benchmarks.md has the latency this gives at each room size).
+    fanout_writes_per_s: float = 100_000.0
     combo_window_s: float = 3.0
     resume_max_events: int = 10_000
     resume_max_age_s: int = 120

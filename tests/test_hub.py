@@ -256,3 +256,37 @@ async def test_a_room_end_during_a_pass_goes_out_when_it_is_done_whatever_the_bu
     hub.deliver("r1", {"type": "room_ended", "offset": "1-2"})
     await wait_until(lambda: all(c.closed for c, _ in viewers), timeout=0.5, interval=0.005)
     assert all([e["type"] for e in t.events()] == ["gift", "room_ended"] for _, t in viewers)
+
+
+async def test_a_room_s_frame_rate_follows_its_size_within_the_node_s_write_budget() -> None:
+    hub = Hub(tick_ms=10, writes_per_s=2_000)
+    small = await _viewers(hub, 2, "small")
+    big = await _viewers(hub, 100, "big")
+    for room_id in ("small", "big"):
+        hub.deliver(room_id, _gift("1-1"))
+    await wait_until(lambda: all(t.frames() for _, t in small + big), timeout=2, interval=0.005)
+    # 2,000 writes/s shared max-min: the small room asks 200/s (2 sockets a tick) and gets it, the
+    # big one the other 1,800/s: a frame every 100 / 1,800 s, not every tick.
+    rooms = hub.rooms
+    assert rooms["small"].next_frame_at - rooms["small"].last_frame == pytest.approx(0.010)
+    assert rooms["big"].next_frame_at - rooms["big"].last_frame == pytest.approx(100 / 1_800, rel=0.01)
+    sent = hub.frames
+    hub.deliver("big", _gift("1-2"))
+    hub.deliver("big", _gift("1-3"))
+    await asyncio.sleep(0.03)
+    assert hub.frames == sent  # still waiting out its interval ...
+    await wait_until(lambda: hub.frames == sent + 1, timeout=1, interval=0.005)
+    transport = big[0][1]
+    assert len(transport.frames()) == 2  # ... then both events in one frame
+    assert [e["offset"] for e in transport.events()] == ["1-1", "1-2", "1-3"]
+
+
+def test_the_write_budget_is_shared_max_min_fairly() -> None:
+    from server.rooms.budget import fair_shares, frame_intervals
+
+    assert fair_shares([10, 1_000, 5_000], 3_000) == [10, 1_000, 1_990]
+    assert fair_shares([10, 20], 1_000) == [10, 20]
+    # one room alone: 100,000 sockets at 100,000 writes/s is a frame a second; 1,000 sockets one a tick
+    assert frame_intervals([100_000], 100_000, 0.02) == [1.0]
+    assert frame_intervals([1_000], 100_000, 0.02) == [0.02]
+    assert frame_intervals([5_000, 50], 0, 0.02) == [0.02, 0.02]

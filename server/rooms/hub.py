@@ -7,6 +7,10 @@ A frame is written in slices of a few milliseconds of CPU each; the replies made
 (acks, errors) are written before every slice, and whatever else is ready (Redis replies, the
 sockets' reads) runs between two slices, so a gifter never waits behind a big room. A room
 whose pass costs more than its share of the loop lowers its frame rate to stay within it.
+
+A big room's frame rate also follows its size: the node's socket writes per second are a
+budget its sending rooms share (rooms/budget.py), so a room of N local sockets sends at most a
+frame every N / (its share) seconds, known before any pass has cost anything.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from server.codes import Err, GiftstreamError
 from server.errors import Disconnect
 from server.metrics import ROOM_DELIVERY_LAG_SECONDS
 from server.protocol import parse_offset
+from server.rooms.budget import fair_shares
 from server.rooms.conn import Conn, flush_replies
 from server.rooms.frames import OutFrame
 
@@ -29,6 +34,10 @@ log = logging.getLogger("giftstream.hub")
 
 # Sockets written between two looks at the clock within a slice.
 CLOCK_EVERY = 16
+# How often the write budget is shared out again over the rooms sending, and how long after
+# its last frame a room still counts as sending.
+SHARE_EVERY_S = 0.5
+SENDING_S = 2.0
 
 
 class _Pass:
@@ -52,7 +61,7 @@ class _Pass:
 class LocalRoom:
     __slots__ = ("room_id", "conns", "users", "pending", "scheduled", "next_frame_at", "last_offset", "ended",
                  "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing", "state",
-                 "read_offset")
+                 "read_offset", "share", "last_frame")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
@@ -81,6 +90,10 @@ class LocalRoom:
         # the state a round trip (its goal moves). The room's end comes over the bus (`ended`).
         self.state: Any = None
         self.read_offset: str | None = None
+        # Socket writes per second this room may make (its share of the node's budget), None
+        # until the budget was last shared out; when its last frame began.
+        self.share: float | None = None
+        self.last_frame = 0.0
 
     def known_offset(self) -> str | None:
         """A welcome offset for a join with no Redis read: the newest this node knows of."""
@@ -118,8 +131,12 @@ def catch_up_from(room: LocalRoom) -> str | None:
 
 class Hub:
     def __init__(self, tick_ms: float, pass_slice: int = 1000, slice_ms: float = 2.0,
-                 fanout_share: float = 1.0, per_user_room: int = 0, per_user: int = 0) -> None:
+                 fanout_share: float = 1.0, per_user_room: int = 0, per_user: int = 0,
+                 writes_per_s: float = 0.0) -> None:
         self.tick = tick_ms / 1000.0
+        # Socket writes per second this process's rooms may make together (0: no budget).
+        self.writes_per_s = max(0.0, writes_per_s)
+        self._shared_at = 0.0
         # Sockets one user may hold in one room, and in all rooms, on this node (0: no cap).
         self.per_user_room = per_user_room
         self.per_user = per_user
@@ -316,10 +333,31 @@ class Hub:
             return  # a pass in progress schedules the next flush when it is done
         events, room.pending = room.pending, []
         p = _Pass(events)
-        room.next_frame_at = p.started + self.tick
+        room.last_frame = p.started
+        room.next_frame_at = p.started + self.frame_interval(room, p.started)
         self.frames += 1
         room.passing = True
         self._pass(room, p, list(room.conns), 0)
+
+    def frame_interval(self, room: LocalRoom, now: float) -> float:
+        """Seconds from this frame to the room's next: the tick, or longer when the room's
+        sockets at that rate would take more than its share of the write budget."""
+        if not self.writes_per_s:
+            return self.tick
+        if now >= self._shared_at + SHARE_EVERY_S:
+            self._share_out(now)
+        share = room.share if room.share is not None else self.writes_per_s
+        return max(self.tick, len(room.conns) / share) if share > 0 else self.tick
+
+    def _share_out(self, now: float) -> None:
+        """The budget over the rooms sending now, max-min fair (a small room gets all it asks)."""
+        self._shared_at = now
+        sending = [r for r in self.rooms.values() if r.pending or now - r.last_frame < SENDING_S]
+        for r in self.rooms.values():
+            r.share = None
+        shares = fair_shares([len(r.conns) / self.tick for r in sending], self.writes_per_s)
+        for r, share in zip(sending, shares, strict=True):
+            r.share = share
 
     def _pass(self, room: LocalRoom, p: _Pass, conns: list[Conn], start: int) -> None:
         """Write one frame to a slice of the room's sockets; the next slice runs after whatever
