@@ -222,7 +222,8 @@ async def storm(args: argparse.Namespace, t: Target) -> dict[str, Any]:
     for i, share in enumerate(shares):
         ours, theirs = ctx.Pipe()
         rate = args.rate * sum(1 for m in share if m[3]) / max(1, args.gifters)
-        spec = {"index": i, "host": t.host, "port": t.port, "rate": rate, "run_id": run, "members": share}
+        host, port = t.ws_address(i)
+        spec = {"index": i, "host": host, "port": port, "rate": rate, "run_id": run, "members": share}
         proc = ctx.Process(target=worker_main, args=(spec, theirs), daemon=True)
         proc.start()
         procs.append(proc)
@@ -352,6 +353,8 @@ def build(args: argparse.Namespace, t: Target, gifts: dict[str, Any], acks: dict
                                                   "stall_after", "server_env", "separate_settler",
                                                   "valkey_fsync")},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+        # The gifting window's start (epoch seconds), to line other measurements up with it.
+        "t0": t0,
         "server_code": code_version(),
         "gifts": dict(gifts),
         "acks": {**ack_hist.summary(), "in_window": acks["acks_in_window"]},

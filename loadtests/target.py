@@ -111,6 +111,11 @@ class Target:
     def settler_pid(self) -> int | None:
         return self.settler.pid if self.settler is not None else None
 
+    def ws_address(self, worker: int) -> tuple[str, int]:
+        """Where storm worker `worker` connects its sockets: this gateway (a target of several
+        gateways spreads the workers over them)."""
+        return self.host, self.port
+
     @classmethod
     def start(cls, secret: str, env: dict[str, str], keep: bool = False, separate_settler: bool = False,
               valkey_fsync: str | None = None, args: list[str] | None = None) -> Target:
