@@ -206,6 +206,11 @@ class SlotMap:
     def loaded(self) -> bool:
         return bool(self._owner)
 
+    @property
+    def age(self) -> float:
+        """Seconds since the map was last read."""
+        return time.monotonic() - self._at
+
     def owner(self, slot: int) -> Address:
         addr = self._owner[slot] if self._owner else None
         if addr is None:

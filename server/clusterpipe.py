@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,10 @@ log = logging.getLogger("giftstream.cluster")
 MAX_ROUNDS = 8
 TRYAGAIN_FIRST_S = 0.01
 TRYAGAIN_ROUNDS = 4
+# The slot map is read again in the background when it is older than this, asked or not.
+MAP_MAX_AGE_S = 5.0
+# After a replica did not acknowledge a WAIT in time, its primary's batches do not wait this long.
+NO_WAIT_AFTER_LAG_S = 1.0
 # Error replies that mean "this node cannot serve it now", not "the command failed".
 _UNAVAILABLE = ("CLUSTERDOWN", "MASTERDOWN", "LOADING")
 # Commands whose first key is not their first argument.
@@ -73,6 +78,9 @@ class ClusterPipe:
         self.replica_acks = replica_acks
         self.replica_wait_ms = replica_wait_ms
         self.replica_lags = 0
+        # A node whose replica did not acknowledge in time is not waited for until then (monotonic
+        # s): a replica in a full resync (seconds) would otherwise stall every batch 100 ms.
+        self._no_wait_until: dict[tuple[str, int], float] = {}
         # A node unreachable is logged once, and its return once (its calls fail meanwhile).
         self._outages: dict[tuple[str, int], Outage] = {}
         self.lagging = Outage(log, "cluster replication", "replies go out unconfirmed by a replica; a failover "
@@ -84,6 +92,7 @@ class ClusterPipe:
         # The map's version when a caller found it wrong: the next batch reads it again first.
         self._stale: int | None = None
         self.redirects = 0
+        self._reading: asyncio.Future[None] | None = None
 
     @classmethod
     def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> ClusterPipe:
@@ -107,6 +116,17 @@ class ClusterPipe:
                 await self.map.refresh(seen=stale)
         if not self.map.loaded:
             await self.map.refresh()
+        elif self.map.age > MAP_MAX_AGE_S and self._reading is None:
+            # In the background: a replica that joined (so its primary's batches WAIT for it again),
+            # a slot that moved without this node asking for it yet.
+            self._reading = asyncio.ensure_future(self._read_map())
+
+    async def _read_map(self) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await self.map.refresh(seen=self.map.version)
+        finally:
+            self._reading = None
 
     def _mark_stale(self) -> None:
         if self._stale is None:
@@ -197,6 +217,8 @@ class ClusterPipe:
     async def _send(self, addr: Address, idx: list[int], commands: Sequence[Sequence[Arg]],
                     asking: dict[int, Address]) -> list[Any]:
         acks = min(self.replica_acks, self.map.replicas.get(addr.key, 0))
+        if acks and self._no_wait_until.get(addr.key, 0.0) > time.monotonic():
+            acks = 0
         if not asking and not acks:
             return await self._pipe(addr).execute([commands[i] for i in idx])
         out: list[Sequence[Arg]] = []
@@ -218,6 +240,7 @@ class ClusterPipe:
             self.lagging.recovered()
             return
         self.replica_lags += 1
+        self._no_wait_until[addr.key] = time.monotonic() + NO_WAIT_AFTER_LAG_S
         self._mark_stale()  # a replica that failed leaves the map: then no wait for it
         self.lagging.failed(ConnectionError(f"{addr.host}:{addr.port}: {reply!r} of {acks} replicas acknowledged"))
 
@@ -232,5 +255,8 @@ class ClusterPipe:
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def aclose(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
         for pipe in self._pipes.values():
             await pipe.aclose()

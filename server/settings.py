@@ -80,6 +80,10 @@ class Settings:
     # ~2 ms of gateway CPU through uvicorn and Starlette (2026-11-30 join storms); 0 sends every
     # room socket the long way again.
     fast_join: bool = True
+    # Pending connections the listening socket queues (the kernel caps it at net.core.somaxconn,
+    # 4096 here). uvicorn's 2048 overflowed in a 5,000 joins/s storm: dropped SYNs came back 1 s
+    # and 3 s later, and the join p99 went to 10 s.
+    listen_backlog: int = 8192
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     gift_rate_per_s: float = 20.0
@@ -130,8 +134,9 @@ class Settings:
     # each primary it wrote to hold its writes (WAIT, one per node per pipeline, not per gift),
     # so a failover after a kill -9 of a primary cannot lose an acknowledged debit. Capped by
     # the replicas a primary has (none: no wait). A replica that does not answer within
-    # cluster_replica_wait_ms does not stop gifts: the replies go out, and the lag is logged once
-    # as an outage (a failover during it may lose those writes).
+    # cluster_replica_wait_ms does not stop gifts: the replies go out, the lag is logged once as
+    # an outage, and that primary's pipelines do not wait for the next second (a failover then
+    # may lose those writes).
     cluster_replica_acks: int = 1
     cluster_replica_wait_ms: int = 100
     settler: bool = True
@@ -165,7 +170,7 @@ class Settings:
     webhook_secret: str | None = None
     # The creator side (issue 12). A host's diamond is worth this many thousandths of a cent
     # (500: half a cent, a host's 50% share of a 1-cent coin); a payout's amount_cents is
-    # diamonds * this // 1000.
+    # diamonds * this / 1000, exact: a withdrawal of diamonds not worth whole cents is refused.
     diamond_millicents: int = 500
     # A withdrawal must ask for at least this many diamonds, and a host may withdraw at most
     # this many in a UTC day (pending and paid withdrawals count; failed ones do not).

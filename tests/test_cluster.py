@@ -469,6 +469,9 @@ async def test_settlers_share_every_shards_outboxes_and_settle_each_movement_onc
         make_server: Callable[..., ServerProc], cluster_url: str, settlers: list[subprocess.Popen[str]]) -> None:
     server = make_server(redis_url=cluster_url, env=ENV, args=["--no-settler"]).start()
     settlers += [_settler(server.data_dir, cluster_url, f"s{i}") for i in range(2)]
+    for p in settlers:  # both reading before any movement is made
+        assert p.stdout is not None
+        await asyncio.to_thread(lambda out=p.stdout: next(line for line in out if "running" in line))
     users = [f"st{i}" for i in range(12)]
     # the senders' partitions live on every shard
     owners = {devcluster_owner(cluster_url, UserKeys(u, 16).partition) for u in users}
@@ -482,8 +485,10 @@ async def test_settlers_share_every_shards_outboxes_and_settle_each_movement_onc
         room = await host.create_room()
         async with contextlib.AsyncExitStack() as stack:
             socks = [await stack.enter_async_context(join(server, room, token(u))) for u in users]
-            await asyncio.gather(*(_send(s, [f"{u}-{i}" for i in range(20)]) for s, u in zip(socks, users,
-                                                                                                strict=True)))
+            for start in range(0, 20, 5):  # in rounds, longer apart than a settler's linger
+                await asyncio.gather(*(_send(s, [f"{u}-{i}" for i in range(start, start + 5)])
+                                       for s, u in zip(socks, users, strict=True)))
+                await asyncio.sleep(0.3)
         await wait_until(lambda: _received(host, 240), timeout=30)
     finally:
         await host.close()
