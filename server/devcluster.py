@@ -7,7 +7,8 @@ the cluster is formed here with plain commands: CLUSTER MEET, ADDSLOTSRANGE, REP
 
 A cluster started on a data dir that has one already (cluster.json) comes back on the same
 ports from its nodes.conf and AOF files, with its data. `supervise` restarts a node that
-died on its port and dir: a primary that was failed over comes back as a replica.
+died on its port and dir, a few seconds later: a primary killed is failed over to its replica
+first, and comes back as a replica.
 """
 
 from __future__ import annotations
@@ -320,10 +321,16 @@ def _read_state(data_dir: Path) -> LocalCluster | None:
         return None
 
 
+# A dead node is started again this long after it was found dead: past the node timeout and an
+# election, so a primary killed with a replica is failed over first (as in production) and comes
+# back as its replica's replica, rather than back as the primary from its AOF before anyone noticed.
+RESTART_DELAY_S = 3 * NODE_TIMEOUT_MS / 1000
+
+
 class _Supervisor:
     """A thread that starts a node that died again, on its port and dir (from its nodes.conf and
-    AOF). The cluster has failed its slots over to a replica meanwhile (when it had one); the node
-    comes back as that replica's replica."""
+    AOF), RESTART_DELAY_S after it died. The cluster has failed its slots over to a replica
+    meanwhile (when it had one); the node comes back as that replica's replica."""
 
     def __init__(self, cluster: LocalCluster, interval_s: float) -> None:
         self.cluster = cluster
@@ -347,9 +354,12 @@ class _Supervisor:
         due = {n.port: 0.0 for n in self.cluster.nodes}
         while not self._stop.wait(self.interval):
             for n in self.cluster.nodes:
-                if not n.pid or _alive(n.pid) or time.monotonic() < due[n.port]:
+                if not n.pid or _alive(n.pid):
                     continue
-                outages[n.port].failed(RuntimeError(f"pid {n.pid}"))
+                if outages[n.port].failed(RuntimeError(f"pid {n.pid}")):
+                    due[n.port] = time.monotonic() + RESTART_DELAY_S
+                if time.monotonic() < due[n.port]:
+                    continue
                 try:
                     n.pid = _spawn(n)
                 except Exception as exc:
