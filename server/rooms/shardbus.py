@@ -282,7 +282,8 @@ class ShardedBus:
     def link_lost(self, link: _Link, exc: Exception) -> None:
         if self._links.get(link.addr.key) is link:
             del self._links[link.addr.key]
-        self.outage.failed(exc)
+        if link.channels & self.channels:  # a connection with no room on it is no outage
+            self.outage.failed(exc)
         self.orphaned(set(link.channels))
         link.channels.clear()
 
@@ -316,7 +317,7 @@ class ShardedBus:
                     continue
                 self.backoff.reset()
                 self.reconnects += 1
-                self.outage.recovered()
+            self.outage.recovered()  # nothing left to subscribe (or the rooms emptied meanwhile)
 
     async def _catch_up(self, room_id: str) -> None:
         if self.catch_up is None:
