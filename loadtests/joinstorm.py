@@ -114,6 +114,14 @@ def gateway_pids(server_pid: int | None) -> dict[str, list[int]]:
     return {"gateways": [server_pid], "supervisor": [], "valkey": valkey}
 
 
+def _open_files(pid: int) -> int:
+    """Open files of a process: its sockets, give or take the few it keeps (Redis, logs)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
 class Meter:
     """RSS and CPU of the gateway processes at one moment."""
 
@@ -122,6 +130,7 @@ class Meter:
         self.at = time.time()
         self.rss = {p: rss_kib(p) or 0 for ps in pids.values() for p in ps}
         self.cpu = {p: cpu_seconds(p) or 0.0 for ps in pids.values() for p in ps}
+        self.files = {p: _open_files(p) for p in pids["gateways"]}
 
     def gateway_rss_kib(self) -> int:
         return sum(self.rss.get(p, 0) for p in self.pids["gateways"])
@@ -207,8 +216,15 @@ class Senders:
 
 # the run -------------------------------------------------------------------------------------
 
-async def recv(pipe: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+async def recv(pipe: Any, timeout: float = 600.0) -> Any:
+    """The next message of a viewer process; a process that died (its end closed) or said nothing
+    for `timeout` seconds ends the storm with an error, not a hang."""
+    def wait() -> Any:
+        if not pipe.poll(timeout):
+            raise TimeoutError(f"a viewer process said nothing for {timeout:g}s")
+        return pipe.recv()
+
+    return await asyncio.get_running_loop().run_in_executor(None, wait)
 
 
 async def joinstorm(args: argparse.Namespace, t: Target) -> dict[str, Any]:
@@ -229,6 +245,7 @@ async def joinstorm(args: argparse.Namespace, t: Target) -> dict[str, Any]:
                 "rate": args.join_rate * count / args.viewers}
         proc = ctx.Process(target=pool_main, args=(spec, theirs), daemon=True)
         proc.start()
+        theirs.close()  # the child's end is the child's: its death then ends our reads (EOFError)
         procs.append(proc)
         pipes.append(ours)
     try:
@@ -300,6 +317,7 @@ def join_figures(joined: list[dict[str, Any]], t0: float, before: Meter, after: 
         "gateway_rss_mib_before": round(rss_before / 1024, 1), "gateway_rss_mib_joined": round(rss_after / 1024, 1),
         "gateway_rss_kib_per_socket": round((rss_after - rss_before) / n, 2) if n else None,
         "gateway_rss_mib_by_process": [round(settled.rss.get(p, 0) / 1024, 1) for p in settled.pids["gateways"]],
+        "gateway_open_files_by_process": [settled.files.get(p, 0) for p in settled.pids["gateways"]],
         "valkey_rss_mib": round(sum(settled.rss.get(p, 0) for p in settled.pids["valkey"]) / 1024, 1),
     }
 

@@ -27,6 +27,7 @@ import hashlib
 import os
 import resource
 import struct
+import sys
 import time
 from array import array
 from collections import Counter
@@ -45,8 +46,8 @@ EVENTS_PREFIX = b"\x82\xa4type\xa6events"
 # Any key will do: the server's accept header is not checked, only its 101.
 KEY = base64.b64encode(b"giftstream-joins").decode()
 # Handshakes of one process in flight at once; more wait (a server that is behind is not
-# flooded with SYNs it cannot accept).
-MAX_OUTSTANDING = 2000
+# flooded with SYNs it cannot accept: a dropped SYN costs its join a 1 s retransmit).
+MAX_OUTSTANDING = 500
 # A handshake that has no welcome this long after it started has failed.
 JOIN_TIMEOUT_S = 60.0
 RETRIES = 2
@@ -225,6 +226,7 @@ class Pool:
         self.errors: Counter[str] = Counter()
         self.closes: Counter[str] = Counter()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.said = time.time()
 
     # joining ---------------------------------------------------------------------------------
 
@@ -244,9 +246,11 @@ class Pool:
                 due -= 1
                 self._start(loop, v)
             await asyncio.sleep(0.002)
+            self._progress(t0, started)
         deadline = time.time() + JOIN_TIMEOUT_S
         while self.outstanding and time.time() < deadline:
             await asyncio.sleep(0.02)
+            self._progress(t0, started)
         self.failed["no welcome in time"] += self.outstanding
         done = [v.joined_at for v in self.viewers if v.joined_at]
         hist = Hist()
@@ -259,6 +263,14 @@ class Pool:
                 "first_welcome": min(done, default=None), "last_welcome": max(done, default=None),
                 "join_ms": hist.dump(), "per_s": sorted(per_s.items()), "cpu_s": round(_cpu() - cpu0, 3),
                 "attempts": sum(v.attempts for v in self.viewers), "pid": os.getpid()}
+
+    def _progress(self, t0: float, started: int) -> None:
+        """A line every 5 s while joining (stderr): where a slow storm is."""
+        now = time.time()
+        if now >= self.said + 5:
+            self.said = now
+            print(f"[viewers {self.source}] +{now - t0:.0f}s started {started}, joined {self.joined}, "
+                  f"in flight {self.outstanding}, failed {sum(self.failed.values())}", file=sys.stderr, flush=True)
 
     def _start(self, loop: asyncio.AbstractEventLoop, v: Viewer) -> None:
         self.outstanding += 1

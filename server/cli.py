@@ -211,6 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # within the send-buffer cap.
         http=GuardedHttpProtocol, ws=GuardedWebSocketProtocol, timeout_keep_alive=settings.http_idle_timeout_s,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        # Connections the kernel may hold for accept: after a gateway restart every viewer comes
+        # back at once, and a full queue drops SYNs, which a client retries 1 s, then 3 s later.
+        backlog=settings.listen_backlog,
     )
     try:
         if settings.workers > 1:

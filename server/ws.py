@@ -123,20 +123,23 @@ class Session:
         # Subscribed before reading the offset: nothing published after it can be missed.
         offset = await node.rooms.current_offset(conn.room_id)
         viewers = await node.presence.announce(conn.room_id)
+        seen = node.hub.events_seen(conn.room_id)
         state = await node.rooms.get(conn.room_id)
         if state is None or not state.live:
             await conn.close(errors.ROOM_NOT_FOUND)
             return False
-        node.hub.remember(conn.room_id, state, offset)  # the next joins need no offset read
+        node.hub.remember(conn.room_id, state, offset, seen)  # the next joins may read nothing
         self.welcome(state, offset, viewers)
         return True
 
     def join_known(self, accepted: float) -> bool:
-        """Join a room this node is subscribed to and has read (hub.join_known) with no read of
-        its offset; its state (the goal moves) and the viewer count that counts this socket come
-        from one read and one write that the joins of the room share (server/coalesce.py), and
-        the welcome goes out when both are back. False when the room is not known so: `join`
-        then. Raises when the user is over a cap."""
+        """Join a room this node is subscribed to and has read (hub.join_known), with no Redis
+        round trip when it can: the offset is the node's; the state is the one read last, unless
+        an event (a gift moves the goal) came since; the viewers are this node's now plus the
+        others' as the last count write answered. This node's count is written soon, once for
+        the joins of the room meanwhile (server/coalesce.py); a state or count it lacks is read
+        the same way, shared, and the welcome waits for it. False when the room is not known
+        so: `join` then. Raises when the user is over a cap."""
         node, conn = self.node, self.conn
         room = node.hub.join_known(conn)
         if room is None:
@@ -145,23 +148,32 @@ class Session:
         offset = room.known_offset() or "0-0"
         if self.sender is None:
             self.sender = node.gifts.sender(conn, room.state.host_id)
-        both = asyncio.gather(node.presence.announce_soon(conn.room_id), node.rooms.get_soon(conn.room_id),
-                              return_exceptions=True)
-        both.add_done_callback(lambda done: self._known_joined(done.result(), offset, accepted))
+        counting = node.presence.announce_soon(conn.room_id)
+        viewers = node.hub.viewers_now(room)
+        if viewers is not None and room.state_fresh():
+            self._joined(room.state, viewers, offset, accepted)  # nothing to wait for
+            return True
+        seen = room.events_seen
+        both = asyncio.gather(counting, node.rooms.get_soon(conn.room_id), return_exceptions=True)
+        both.add_done_callback(lambda done: self._read_joined(done.result(), seen, offset, accepted))
         return True
 
-    def _known_joined(self, answers: Sequence[Any], offset: str, accepted: float) -> None:
+    def _read_joined(self, answers: Sequence[Any], seen: int, offset: str, accepted: float) -> None:
         conn = self.conn
         if conn.closed:
             return  # the peer left meanwhile; its finish has run or will run
-        viewers, state = answers
         failed = next((a for a in answers if isinstance(a, BaseException)), None)
         if failed is not None:
             conn.close_now(errors.close_for(failed))
             return
+        viewers, state = answers
         if state is None or not state.live:
             conn.close_now(errors.ROOM_NOT_FOUND)
             return
+        self.node.hub.remember(conn.room_id, state, None, seen)
+        self._joined(state, viewers, offset, accepted)
+
+    def _joined(self, state: RoomState, viewers: int, offset: str, accepted: float) -> None:
         self.welcome(state, offset, viewers)
         metrics.JOIN_SECONDS.observe(time.perf_counter() - accepted)
         if self.room is not None:

@@ -61,7 +61,7 @@ class _Pass:
 class LocalRoom:
     __slots__ = ("room_id", "conns", "users", "pending", "scheduled", "next_frame_at", "last_offset", "ended",
                  "presence_sent", "leaderboard_sent", "subscribed", "flushed_upto", "passing", "state",
-                 "read_offset", "share", "last_frame")
+                 "read_offset", "share", "last_frame", "others", "events_seen", "state_seen")
 
     def __init__(self, room_id: str) -> None:
         self.room_id = room_id
@@ -94,6 +94,17 @@ class LocalRoom:
         # until the budget was last shared out; when its last frame began.
         self.share: float | None = None
         self.last_frame = 0.0
+        # Viewers of the room on other nodes, as this node's last count write answered (the room
+        # total less what it wrote): a join's welcome counts the room with no write of its own.
+        self.others: int | None = None
+        # Events with an offset seen from the bus, and how many there were when `state` was asked
+        # for: an event since (a gift moves the goal, a goal event, the end) makes it stale.
+        self.events_seen = 0
+        self.state_seen = -1
+
+    def state_fresh(self) -> bool:
+        """No event came since `state` was read: it is the room as it is (up to events in flight)."""
+        return self.state is not None and self.state_seen == self.events_seen
 
     def known_offset(self) -> str | None:
         """A welcome offset for a join with no Redis read: the newest this node knows of."""
@@ -259,14 +270,30 @@ class Hub:
         if not fut.done():
             fut.set_result(None)
 
-    def remember(self, room_id: str, state: Any, offset: str) -> None:
-        """What a join read from Redis after the subscription: for the joins after it."""
+    def remember(self, room_id: str, state: Any, offset: str | None, seen: int) -> None:
+        """What a join read from Redis after the subscription, for the joins after it; `seen`: the
+        room's events_seen when the read was asked for."""
         room = self.rooms.get(room_id)
         if room is None or not _subscribed(room):
             return
-        room.state = state
-        if room.read_offset is None or offset_after(offset, room.read_offset):
+        if state is not None:
+            room.state, room.state_seen = state, seen
+        if offset is not None and (room.read_offset is None or offset_after(offset, room.read_offset)):
             room.read_offset = offset
+
+    def events_seen(self, room_id: str) -> int:
+        room = self.rooms.get(room_id)
+        return room.events_seen if room is not None else -1
+
+    def counted(self, room_id: str, total: int, local: int) -> None:
+        """A count write of the room answered `total` viewers, this node having written `local`."""
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.others = max(0, total - local)
+
+    def viewers_now(self, room: LocalRoom) -> int | None:
+        """The room's viewers: this node's now, the others' as last counted (None: not yet)."""
+        return None if room.others is None else room.others + len(room.users)
 
     async def leave(self, conn: Conn) -> None:
         room = self.rooms.get(conn.room_id)
@@ -300,6 +327,7 @@ class Hub:
             if not offset_after(offset, room.last_offset):
                 return  # already delivered (catch-up overlap)
             room.last_offset = offset
+            room.events_seen += 1
         self.events += 1
         room.pending.append(event)
         if event.get("type") == "room_ended":

@@ -88,7 +88,9 @@ class Presence:
         return self._announcing.soon(room_id)
 
     async def _write(self, room_id: str) -> int:
+        local = self.hub.viewers(room_id)  # what _room_tick writes: no await in between
         viewers, _ = await self._room_tick(room_id, int(time.time() * 1000), top=0)
+        self.hub.counted(room_id, int(viewers), local)
         return int(viewers)
 
     def _room_tick(self, room_id: str, now_ms: int, top: int) -> asyncio.Future[Any]:
@@ -157,10 +159,12 @@ class Presence:
         rooms = [r for r in self.hub.rooms.values() if not r.ended]
         gone = self._published - {r.room_id for r in rooms}
         calls = [self._room_tick(room_id, now, top=0) for room_id in gone]
+        locals_ = [self.hub.viewers(r.room_id) for r in rooms]  # what the calls below write
         calls += [self._room_tick(r.room_id, now, top=LEADERBOARD_SIZE) for r in rooms]
         replies = await asyncio.gather(*calls)
-        for room, (viewers, top_raw) in zip(rooms, replies[len(gone):], strict=True):
+        for room, local, (viewers, top_raw) in zip(rooms, locals_, replies[len(gone):], strict=True):
             viewers = int(viewers)
+            self.hub.counted(room.room_id, viewers, local)
             if viewers != room.presence_sent:
                 room.presence_sent = viewers
                 self.hub.deliver(room.room_id, {"type": "presence", "viewers": viewers})
