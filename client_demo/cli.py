@@ -248,7 +248,8 @@ def cmd_end_room(args: argparse.Namespace) -> int:
 def cmd_earnings(args: argparse.Namespace) -> int:
     e = http(args, "GET", "/v1/me/earnings")
     say(f"{e['host_id']}: {e['diamonds']} diamonds ({e['diamond_units']} units of 1/{e['units_per_diamond']}) "
-        f"from {e['gifts_received']} settled gifts")
+        f"from {e['gifts_received']} settled gifts; held {e['held']}, reserved {e['reserved']}, "
+        f"paid out {e['paid_out']}, lifetime {e['lifetime']}")
     return 0
 
 
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = add("create-room", cmd_create_room, "open a live room (host token)")
     create.add_argument("--title")
     add("end-room", cmd_end_room, "end a live room (its host or an admin)", room=True)
-    add("earnings", cmd_earnings, "show settled diamonds (host token)")
+    add("earnings", cmd_earnings, "show your diamonds: available, held, reserved, paid out (host token)")
     return parser
 
 

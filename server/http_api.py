@@ -18,6 +18,7 @@ from server import auth
 from server.codes import Err, GiftstreamError
 from server.metrics import Figure, exposition
 from server.node import Node
+from server.rooms.state import RoomState
 
 # Every JSON body the API takes is a few hundred bytes.
 MAX_BODY = 16 * 1024
@@ -29,6 +30,19 @@ def node_of(request: Request) -> Node:
 
 def principal_of(request: Request) -> auth.Principal:
     return auth.verify(node_of(request).settings.secret or "", auth.bearer(request.headers.get("authorization")))
+
+
+async def hosted_room(request: Request, action: str) -> tuple[Node, auth.Principal, RoomState]:
+    """The room `{room_id}` of the path, asked for by its host or an admin: 401 without a token,
+    404 for no such room, 403 `only the room's host or an admin can <action>` for anyone else."""
+    p = principal_of(request)
+    node = node_of(request)
+    state = await node.rooms.get(request.path_params["room_id"])
+    if state is None:
+        raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    if p.role != "admin" and p.user_id != state.host_id:
+        raise GiftstreamError(Err.FORBIDDEN, f"only the room's host or an admin can {action}")
+    return node, p, state
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class ServerProc:
         self.log = data_dir / f"serve-{self.port}.log"
 
     def start(self, timeout: float = 30.0) -> ServerProc:
+        return self.launch().wait_healthy(timeout)
+
+    def launch(self) -> ServerProc:
+        """Start the process without waiting for it (`start_all` starts several at once)."""
         cmd = [sys.executable, "-m", "server.cli", "serve", "--no-demo", "--port", str(self.port),
                "--data-dir", str(self.data_dir), *self.args]
         if self.redis_url:
@@ -98,7 +102,11 @@ class ServerProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> ServerProc:
         proc = self.proc
+        assert proc is not None, "launch() first"
 
         def healthy() -> bool:
             if proc.poll() is not None:
@@ -128,6 +136,30 @@ class ServerProc:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def start_all(*servers: ServerProc, timeout: float = 30.0) -> tuple[ServerProc, ...]:
+    """Start servers side by side: their start-ups overlap instead of adding up."""
+    for server in servers:
+        server.launch()
+    for server in servers:
+        server.wait_healthy(timeout)
+    return servers
+
+
+@contextlib.contextmanager
+def private_server(tmp: Path, *, database_url: str | None = None, env: dict[str, str] | None = None,
+                   args: list[str] | None = None) -> Iterator[ServerProc]:
+    """A started server on a valkey of its own, both stopped after: what a module-scoped fixture
+    needs, as every test's `redis_url` flushes the session valkey."""
+    valkey = ValkeyProc(tmp / "valkey")
+    server = ServerProc(tmp / "var", redis_url=valkey.url, database_url=database_url, env=env, args=args)
+    try:
+        yield server.start()
+    finally:
+        if server.running():
+            server.terminate()
+        valkey.stop()
 
 
 class Api:

@@ -238,7 +238,8 @@ async def test_host_commands_and_earnings(server: ServerProc, api: Callable[...,
 
     # 100 coins at the default 50% host share: 50 diamonds, once the settler has run.
     await wait_until(lambda: _earned(host), timeout=20)
-    assert "hana: 50 diamonds (500000 units of 1/10000) from 1 settled gifts" in ok(
+    assert ("hana: 50 diamonds (500000 units of 1/10000) from 1 settled gifts; held 0, reserved 0, paid out 0, "
+            "lifetime 50") in ok(
         await acli("earnings", *as_host))
 
     stranger = await acli("end-room", *as_viewer, "--room", room)

@@ -15,8 +15,10 @@ import asyncpg
 import httpx
 import pytest
 
+from server.creators.earnings import whole_diamonds
 from server.movement import Kind, Movement
 from server.store.base import Store
+from server.store.earnings import HostEarnings
 from server.store.migrations import migrations, statements
 from server.store.models import UNITS_PER_DIAMOND
 from server.store.rows import DAY_MS
@@ -182,15 +184,32 @@ async def send(sock: Client, gift_id: str, gift: str, count: int) -> str:
 
 
 def check_units(body: dict[str, Any], **units: int) -> None:
-    """Each figure exact in units, and its whole diamonds rounded down."""
+    """Each figure exact in units; its whole diamonds add up as the units do (held the rest)."""
     assert {k: body["units"][k] for k in units} == units
-    names = {"available": "diamonds", "held": "held", "reserved": "reserved", "paid_out": "paid_out",
-             "lifetime": "lifetime"}
-    for k, v in units.items():
-        assert body[names[k]] == v // UNITS_PER_DIAMOND
-    assert body["diamond_units"] == body["units"]["available"]
     u = body["units"]
     assert u["lifetime"] == u["available"] + u["held"] + u["reserved"] + u["paid_out"]
+    assert {k: body[k] for k in ("diamonds", "held", "reserved", "paid_out", "lifetime")} == whole_diamonds(
+        HostEarnings("x", u["lifetime"], u["held"], u["reserved"], u["paid_out"], 0))
+    assert body["diamond_units"] == body["units"]["available"]
+
+
+@pytest.mark.parametrize(("units", "whole"), [
+    # lifetime 11,055, held 2,777.5, 10,001 paid: available -1,723.5 shows as -1,724 and held as
+    # 2,778, so the four still add up to 11,055 (each rounded down alone: 11,054).
+    ((110_550_000, 27_775_000, 0, 100_010_000), (-1_724, 2_778, 0, 10_001, 11_055)),
+    # 186.5 in all, 153.5 held: 33 available, 153 held.
+    ((1_865_000, 1_535_000, 0, 0), (33, 153, 0, 0, 186)),
+    # Half a diamond available and half held, 10,000 reserved: 0 + 1 + 10,000.
+    ((100_010_000, 5_000, 100_000_000, 0), (0, 1, 10_000, 0, 10_001)),
+    ((0, 0, 0, 0), (0, 0, 0, 0, 0)),
+])
+def test_whole_diamonds_add_up_to_lifetime(units: tuple[int, int, int, int], whole: tuple[int, ...]) -> None:
+    lifetime, held, reserved, paid = units
+    got = whole_diamonds(HostEarnings("h", lifetime, held, reserved, paid, 0))
+    assert tuple(got.values()) == whole
+    assert got["lifetime"] == got["diamonds"] + got["held"] + got["reserved"] + got["paid_out"]
+    # Available is what a withdrawal may take: never more than its units.
+    assert got["diamonds"] * UNITS_PER_DIAMOND <= lifetime - held - reserved - paid
 
 
 async def pages(client: httpx.AsyncClient, limit: int) -> list[list[dict[str, Any]]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import redis
 from server.keys import RoomKeys
 from server.protocol import parse_offset
 from server.rooms.bus import decode_event
-from tests.support import FAST, Api, Client, ServerProc, join, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, private_server, token, wait_until
 
 INTERVAL_MS = 100
 # Ticks every 0.2 s: a held-back progress goes out within about 0.3 s of the last gift.
@@ -26,9 +26,11 @@ GOAL_ENV = {**FAST, "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2", "GIFTSTREAM_GOAL_EV
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def goal_server(make_server: Callable[..., ServerProc], redis_url: str) -> ServerProc:
-    return make_server(redis_url=redis_url, env=GOAL_ENV).start()
+@pytest.fixture(scope="module")
+def goal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """One server for the module, on a valkey of its own: each test has its own hosts and rooms."""
+    with private_server(tmp_path_factory.mktemp("goals"), env=GOAL_ENV) as server:
+        yield server
 
 
 async def _room(server: ServerProc, host_id: str, *senders: str, coins: int = 5000) -> str:
@@ -125,12 +127,13 @@ async def _progress_is(server: ServerProc, room: str, progress: int) -> bool:
 
 
 async def test_storm_over_two_nodes_every_viewer_sees_done_once_and_the_last_progress(
-        make_server: Callable[..., ServerProc], redis_url: str, tmp_path: Path) -> None:
+        goal_server: ServerProc, make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
     """5 senders x 50 gifts through sockets on two gateways, 4 viewers: goal events at most one an
     interval (by their ts), `done` once for everyone, and the progress after the last gift shown."""
-    node_a = make_server(tmp_path / "a", redis_url=redis_url, env=GOAL_ENV).start()
+    redis_url = str(goal_server.redis_url)
+    node_a = goal_server
     node_b = make_server(tmp_path / "b", redis_url=redis_url, env=GOAL_ENV,
-                         database_url=f"sqlite:///{tmp_path / 'a' / 'giftstream.sqlite3'}").start()
+                         database_url=f"sqlite:///{node_a.data_dir / 'giftstream.sqlite3'}").start()
     senders = [f"ss{i}" for i in range(5)]
     room = await _room(node_a, "sh", *senders)
     nodes = [node_a, node_b]
@@ -193,6 +196,19 @@ async def test_a_resume_replays_goal_events(goal_server: ServerProc) -> None:
         "type": "goal", "goal_id": goal["goal_id"], "gift": "panda", "target": 2, "progress": 2, "done": True,
         "ts": replayed[-1]["ts"], "offset": replayed[-1]["offset"]}
 
+    # A goal reached stays reached for the session's summary, though the host sets another (not
+    # reached) and then clears it: live, and as kept at the end.
+    assert (await _put(goal_server, room, {"coins": 10**6}, "rh")).status_code == 200
+    assert (await _get(goal_server, f"/v1/rooms/{room}/summary"))["goal_reached"] is True
+    host = Api(goal_server, token("rh", "host"))
+    try:
+        assert (await host.client.delete(f"/v1/rooms/{room}/goal")).status_code == 200
+        assert (await host.client.post(f"/v1/rooms/{room}/end")).status_code == 200
+    finally:
+        await host.close()
+    ended = await _get(goal_server, f"/v1/rooms/{room}/summary")
+    assert (ended["live"], ended["goal_reached"]) == (False, True)
+
 
 async def test_only_the_host_or_an_admin_sets_or_clears_it(goal_server: ServerProc) -> None:
     room = await _room(goal_server, "oh")
@@ -245,7 +261,7 @@ async def test_no_goal_on_an_ended_room(goal_server: ServerProc) -> None:
     await host.close()
 
 
-async def test_a_room_made_again_under_its_id_starts_without_a_goal(goal_server: ServerProc, redis_url: str) -> None:
+async def test_a_room_made_again_under_its_id_starts_without_a_goal(goal_server: ServerProc) -> None:
     """The demo room is made again at every start, with a new epoch: the last life's goal is gone."""
     from redis.asyncio import Redis
 
@@ -254,7 +270,7 @@ async def test_a_room_made_again_under_its_id_starts_without_a_goal(goal_server:
 
     room = await _room(goal_server, "ah")
     assert (await _put(goal_server, room, {"coins": 10}, "ah")).status_code == 200
-    client = Redis.from_url(redis_url)
+    client = Redis.from_url(str(goal_server.redis_url))
     try:
         await Rooms(client, None, Settings()).create(room, "ah", "Ah", "again")  # type: ignore[arg-type]
     finally:

@@ -18,7 +18,7 @@ import pytest
 from server import auth
 from tests.conftest import _fresh_pg_database
 from tests.payments import audit
-from tests.support import SECRET, Api, ServerProc, TcpProxy, ValkeyProc, join, token, wait_until
+from tests.support import SECRET, Api, ServerProc, TcpProxy, join, private_server, token, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,14 +31,10 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     """A server and a valkey of its own: the session valkey is flushed by other tests' fixtures."""
     pg = _fresh_pg_database() if request.param == "postgres" else None
     database_url = next(pg) if pg is not None else None
-    tmp = tmp_path_factory.mktemp(f"videos-{request.param}")
-    valkey = ValkeyProc(tmp / "valkey")
-    server = ServerProc(tmp / "var", redis_url=valkey.url, database_url=database_url).start()
     try:
-        yield server
+        with private_server(tmp_path_factory.mktemp(f"videos-{request.param}"), database_url=database_url) as server:
+            yield server
     finally:
-        server.terminate()
-        valkey.stop()
         if pg is not None:
             next(pg, None)
 
@@ -260,8 +256,8 @@ async def test_the_gift_list_pages_newest_first_by_a_stable_cursor(users: Callab
         return r.json()  # type: ignore[no-any-return]
 
     first = await page(None)
-    assert len(first["items"]) == 3 and first["next_cursor"]
-    item = first["items"][0]
+    assert len(first["gifts"]) == 3 and first["next_cursor"]
+    item = first["gifts"][0]
     assert item["gift_id"] == sent[6] and item["sender"] == {"id": uid(other), "name": "Other"}
     assert (item["gift"], item["count"], item["coins"]) == ("rose", 7, 7) and isinstance(item["sent_ms"], int)
 
@@ -272,13 +268,13 @@ async def test_the_gift_list_pages_newest_first_by_a_stable_cursor(users: Callab
     second = await page(first["next_cursor"])
     third = await page(second["next_cursor"])
     assert third["next_cursor"] is None
-    listed = [g["gift_id"] for p in (first, second, third) for g in p["items"]]
+    listed = [g["gift_id"] for p in (first, second, third) for g in p["gifts"]]
     # Each gift once, newest first (two sent in one millisecond go by gift id).
     assert len(listed) == len(set(listed)) and set(listed) == set(sent), listed
-    keys = [(g["sent_ms"], g["gift_id"]) for p in (first, second, third) for g in p["items"]]
+    keys = [(g["sent_ms"], g["gift_id"]) for p in (first, second, third) for g in p["gifts"]]
     assert keys == sorted(keys, reverse=True)
     newest = await page(None, limit=100)
-    assert len(newest["items"]) == 9 and newest["next_cursor"] is None
+    assert len(newest["gifts"]) == 9 and newest["next_cursor"] is None
 
     for params in ({"cursor": "not-a-cursor"}, {"cursor": "bm9wZQ"}, {"limit": 0}, {"limit": 101},
                    {"limit": "x"}, {"cursor": "OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5Omc"}):

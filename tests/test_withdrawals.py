@@ -26,6 +26,7 @@ import redis
 
 from server.app import create_app
 from server.creators.twofactor import STEP_S
+from server.creators.withdrawals import whole_cents_step
 from server.payments import signature
 from server.settings import Settings
 from server.store import open_store
@@ -270,9 +271,13 @@ async def test_cash_out_refusals_in_order(live: tuple[ServerProc, Backend], peop
     assert code_of(await host.withdraw(MIN - 1)) == (403, "bad_2fa_code")  # none
     now = app.code(base)
     assert code_of(await host.withdraw(MIN - 1, now)) == (400, "below_minimum")
-    assert code_of(await host.withdraw(available + 1, now)) == (402, "insufficient_diamonds")  # and over the day's
+    # Half a cent a diamond: an odd number is worth no whole number of cents, and none is lost.
+    odd = await host.withdraw(MIN + 1, now)
+    assert code_of(odd) == (400, "bad_request") and "multiple of 2" in odd.json()["message"], odd.text
+    over = available + 2 - available % 2  # even: worth whole cents
+    assert code_of(await host.withdraw(over, now)) == (402, "insufficient_diamonds")  # and over the day's
     assert code_of(await host.withdraw(10**20, now)) == (402, "insufficient_diamonds")
-    assert code_of(await host.withdraw(DAILY_MAX + 1, now)) == (400, "over_daily_limit")
+    assert code_of(await host.withdraw(DAILY_MAX + 2, now)) == (400, "over_daily_limit")
     assert await host_row(ledger, host.user_id) == (units, 0, 0, 0)
 
     # The code refused five times is good still, once.
@@ -287,7 +292,7 @@ async def test_cash_out_refusals_in_order(live: tuple[ServerProc, Backend], peop
 
     # Pending withdrawals count toward the day; reserved and held diamonds are not available.
     later = app.code(base + 1)
-    assert code_of(await host.withdraw(MIN + 1, later)) == (400, "over_daily_limit")
+    assert code_of(await host.withdraw(MIN + 2, later)) == (400, "over_daily_limit")
     # (held_units is what a refund or dispute holds; set here as one would leave it)
     held = units - reserved - (MIN - 1) * UNITS_PER_DIAMOND
     await ledger.query(f"UPDATE host_earnings SET held_units = {held} WHERE host_id = '{host.user_id}'")
@@ -304,6 +309,14 @@ async def test_cash_out_refusals_in_order(live: tuple[ServerProc, Backend], peop
     assert [w["withdrawal_id"] for w in rest["withdrawals"]] == [first.json()["withdrawal_id"]]
     assert rest["next_cursor"] is None
     assert [t["status"] for t in rest["withdrawals"][0]["transitions"]] == ["pending"]
+
+
+@pytest.mark.parametrize(("millicents", "step"), [(500, 2), (1000, 1), (250, 4), (333, 1000), (1500, 2)])
+def test_whole_cents_step(millicents: int, step: int) -> None:
+    """The fewest diamonds worth whole cents, and every multiple of it is."""
+    assert whole_cents_step(millicents) == step
+    assert all(n * step * millicents % 1000 == 0 for n in range(1, 5))
+    assert all(n * millicents % 1000 for n in range(1, step))
 
 
 async def test_bad_requests(people: Callable[..., Any]) -> None:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.codes import Err, GiftstreamError
-from server.http_api import json_body, node_of, principal_of
+from server.http_api import hosted_room, json_body, node_of
 from server.node import Node
 from server.rooms.goals import Goals, RoomGoal
 
@@ -51,15 +51,8 @@ def parse_goal(body: dict[str, Any], node: Node) -> tuple[str | None, int]:
 
 async def _hosted(request: Request) -> tuple[Node, str]:
     """The node and room of a request by the room's host or an admin (404, 403 otherwise)."""
-    p = principal_of(request)
-    node = node_of(request)
-    room_id = request.path_params["room_id"]
-    state = await node.rooms.get(room_id)
-    if state is None:
-        raise GiftstreamError(Err.NOT_FOUND, "no such room")
-    if p.role != "admin" and p.user_id != state.host_id:
-        raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can change its goal")
-    return node, room_id
+    node, _, state = await hosted_room(request, "change its goal")
+    return node, state.room_id
 
 
 async def set_goal(request: Request) -> Response:

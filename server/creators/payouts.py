@@ -16,7 +16,6 @@ stays as it is (a late `failed` after `paid` is recorded as ignored).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -27,9 +26,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.codes import Err, GiftstreamError
-from server.http_api import json_body, node_of, principal_of, read_body
+from server.http_api import node_of, read_body
 from server.payments import sandbox, webhooks
-from server.payments.http import MAX_DELIVERIES, webhook_url
+from server.payments.http import sandbox_request, webhook_url
 from server.store.models import now_ms
 from server.store.withdrawals import FAILED, PAID, PayoutEvent
 
@@ -65,54 +64,23 @@ async def webhook(request: Request) -> Response:
 
 
 def parse(raw: bytes) -> tuple[str, str, dict[str, Any]]:
-    """(event id, type, data) of a well-formed event, or 400 bad_request saying what is wrong."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise GiftstreamError(Err.BAD_REQUEST, "body must be JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
-        raise GiftstreamError(Err.BAD_REQUEST, "an event is an object with id, type, created and data")
-    event_id, kind, data = body.get("id"), body.get("type"), body["data"]
-    if not _text(event_id, 255):
-        raise GiftstreamError(Err.BAD_REQUEST, "id must be a string of 1 to 255 printable characters")
-    if not isinstance(body.get("created"), int):
-        raise GiftstreamError(Err.BAD_REQUEST, "created must be unix seconds")
+    """(event id, type, data) of a well-formed event, or 400 bad_request saying what is wrong
+    (the envelope and the money fields are checked as the payment webhook's are)."""
+    event_id, kind, data = webhooks.envelope(raw)
     if kind not in STATUS:
         raise GiftstreamError(Err.BAD_REQUEST, f"type must be one of {', '.join(STATUS)}")
-    amount, reason = data.get("amount_cents"), data.get("reason")
-    if not _text(data.get("withdrawal_id"), 128) or not _text(data.get("currency"), 8):
-        raise GiftstreamError(Err.BAD_REQUEST, "data needs withdrawal_id and currency strings")
-    if not isinstance(amount, int) or isinstance(amount, bool):
-        raise GiftstreamError(Err.BAD_REQUEST, "data.amount_cents must be a whole number of cents")
-    if reason is not None and not (_text(reason, 64) and reason.replace("_", "").isalnum()):
-        raise GiftstreamError(Err.BAD_REQUEST, "data.reason must be a short code such as account_closed")
-    assert isinstance(event_id, str) and isinstance(kind, str)
+    webhooks.money(data, "withdrawal_id", "account_closed")
     return event_id, kind, data
-
-
-def _text(value: Any, most: int) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= most and value.isprintable()
 
 
 async def sandbox_payout(request: Request) -> Response:
     """POST /v1/sandbox/payouts/{withdrawal_id} {"outcome", "deliveries"?, "reason"?} (admin): the
     sandbox network sends that outcome's event to this server's payout webhook, `deliveries`
     times at once; the answer holds the event and each delivery's answer."""
-    p = principal_of(request)
-    p.require("admin")
-    node = node_of(request)
-    if not node.settings.sandbox:
-        raise GiftstreamError(Err.NOT_FOUND, "the sandbox provider is off (GIFTSTREAM_SANDBOX=0)")
-    body = await json_body(request)
+    node, body, deliveries, reason = await sandbox_request(request, "account_closed")
     outcome = body.get("outcome")
     if outcome not in (PAID, FAILED):
         raise GiftstreamError(Err.BAD_REQUEST, f"outcome must be {PAID} or {FAILED}")
-    deliveries = body.get("deliveries", 1)
-    if not isinstance(deliveries, int) or isinstance(deliveries, bool) or not 1 <= deliveries <= MAX_DELIVERIES:
-        raise GiftstreamError(Err.BAD_REQUEST, f"deliveries must be 1 to {MAX_DELIVERIES}")
-    reason = body.get("reason")
-    if reason is not None and not (isinstance(reason, str) and 0 < len(reason) <= 64):
-        raise GiftstreamError(Err.BAD_REQUEST, "reason must be a short code such as account_closed")
     w = await node.store.get_withdrawal(request.path_params["withdrawal_id"])
     if w is None:
         raise GiftstreamError(Err.NOT_FOUND, "no such withdrawal")

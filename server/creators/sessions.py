@@ -8,25 +8,22 @@ from the settled ledger (store/sessions.py), the live figures from Redis.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from server import paging
 from server.codes import Err, GiftstreamError
-from server.http_api import json_body, node_of, principal_of
+from server.http_api import hosted_room, json_body, node_of, principal_of
 from server.keys import RoomKeys
 from server.protocol import plain
+from server.rooms.goals import GOAL_REACHED
 from server.rooms.lifecycle import BY_ADMIN, BY_HOST
-from server.store.models import UNITS_PER_DIAMOND
+from server.store.models import UNITS_PER_DIAMOND, now_ms
 from server.store.sessions import RoomRecord
 
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 100
 # Top gifters a summary lists.
 SUMMARY_TOP = 10
 MAX_TITLE = 200
@@ -48,16 +45,9 @@ async def create_room(request: Request) -> Response:
 
 async def end_room(request: Request) -> Response:
     """POST /v1/rooms/{room_id}/end: the host or an admin ends the LIVE (again: offset null)."""
-    p = principal_of(request)
-    node = node_of(request)
-    room_id = request.path_params["room_id"]
-    state = await node.rooms.get(room_id)
-    if state is None:
-        raise GiftstreamError(Err.NOT_FOUND, "no such room")
-    if p.role != "admin" and p.user_id != state.host_id:
-        raise GiftstreamError(Err.FORBIDDEN, "only the room's host or an admin can end it")
-    offset = await node.lifecycle.end(room_id, BY_HOST if p.user_id == state.host_id else BY_ADMIN)
-    return JSONResponse({"room_id": room_id, "live": False, "offset": offset})
+    node, p, state = await hosted_room(request, "end it")
+    offset = await node.lifecycle.end(state.room_id, BY_HOST if p.user_id == state.host_id else BY_ADMIN)
+    return JSONResponse({"room_id": state.room_id, "live": False, "offset": offset})
 
 
 async def list_rooms(request: Request) -> Response:
@@ -65,22 +55,16 @@ async def list_rooms(request: Request) -> Response:
     live = request.query_params.get("live", "1")
     if live not in ("0", "1"):
         raise GiftstreamError(Err.BAD_REQUEST, "live must be 1 (live now) or 0 (ended lately)")
-    raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise GiftstreamError(Err.BAD_REQUEST, f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    limit = int(raw_limit)
-    before = _cursor_in(request.query_params.get("cursor") or None)
+    limit, before = paging.limit(request.query_params), paging.cursor(request.query_params)
     node = node_of(request)
-    # One more than the page: whether a next page exists, without a second query.
-    records = await node.store.rooms_page(live == "1", before, limit + 1)
-    more, records = len(records) > limit, records[:limit]
+    found = await node.store.rooms_page(live == "1", before, limit + 1)
     if live == "1":
+        records, after = paging.page(found, limit, lambda r: (r.created_ms, r.id))
         items = await _live_items(request, records)
-        last = (records[-1].created_ms, records[-1].id) if records else None
     else:
+        records, after = paging.page(found, limit, lambda r: (r.ended_ms or 0, r.id))
         items = [_ended_item(r) for r in records]
-        last = (records[-1].ended_ms or 0, records[-1].id) if records else None
-    return JSONResponse({"items": items, "next_cursor": _cursor_out(last) if more and last else None})
+    return JSONResponse({"items": items, "next_cursor": after})
 
 
 async def room_summary(request: Request) -> Response:
@@ -93,7 +77,7 @@ async def room_summary(request: Request) -> Response:
     # Ledger first, then Redis: gifts acknowledged after the ledger was read can only make
     # `settled` false, never true too early.
     ledger = await node.store.room_ledger(room_id, SUMMARY_TOP)
-    h = await node.redis.hmget(RoomKeys(room_id).state, "live", "peak_viewers", "goal_done", "gifts_total",
+    h = await node.redis.hmget(RoomKeys(room_id).state, "live", "peak_viewers", GOAL_REACHED, "gifts_total",
                                "coins_total")
     live = record.ended_ms is None and h[0] == "1"
     if record.ended_ms is None or record.acked_gifts is None:
@@ -106,7 +90,7 @@ async def room_summary(request: Request) -> Response:
     return JSONResponse({
         "room_id": record.id, "title": record.title, "host": {"id": record.host_id, "name": record.host_name},
         "live": live, "started_ms": record.created_ms, "ended_ms": ended, "end_reason": record.end_reason,
-        "duration_s": max(0, ((ended if ended is not None else _now_ms()) - record.created_ms) // 1000),
+        "duration_s": max(0, ((ended if ended is not None else now_ms()) - record.created_ms) // 1000),
         "gifts": ledger.gifts, "coins": ledger.coins, "diamonds": ledger.diamond_units // UNITS_PER_DIAMOND,
         "diamond_units": ledger.diamond_units, "unique_gifters": ledger.unique_gifters,
         "top_gifters": [{"user_id": u, "name": n, "coins": c} for u, n, c in ledger.top],
@@ -129,7 +113,7 @@ async def _live_items(request: Request, records: list[RoomRecord]) -> list[dict[
         pipe.hmget(k.state, "live", "coins_total")
         pipe.hgetall(k.presence)
     replies = await pipe.execute()
-    now = _now_ms()
+    now = now_ms()
     items = []
     for i, r in enumerate(records):
         (live, coins), presence = replies[2 * i], replies[2 * i + 1]
@@ -158,24 +142,6 @@ def _viewers(presence: dict[str, str], now: int) -> int:
     return total
 
 
-def _cursor_out(last: tuple[int, str]) -> str:
-    return base64.urlsafe_b64encode(f"{last[0]}:{last[1]}".encode()).decode().rstrip("=")
-
-
-def _cursor_in(cursor: str | None) -> tuple[int, str] | None:
-    """A next_cursor this route gave: (start or end ms, room id) of the last room of a page."""
-    if cursor is None:
-        return None
-    try:
-        ms, sep, room_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-    except (binascii.Error, ValueError):
-        ms, sep, room_id = "", "", ""
-    # Digits a BIGINT holds, and an id as rooms have (the database takes no NUL).
-    if not sep or not (ms.isascii() and ms.isdigit()) or len(ms) > 18 or not _valid_room_id(room_id):
-        raise GiftstreamError(Err.BAD_REQUEST, "cursor must be a next_cursor this endpoint returned")
-    return int(ms), room_id
-
-
 def _valid_room_id(room_id: str) -> bool:
     return 0 < len(room_id) <= 64 and "}" not in room_id and room_id.isprintable()
 
@@ -185,10 +151,6 @@ def _n(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 ROUTES: list[BaseRoute] = [

@@ -5,26 +5,21 @@ The gift itself is creators/video_gifts.py; these handlers read the request and 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from server import paging
 from server.codes import Err, GiftstreamError
 from server.creators.video_gifts import VIDEO_ID_PREFIX, could_be_video_id
 from server.http_api import json_body, node_of, principal_of
 from server.protocol import gift_of, plain
 from server.store.models import now_ms
-from server.store.videos import Video, VideoGift
+from server.store.videos import Video
 
 MAX_TITLE = 200
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 100
-# A cursor holds a sent time and a gift id: a longer one is not one of ours.
-MAX_CURSOR = 120
 
 
 def new_video_id() -> str:
@@ -36,27 +31,6 @@ def new_video_id() -> str:
 def _video_json(video: Video) -> dict[str, object]:
     return {"video_id": video.id, "title": video.title, "owner": {"id": video.owner_id, "name": video.owner_name},
             "created_ms": video.created_ms}
-
-
-def _cursor(gift: VideoGift) -> str:
-    """Opaque to clients: the last item's (sent_ms, gift id), so a page starts after it however
-    many gifts settle above it meanwhile."""
-    return base64.urlsafe_b64encode(f"{gift.sent_ms}:{gift.gift_id}".encode()).decode().rstrip("=")
-
-
-def _parse_cursor(text: str) -> tuple[int, str]:
-    bad = GiftstreamError(Err.BAD_REQUEST, "cursor must be a next_cursor from an earlier page")
-    if len(text) > MAX_CURSOR:
-        raise bad
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-    except (binascii.Error, ValueError):
-        raise bad from None
-    ms, sep, gift_id = raw.partition(":")
-    if (not sep or not ms.isascii() or not ms.isdigit() or len(ms) > 18 or not gift_id
-            or not gift_id.isprintable()):
-        raise bad
-    return int(ms), gift_id
 
 
 async def create_video(request: Request) -> Response:
@@ -98,19 +72,14 @@ async def send_gift(request: Request) -> Response:
 async def list_gifts(request: Request) -> Response:
     """GET /v1/videos/{video_id}/gifts?cursor=&limit=: its settled gifts, newest first."""
     node = node_of(request)
-    raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
-    if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise GiftstreamError(Err.BAD_REQUEST, f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    cursor = request.query_params.get("cursor")
-    before = _parse_cursor(cursor) if cursor else None
+    limit, before = paging.limit(request.query_params), paging.cursor(request.query_params)
     video = await node.video_gifts.video(request.path_params["video_id"])
-    limit = int(raw_limit)
     rows = await node.store.video_gifts(video.id, before, limit + 1)
-    page = rows[:limit]
+    page, after = paging.page(rows, limit, lambda g: (g.sent_ms, g.gift_id))
     return JSONResponse({
-        "items": [{"gift_id": g.gift_id, "sender": {"id": g.sender_id, "name": g.sender_name}, "gift": g.gift,
+        "gifts": [{"gift_id": g.gift_id, "sender": {"id": g.sender_id, "name": g.sender_name}, "gift": g.gift,
                    "count": g.count, "coins": g.coins, "sent_ms": g.sent_ms} for g in page],
-        "next_cursor": _cursor(page[-1]) if len(rows) > limit else None,
+        "next_cursor": after,
     })
 
 

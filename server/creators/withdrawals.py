@@ -2,7 +2,8 @@
 
 A cash-out, top to bottom (POST /v1/me/withdrawals): a key seen before answers its withdrawal;
 then each refusal in the order a host meets them: no active two-factor, a wrong or used code,
-below the minimum, more than the available diamonds, over the UTC day's maximum. The last two,
+below the minimum, diamonds not worth whole cents (half a cent each by default: an odd number),
+more than the available diamonds, over the UTC day's maximum. The last two,
 the code's time step and the reservation are decided in one SQL transaction that holds the host
 (store/withdrawals.py), so concurrent requests never reserve more than the host has, and a
 refused request leaves its code unused. The payout provider then says paid or failed
@@ -11,6 +12,7 @@ refused request leaves its code unused. The payout provider then says paid or fa
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
@@ -19,15 +21,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from server import paging
 from server.codes import Err, GiftstreamError
 from server.creators import payouts, twofactor
 from server.http_api import json_body, node_of, principal_of
 from server.node import Node
+from server.store.rows import DAY_MS
 from server.store.withdrawals import PENDING, Reservation, Withdrawal
 
-LIST_LIMIT = 20
-LIST_MAX = 100
-DAY_MS = 86_400_000
 # More diamonds than any host can hold (units of them must fit a BIGINT): refused as more than
 # available without asking the database.
 MAX_DIAMONDS = 10**14
@@ -37,6 +38,11 @@ MAX_KEY = 64
 def withdrawal_json(w: Withdrawal, node: Node) -> dict[str, Any]:
     return {"withdrawal_id": w.id, "status": w.status, "diamonds": w.diamonds, "amount_cents": w.amount_cents,
             "currency": node.catalog.currency, "created_at": w.created_ms, "updated_at": w.updated_ms}
+
+
+def whole_cents_step(millicents: int) -> int:
+    """The fewest diamonds worth whole cents at `millicents` a diamond (2 at half a cent)."""
+    return 1000 // math.gcd(millicents, 1000)
 
 
 def _replay(w: Withdrawal, diamonds: int, node: Node) -> Response:
@@ -76,6 +82,12 @@ async def withdraw(request: Request) -> Response:
     if diamonds < settings.withdraw_min_diamonds:
         await store.totp_passed(p.user_id)
         raise GiftstreamError(Err.BELOW_MINIMUM, f"a withdrawal is at least {settings.withdraw_min_diamonds} diamonds")
+    per = whole_cents_step(settings.diamond_millicents)
+    if diamonds % per:
+        # Paid in cents: rounding down would keep part of a diamond's worth, rounding up pay more.
+        await store.totp_passed(p.user_id)
+        raise GiftstreamError(Err.BAD_REQUEST, f"diamonds must come to whole cents: a multiple of {per} at "
+                                               f"{settings.diamond_millicents / 1000:g} cents a diamond")
     now_ms = int(now * 1000)
     w = Withdrawal(uuid.uuid4().hex, p.user_id, key, diamonds, diamonds * settings.diamond_millicents // 1000,
                    PENDING, now_ms, now_ms)
@@ -102,25 +114,13 @@ async def withdrawals(request: Request) -> Response:
     p = principal_of(request)
     p.require("host", "admin")
     node = node_of(request)
-    params = request.query_params
-    raw_limit = params.get("limit", str(LIST_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_MAX:
-        raise GiftstreamError(Err.BAD_REQUEST, f"limit must be 1 to {LIST_MAX}")
-    limit = int(raw_limit)
-    before = _cursor(params["cursor"]) if params.get("cursor") else None
+    limit, before = paging.limit(request.query_params), paging.cursor(request.query_params)
     found = await node.store.host_withdrawals(p.user_id, before, limit + 1)
-    page = found[:limit]
+    page, after = paging.page(found, limit, lambda wm: (wm[0].created_ms, wm[0].id))
     return JSONResponse({
         "withdrawals": [{**withdrawal_json(w, node), "failure_reason": w.failure_reason,
                          "transitions": [{"status": s, "at": at} for s, at in made]} for w, made in page],
-        "next_cursor": f"{page[-1][0].created_ms}-{page[-1][0].id}" if len(found) > limit else None})
-
-
-def _cursor(text: str) -> tuple[int, str]:
-    ms, sep, withdrawal_id = text.partition("-")
-    if not sep or not ms.isdigit() or not withdrawal_id or len(text) > 80:
-        raise GiftstreamError(Err.BAD_REQUEST, "cursor must be a next_cursor from an earlier page")
-    return int(ms), withdrawal_id
+        "next_cursor": after})
 
 
 ROUTES: list[BaseRoute] = [

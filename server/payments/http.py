@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from server.codes import Err, GiftstreamError
 from server.http_api import json_body, node_of, principal_of, read_body
+from server.node import Node
 from server.payments import sandbox, webhooks
 from server.payments.orders import Outcome
 from server.settings import Settings
@@ -47,28 +48,34 @@ async def sandbox_payment(request: Request) -> Response:
     """POST /v1/sandbox/payments/{payment_id} {"outcome", "deliveries"?, "reason"?} (admin): the
     sandbox network sends that outcome's event to this server's webhook, `deliveries` times at
     once; the answer holds the event and each delivery's answer."""
-    p = principal_of(request)
-    p.require("admin")
-    node = node_of(request)
-    if not node.settings.sandbox:
-        raise GiftstreamError(Err.NOT_FOUND, "the sandbox provider is off (GIFTSTREAM_SANDBOX=0)")
-    body = await json_body(request)
+    node, body, deliveries, reason = await sandbox_request(request, "card_declined")
     try:
         outcome = Outcome(str(body.get("outcome")))
     except ValueError:
         raise GiftstreamError(Err.BAD_REQUEST, f"outcome must be one of {', '.join(Outcome)}") from None
-    deliveries = body.get("deliveries", 1)
-    if not isinstance(deliveries, int) or isinstance(deliveries, bool) or not 1 <= deliveries <= MAX_DELIVERIES:
-        raise GiftstreamError(Err.BAD_REQUEST, f"deliveries must be 1 to {MAX_DELIVERIES}")
-    reason = body.get("reason")
-    if reason is not None and not (isinstance(reason, str) and 0 < len(reason) <= 64):
-        raise GiftstreamError(Err.BAD_REQUEST, "reason must be a short code such as card_declined")
     found = await node.store.order_by_payment(request.path_params["payment_id"])
     if found is None:
         raise GiftstreamError(Err.NOT_FOUND, "no such payment")
     event = sandbox.event(found, outcome, reason)
     answers = await sandbox.deliver(webhook_url(node.settings), node.settings.webhook_secret or "", event, deliveries)
     return JSONResponse({"event": event, "deliveries": answers})
+
+
+async def sandbox_request(request: Request, reason_example: str) -> tuple[Node, dict[str, Any], int, str | None]:
+    """What every sandbox driver (payments, payouts) reads first: an admin's request while the
+    sandbox is on, its body, `deliveries` (1 to MAX_DELIVERIES, default 1) and `reason` (or None)."""
+    principal_of(request).require("admin")
+    node = node_of(request)
+    if not node.settings.sandbox:
+        raise GiftstreamError(Err.NOT_FOUND, "the sandbox provider is off (GIFTSTREAM_SANDBOX=0)")
+    body = await json_body(request)
+    deliveries = body.get("deliveries", 1)
+    if not isinstance(deliveries, int) or isinstance(deliveries, bool) or not 1 <= deliveries <= MAX_DELIVERIES:
+        raise GiftstreamError(Err.BAD_REQUEST, f"deliveries must be 1 to {MAX_DELIVERIES}")
+    reason = body.get("reason")
+    if reason is not None and not (isinstance(reason, str) and 0 < len(reason) <= 64):
+        raise GiftstreamError(Err.BAD_REQUEST, f"reason must be a short code such as {reason_example}")
+    return node, body, deliveries, reason
 
 
 def webhook_url(settings: Settings, path: str = "/v1/payments/sandbox/webhook") -> str:

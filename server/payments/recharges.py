@@ -22,6 +22,7 @@ import logging
 import uuid
 from typing import Any
 
+from server import paging
 from server.auth import Principal
 from server.catalog import Catalog, Package
 from server.codes import Err, GiftstreamError
@@ -48,8 +49,6 @@ from server.wallet.service import Wallet
 
 log = logging.getLogger("giftstream.payments")
 
-LIST_LIMIT = 20
-LIST_MAX = 100
 
 
 class Recharges:
@@ -211,20 +210,7 @@ class Recharges:
         user_id = params.get("user_id", principal.user_id)
         if user_id != principal.user_id and principal.role != "admin":
             raise GiftstreamError(Err.FORBIDDEN, "only an admin can list another user's orders")
-        raw_limit = params.get("limit", str(LIST_LIMIT))
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_MAX:
-            raise GiftstreamError(Err.BAD_REQUEST, f"limit must be 1 to {LIST_MAX}")
-        limit = int(raw_limit)
-        before = _cursor(params["cursor"]) if params.get("cursor") else None
+        limit, before = paging.limit(params), paging.cursor(params)
         orders = await self.store.user_orders(user_id, before, limit + 1)
-        page = orders[:limit]
-        more = len(orders) > limit
-        return {"orders": [await self.order_json(o) for o in page],
-                "next_cursor": f"{page[-1].created_ms}-{page[-1].id}" if more else None}
-
-
-def _cursor(text: str) -> tuple[int, str]:
-    ms, sep, order_id = text.partition("-")
-    if not sep or not ms.isdigit() or not order_id or len(text) > 80:
-        raise GiftstreamError(Err.BAD_REQUEST, "cursor must be a next_cursor from an earlier page")
-    return int(ms), order_id
+        page, after = paging.page(orders, limit, lambda o: (o.created_ms, o.id))
+        return {"orders": [await self.order_json(o) for o in page], "next_cursor": after}

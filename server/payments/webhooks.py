@@ -93,17 +93,7 @@ def verify(secret: str | None, raw: bytes, header: str | None) -> None:
 
 def parse(raw: bytes) -> Event:
     """A well-formed event, or 400 bad_request saying what is wrong."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise GiftstreamError(Err.BAD_REQUEST, "body must be JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
-        raise GiftstreamError(Err.BAD_REQUEST, "an event is an object with id, type, created and data")
-    event_id, kind, data = body.get("id"), body.get("type"), body["data"]
-    if not _text(event_id, 255):
-        raise GiftstreamError(Err.BAD_REQUEST, "id must be a string of 1 to 255 printable characters")
-    if not isinstance(body.get("created"), int):
-        raise GiftstreamError(Err.BAD_REQUEST, "created must be unix seconds")
+    event_id, kind, data = envelope(raw)
     if kind == DISPUTE_CLOSED:
         status = data.get("status")
         outcome = CLOSED.get(status) if isinstance(status, str) else None
@@ -113,16 +103,40 @@ def parse(raw: bytes) -> Event:
         outcome = OUTCOMES[kind]
     else:
         raise GiftstreamError(Err.BAD_REQUEST, f"type must be one of {', '.join([*OUTCOMES, DISPUTE_CLOSED])}")
-    payment_id, amount, currency, reason = (data.get("payment_id"), data.get("amount_cents"), data.get("currency"),
-                                            data.get("reason"))
-    if not _text(payment_id, 128) or not _text(currency, 8):
-        raise GiftstreamError(Err.BAD_REQUEST, "data needs payment_id and currency strings")
+    payment_id, amount, currency, reason = money(data, "payment_id", "card_declined")
+    return Event(event_id, kind, outcome, payment_id, amount, currency, reason)
+
+
+def envelope(raw: bytes) -> tuple[str, Any, dict[str, Any]]:
+    """(id, type, data) of an event of any of our providers (payments, payouts), its type not yet
+    checked; 400 bad_request saying what is wrong."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise GiftstreamError(Err.BAD_REQUEST, "body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        raise GiftstreamError(Err.BAD_REQUEST, "an event is an object with id, type, created and data")
+    event_id = body.get("id")
+    if not _text(event_id, 255):
+        raise GiftstreamError(Err.BAD_REQUEST, "id must be a string of 1 to 255 printable characters")
+    if not isinstance(body.get("created"), int):
+        raise GiftstreamError(Err.BAD_REQUEST, "created must be unix seconds")
+    assert isinstance(event_id, str)
+    return event_id, body.get("type"), body["data"]
+
+
+def money(data: dict[str, Any], id_field: str, reason_example: str) -> tuple[str, int, str, str | None]:
+    """(the id in `id_field`, amount_cents, currency, reason) of an event's data, or 400."""
+    target, amount, currency, reason = (data.get(id_field), data.get("amount_cents"), data.get("currency"),
+                                        data.get("reason"))
+    if not _text(target, 128) or not _text(currency, 8):
+        raise GiftstreamError(Err.BAD_REQUEST, f"data needs {id_field} and currency strings")
     if not isinstance(amount, int) or isinstance(amount, bool):
         raise GiftstreamError(Err.BAD_REQUEST, "data.amount_cents must be a whole number of cents")
     if reason is not None and not (_text(reason, 64) and reason.replace("_", "").isalnum()):
-        raise GiftstreamError(Err.BAD_REQUEST, "data.reason must be a short code such as card_declined")
-    assert isinstance(event_id, str) and isinstance(payment_id, str) and isinstance(currency, str)
-    return Event(event_id, kind, outcome, payment_id, amount, currency, reason)
+        raise GiftstreamError(Err.BAD_REQUEST, f"data.reason must be a short code such as {reason_example}")
+    assert isinstance(target, str) and isinstance(currency, str)
+    return target, amount, currency, reason
 
 
 def _text(value: Any, most: int) -> bool:

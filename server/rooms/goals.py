@@ -21,6 +21,9 @@ from server.settings import Settings
 
 # The goal's fields in the room state hash (room_goal.lua clears the same list).
 GOAL_FIELDS = ("goal_id", "goal_gift", "goal_target", "goal_progress", "goal_done", "goal_event_ms", "goal_sent")
+# '1' once any goal of the room's life was reached (room_publish.lua sets it with goal_done): a
+# goal set or cleared after it leaves it, so the session's summary still says a goal was reached.
+GOAL_REACHED = "goal_reached"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from server.codes import Err, GiftstreamError
 from server.keys import RoomKeys
 from server.outage import Outage
+from server.rooms.goals import GOAL_REACHED
 from server.rooms.state import Rooms, RoomState
 from server.settings import Settings
 from server.store.base import Store
@@ -161,14 +162,14 @@ class Lifecycle:
         if await self.redis.hexists(k.state, "host"):
             await self.redis.hsetnx(k.state, "end_reason", reason)
             offset = await self.rooms.end(room_id, reason)
-        h = dict(zip(("ended_at", "end_reason", "peak_viewers", "goal_done", "gifts_total", "coins_total"),
-                     await self.redis.hmget(k.state, "ended_at", "end_reason", "peak_viewers", "goal_done",
+        h = dict(zip(("ended_at", "end_reason", "peak_viewers", GOAL_REACHED, "gifts_total", "coins_total"),
+                     await self.redis.hmget(k.state, "ended_at", "end_reason", "peak_viewers", GOAL_REACHED,
                                             "gifts_total", "coins_total"), strict=True))
         if h["end_reason"] is None:
             reason = LOST  # no Redis state: nothing to publish, nothing known of the session
         await self.store.finish_room(RoomEnd(
             room_id, _int(h["ended_at"], now_ms()), str(h["end_reason"] or reason), _int(h["peak_viewers"]),
-            h["goal_done"] == "1", _int(h["gifts_total"]), _int(h["coins_total"])))
+            h[GOAL_REACHED] == "1", _int(h["gifts_total"]), _int(h["coins_total"])))
         return offset
 
     # -- the idle sweep -----------------------------------------------------------------------

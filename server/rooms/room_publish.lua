@@ -95,6 +95,9 @@ if state[5] and state[6] ~= '1' and (goal_gift == '' or goal_gift == ARGV[14]) t
     if done then
       fields[#fields + 1] = 'goal_done'
       fields[#fields + 1] = '1'
+      -- Outlives this goal (a new goal or a clear resets goal_done): the session reached a goal.
+      fields[#fields + 1] = 'goal_reached'
+      fields[#fields + 1] = '1'
     end
   end
 end

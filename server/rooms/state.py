@@ -17,7 +17,7 @@ from server.coalesce import Coalesced
 from server.keys import RoomKeys
 from server.protocol import parse_offset
 from server.rooms.bus import decode_event
-from server.rooms.goals import GOAL_FIELDS, RoomGoal, goal_from_state
+from server.rooms.goals import GOAL_FIELDS, GOAL_REACHED, RoomGoal, goal_from_state
 from server.settings import Settings
 
 
@@ -56,7 +56,7 @@ class Rooms:
         epoch = secrets.token_hex(6)
         pipe = self.redis.pipeline(transaction=True)
         # A new life of a room starts without the last one's goal (the demo room reopens at every start).
-        pipe.hdel(k.state, *GOAL_FIELDS)
+        pipe.hdel(k.state, *GOAL_FIELDS, GOAL_REACHED)
         pipe.hset(k.state, mapping={
             "host": host_id, "host_name": host_name, "title": title, "live": "1", "epoch": epoch,
             "coins_total": 0, "gifts_total": 0, "created_at": int(time.time() * 1000)})

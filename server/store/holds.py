@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from server.movement import COIN_KINDS, Kind, Movement
 from server.store import queries
 from server.store.models import host_account, host_held_account
+from server.store.steps import Steps as StepsOf
+from server.store.steps import run, run_async
 
 if TYPE_CHECKING:
     import asyncpg
@@ -51,9 +52,7 @@ FIRST_LEG = 4
 # Gifts read per query while walking a viewer's spending.
 PAGE = 500
 
-Row = tuple[Any, ...]
-Step = tuple[str, tuple[Any, ...]]
-Steps = Generator[Step, list[Row], None]
+Steps = StepsOf[None]
 
 _OTHER_COIN_KINDS = ", ".join(f"'{k.value}'" for k in sorted(COIN_KINDS - {Kind.GIFT}))
 # The order's credit, found on the viewer's movements (movements_user_seq, 0003_wallet.sql).
@@ -181,13 +180,7 @@ def settle_sqlite(conn: sqlite3.Connection, movements: list[Movement], hold_wind
     """Run the holds of a batch's new movements, inside the settlement's transaction."""
     for m in movements:
         if m.kind in KINDS:
-            run = steps(m, hold_window_ms, now_ms)
-            try:
-                sql, args = next(run)
-                while True:
-                    sql, args = run.send([tuple(r) for r in conn.execute(sql, args).fetchall()])
-            except StopIteration:
-                pass
+            run(steps(m, hold_window_ms, now_ms), lambda sql, args: conn.execute(sql, args).fetchall())
 
 
 async def settle_postgres(conn: asyncpg.Connection, movements: list[Movement], hold_window_ms: int,
@@ -195,13 +188,7 @@ async def settle_postgres(conn: asyncpg.Connection, movements: list[Movement], h
     """The same on PostgreSQL, inside the settlement's transaction."""
     for m in movements:
         if m.kind in KINDS:
-            run = steps(m, hold_window_ms, now_ms)
-            try:
-                sql, args = next(run)
-                while True:
-                    sql, args = run.send([tuple(r) for r in await conn.fetch(_pg(sql), *args)])
-            except StopIteration:
-                pass
+            await run_async(steps(m, hold_window_ms, now_ms), lambda sql, args: conn.fetch(_pg(sql), *args))
 
 
 @functools.cache

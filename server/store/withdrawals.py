@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from server.store import host_ledger, queries
 from server.store.models import UNITS_PER_DIAMOND
+from server.store.steps import Row, Step, run, run_async
+from server.store.steps import Steps as StepsOf
 
 if TYPE_CHECKING:
     import asyncpg
 
 T = TypeVar("T")
-Row = tuple[Any, ...]
-Step = tuple[str, tuple[Any, ...]]
-# A transaction's decision: statements out, rows back, (result, commit) at the end.
-Steps = Generator[Step, list[Row], tuple[T, bool]]
+# A transaction's decision (store/steps.py): statements out, rows back, (result, commit) at the end.
+Steps = StepsOf[tuple[T, bool]]
 
 # A withdrawal's statuses: pending until the payout provider says paid or failed, then never again.
 PENDING, PAID, FAILED = "pending", "paid", "failed"
@@ -270,16 +270,6 @@ def _transition(w: Withdrawal, status: str, event_id: str | None, source: str,
     yield _INSERT_TRANSITION, (w.id, status, w.updated_ms, event_id, seq)
 
 
-def _drive(steps: Steps[T], execute: Callable[[str, tuple[Any, ...]], list[Any]]) -> tuple[T, bool]:
-    """Run a decision's statements with `execute` (SQLite's, synchronous) to its (result, commit)."""
-    try:
-        sql, args = next(steps)
-        while True:
-            sql, args = steps.send([tuple(r) for r in execute(sql, args)])
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-
-
 # --- the methods, once for both backends --------------------------------------------------------
 
 
@@ -349,12 +339,12 @@ class SQLiteWithdrawals(_Withdrawals):
         return await self._run(lambda c: [tuple(r) for r in c.execute(sql, args).fetchall()])
 
     async def _wd_steps(self, steps: Steps[T]) -> T:
-        def run(conn: sqlite3.Connection) -> T:
+        def decide(conn: sqlite3.Connection) -> T:
             # IMMEDIATE: the write lock before the first read (one connection per process; other
             # processes on the file wait for it).
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result, commit = _drive(steps, lambda sql, args: conn.execute(sql, args).fetchall())
+                result, commit = run(steps, lambda sql, args: conn.execute(sql, args).fetchall())
                 conn.execute("COMMIT" if commit else "ROLLBACK")
                 return result
             except BaseException:
@@ -362,7 +352,7 @@ class SQLiteWithdrawals(_Withdrawals):
                     conn.execute("ROLLBACK")
                 raise
 
-        return await self._run(run)
+        return await self._run(decide)
 
 
 class PostgresWithdrawals(_Withdrawals):
@@ -381,14 +371,10 @@ class PostgresWithdrawals(_Withdrawals):
             tx = conn.transaction()
             await tx.start()
             try:
-                sql, args = next(steps)
-                while True:
-                    sql, args = steps.send([tuple(r) for r in await conn.fetch(_pg(sql), *args)])
-            except StopIteration as done:
-                result, commit = done.value
+                result, commit = await run_async(steps, lambda sql, args: conn.fetch(_pg(sql), *args))
             except BaseException:
                 await tx.rollback()
                 raise
             # A refusal rolls back what its decision wrote before refusing (the code's time step).
             await (tx.commit() if commit else tx.rollback())
-        return result  # type: ignore[no-any-return]
+        return result

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from server import paging
 from server.codes import Err, GiftstreamError
 from server.http_api import json_body, node_of, principal_of
 from server.wallet.history import DEFAULT_LIMIT, MAX_LIMIT, transactions
@@ -75,11 +76,9 @@ async def wallet_transactions(request: Request) -> Response:
     """GET /v1/wallet/transactions?cursor=&limit=: every coin movement, newest first."""
     p = principal_of(request)
     cursor = request.query_params.get("cursor") or None
-    raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise GiftstreamError(Err.BAD_REQUEST, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    limit = paging.whole(request.query_params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
     node = node_of(request)
-    page = await transactions(node.redis, node.store, node.settings.partitions, p.user_id, cursor, int(raw_limit))
+    page = await transactions(node.redis, node.store, node.settings.partitions, p.user_id, cursor, limit)
     return JSONResponse(page)
 
 
