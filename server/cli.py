@@ -397,6 +397,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"movements {t['movements']} (unsettled {t['unsettled']}), coins credited {t['coins_credited']}, "
                   f"spent {t['coins_spent']}; {w['wallets']} wallets hold {w['wallet_balances']}; "
                   f"{d['gifts']} gifts settled, host diamond units {d['host_diamond_units']}")
+            h = report["hosts"]
+            print(f"hosts checked {h['hosts']}, each: lifetime = available + held + reserved + paid out (units, in "
+                  f"all: held {h['held_units']}, reserved {h['reserved_units']}, paid out {h['paid_units']})")
             for f in report["failures"]:
                 print("FAIL:", f)
             print("audit ok" if report["ok"] else "audit FAILED")
