@@ -50,7 +50,7 @@ KEY = base64.b64encode(b"giftstream-joins").decode()
 MAX_OUTSTANDING = 500
 # A handshake that has no welcome this long after it started has failed.
 JOIN_TIMEOUT_S = 60.0
-RETRIES = 2
+RETRIES = 5
 QUIET_S = 5.0
 CHECKSUM_MOD = 1 << 64
 

@@ -150,8 +150,9 @@ def _check_port(host: str, port: int) -> None:
 
 # Open files a gateway process keeps for other things than room sockets: its listening socket,
 # two Redis pools of up to 64 connections each, the bus, wallet-event and fast-pipe connections,
-# the ledger, log and metric files, epoll and uvloop's own. The rest may be sockets.
-FILES_RESERVED = 300
+# the ledger, log and metric files, epoll and uvloop's own. The rest may be sockets (the
+# default of settings.files_reserved, which guard.py refuses connections past).
+FILES_RESERVED = Settings.files_reserved
 
 
 def raise_open_files() -> int:
@@ -168,9 +169,9 @@ def raise_open_files() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def socket_capacity(open_files: int, workers: int) -> str:
+def socket_capacity(open_files: int, workers: int, reserved: int = FILES_RESERVED) -> str:
     """`serve`'s line at start: how many sockets this node can hold, per worker and in all."""
-    per_worker = max(0, open_files - FILES_RESERVED)
+    per_worker = max(0, open_files - reserved)
     workers = max(1, workers)
     where = "one process" if workers == 1 else f"{workers} workers"
     return (f"open files limit {open_files} per process: up to {per_worker:,} sockets per process, "
@@ -187,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
                          settler=False if args.no_settler else None)
     _check_port(settings.host, settings.port)
-    log.info("giftstream serve: %s", socket_capacity(raise_open_files(), settings.workers))
+    log.info("giftstream serve: %s", socket_capacity(raise_open_files(), settings.workers, settings.files_reserved))
     # A serve already running on this data dir: this one shares its valkey (and ledger).
     owner = None if settings.redis_url else embedded.owner(settings.data_dir)
     emb = None

@@ -51,6 +51,9 @@ class Limits:
     per_ip: int = 0
     per_ip_loopback: bool = False
     send_buffer_cap: int = 1 << 20
+    # A connection whose file descriptor is this number or more is refused (0: never): this
+    # process is nearly out of open files (see `configure`).
+    max_fd: int = 0
 
 
 LIMITS = Limits()
@@ -60,7 +63,22 @@ def configure(settings: Settings) -> None:
     """The limits of this process's protocols (one per process: uvicorn makes the protocols)."""
     global LIMITS
     LIMITS = Limits(settings.http_max_header_bytes, settings.http_header_timeout_s,
-                    settings.max_connections_per_ip, settings.ip_cap_loopback, settings.send_buffer_cap)
+                    settings.max_connections_per_ip, settings.ip_cap_loopback, settings.send_buffer_cap,
+                    _max_fd(settings.files_reserved))
+
+
+def _max_fd(reserved: int) -> int:
+    """The highest descriptor a connection may have. The kernel hands out the lowest free one, so
+    a connection's number is about how many files the process holds: past the soft limit less
+    `reserved` (Redis, the ledger, logs) it is refused with 503, so that one process of
+    `serve --workers N` that the shared accept queue gave more than its share never runs out of
+    files for its Redis connections, and the client tries again (another worker, likely)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or reserved <= 0:
+        return 0
+    return max(1, soft - reserved)
 
 
 class PeerTable:
@@ -99,6 +117,14 @@ class PeerTable:
 
 
 PEERS = PeerTable()
+
+
+def _fd_of(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (OSError, ValueError):
+        return -1
 
 # The node's fast door for room sockets (rooms/door.py): it takes the connection, its plain
 # upgrade request read, and the bytes the client sent after the request head.
@@ -146,6 +172,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         limits = LIMITS
+        if limits.max_fd and _fd_of(transport) >= limits.max_fd:
+            self._refuse(Err.UNAVAILABLE, "this server process is full; connect again")
+            return
         ip = self.client[0] if self.client else ""
         capped = limits.per_ip > 0 and (limits.per_ip_loopback or not _is_loopback(ip))
         if capped and not PEERS.admit(ip, transport, limits.per_ip):

@@ -84,6 +84,10 @@ class Settings:
     # 4096 here). uvicorn's 2048 overflowed in a 5,000 joins/s storm: dropped SYNs came back 1 s
     # and 3 s later, and the join p99 went to 10 s.
     listen_backlog: int = 8192
+    # Open files a gateway process keeps for other things than client connections (its Redis
+    # pools, the bus, the ledger, logs, metric files): a connection past the soft limit less this
+    # is refused with 503 (server/guard.py), and `serve` says its sockets per process from it.
+    files_reserved: int = 300
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     gift_rate_per_s: float = 20.0
