@@ -18,7 +18,8 @@ import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.fastpipe import FastPipe, Pipe, is_noscript
+from server.clusterpipe import pipe_like
+from server.fastpipe import Pipe, is_noscript
 from server.metrics import LUA_BATCH_CALLS, LUA_BATCH_SECONDS
 from server.outage import Outage
 from server.scripts import Scripts
@@ -38,7 +39,7 @@ class ScriptBatcher:
                  max_inflight: int = 1) -> None:
         # redis-py only for its address; batches (and script reloads) go through the lean pipeline.
         self.redis = redis
-        self.pipe = pipe or FastPipe.like(redis)
+        self.pipe = pipe or pipe_like(redis)
         self.scripts = scripts
         self.max_batch = max_batch
         self.max_inflight = max(1, max_inflight)

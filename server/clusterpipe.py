@@ -29,7 +29,7 @@ from typing import Any
 import hiredis
 
 from server.cluster import NoOwner, SlotMap, parse, slot_of
-from server.fastpipe import Address, Arg, FastPipe
+from server.fastpipe import Address, Arg, FastPipe, Pipe
 from server.outage import Outage
 
 log = logging.getLogger("giftstream.cluster")
@@ -260,3 +260,13 @@ class ClusterPipe:
             await asyncio.gather(self._reading, return_exceptions=True)
         for pipe in self._pipes.values():
             await pipe.aclose()
+
+
+def pipe_like(client: Any, *, max_connections: int = 8, encoding: str | None = None) -> Pipe:
+    """The hot paths' pipeline to wherever a redis-py client goes: a FastPipe to its server, or a
+    ClusterPipe to the primaries of its cluster, each command to its key's slot."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return ClusterPipe.like(client, max_connections=max_connections, encoding=encoding)
+    return FastPipe.like(client, max_connections=max_connections, encoding=encoding)

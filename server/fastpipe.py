@@ -125,15 +125,9 @@ class FastPipe:
         self._slots = asyncio.Semaphore(max_connections)
 
     @classmethod
-    def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> Pipe:
-        """A pipeline to the same server as a redis-py client (to the same cluster, by slot, as a
-        redis-py cluster client)."""
-        from redis.asyncio.cluster import RedisCluster
-
-        if isinstance(client, RedisCluster):
-            from server.clusterpipe import ClusterPipe
-
-            return ClusterPipe.like(client, max_connections=max_connections, encoding=encoding)
+    def like(cls, client: Any, *, max_connections: int = 8, encoding: str | None = None) -> FastPipe:
+        """A pipeline to the same server as a (single-server) redis-py client; `clusterpipe.pipe_like`
+        picks this or a ClusterPipe for any client."""
         kw = client.connection_pool.connection_kwargs
         auth = ""
         if kw.get("password"):

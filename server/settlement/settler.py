@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from server import metrics
-from server.fastpipe import Arg, FastPipe, Pipe
+from server.clusterpipe import pipe_like
+from server.fastpipe import Arg, Pipe
 from server.keys import SETTLER_GROUP, outbox_key, quarantine_key
 from server.movement import Movement, encode
 from server.outage import Backoff, Outage
@@ -83,7 +84,7 @@ class Settler:
         # Reads and acks go through the lean pipeline (a read and every batch's ack can be in
         # flight at once); XAUTOCLAIM, rare, stays on redis-py.
         self._own_pipe = pipe is None
-        self.pipe = pipe or FastPipe.like(redis, max_connections=1 + self.commits, encoding="utf-8")
+        self.pipe = pipe or pipe_like(redis, max_connections=1 + self.commits, encoding="utf-8")
         self._group = GroupConsumer(self.pipe, self.streams, consumer)
         # XREADGROUP's COUNT is per stream: the per-stream share of the batch budget.
         self._per_stream_max = max(MIN_COUNT, max_batch // partitions)
