@@ -199,6 +199,42 @@ class Api:
         return r.json()  # type: ignore[no-any-return]
 
 
+def user_id(api: Api) -> str:
+    return auth.verify(SECRET, api.token).user_id
+
+
+@contextlib.asynccontextmanager
+async def people_of(server: ServerProc, test_name: str, role: str = "viewer") -> AsyncIterator[Callable[..., Api]]:
+    """`make(name, role=role, **claims)`: clients whose user ids carry the test's name
+    (`<test>-<name>`), so tests sharing a module's server never share a user (or a host's live
+    room); closed after."""
+    made: list[Api] = []
+    prefix = test_name.split("[")[0].removeprefix("test_")[:24]
+
+    def make(name: str, role: str = role, **claims: Any) -> Api:
+        api = Api(server, token(f"{prefix}-{name}", role, name=name.title(), **claims))
+        made.append(api)
+        return api
+
+    try:
+        yield make
+    finally:
+        for api in made:
+            await api.close()
+
+
+async def open_room(server: ServerProc, host_id: str, *senders: str, coins: int = 5000) -> str:
+    """A live room of host `host_id`, and each of `senders` recharged with `coins`."""
+    host = Api(server, token(host_id, "host"))
+    room = await host.create_room()
+    await host.close()
+    for s in senders:
+        api = Api(server, token(s))
+        assert (await api.recharge(coins=coins)).status_code == 201
+        await api.close()
+    return room
+
+
 class Client:
     """A real WebSocket client in a room; decodes both subprotocols into maps."""
 

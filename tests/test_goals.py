@@ -17,7 +17,7 @@ import redis
 from server.keys import RoomKeys
 from server.protocol import parse_offset
 from server.rooms.bus import decode_event
-from tests.support import FAST, Api, Client, ServerProc, join, private_server, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, open_room, private_server, token, wait_until
 
 INTERVAL_MS = 100
 # Ticks every 0.2 s: a held-back progress goes out within about 0.3 s of the last gift.
@@ -31,17 +31,6 @@ def goal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     """One server for the module, on a valkey of its own: each test has its own hosts and rooms."""
     with private_server(tmp_path_factory.mktemp("goals"), env=GOAL_ENV) as server:
         yield server
-
-
-async def _room(server: ServerProc, host_id: str, *senders: str, coins: int = 5000) -> str:
-    host = Api(server, token(host_id, "host"))
-    room = await host.create_room()
-    await host.close()
-    for s in senders:
-        api = Api(server, token(s))
-        assert (await api.recharge(coins=coins)).status_code == 201
-        await api.close()
-    return room
 
 
 async def _put(server: ServerProc, room: str, body: Any, who: str | None) -> httpx.Response:
@@ -76,7 +65,7 @@ def assert_paced(events: list[dict[str, Any]]) -> None:
 
 
 async def test_a_gift_goal_and_a_coins_goal_progress_and_complete(goal_server: ServerProc) -> None:
-    room = await _room(goal_server, "gh", "ga")
+    room = await open_room(goal_server, "gh", "ga")
     async with join(goal_server, room, token("ga")) as sender, join(goal_server, room, token("gw")) as watcher:
         assert watcher.welcome["goal"] is None
         r = await _put(goal_server, room, {"gift": "rose", "count": 10}, "gh")
@@ -135,7 +124,7 @@ async def test_storm_over_two_nodes_every_viewer_sees_done_once_and_the_last_pro
     node_b = make_server(tmp_path / "b", redis_url=redis_url, env=GOAL_ENV,
                          database_url=f"sqlite:///{node_a.data_dir / 'giftstream.sqlite3'}").start()
     senders = [f"ss{i}" for i in range(5)]
-    room = await _room(node_a, "sh", *senders)
+    room = await open_room(node_a, "sh", *senders)
     nodes = [node_a, node_b]
     async with contextlib.AsyncExitStack() as stack:
         viewers = [await stack.enter_async_context(join(nodes[i % 2], room, token(f"sv{i}"))) for i in range(4)]
@@ -181,7 +170,7 @@ async def test_storm_over_two_nodes_every_viewer_sees_done_once_and_the_last_pro
 
 
 async def test_a_resume_replays_goal_events(goal_server: ServerProc) -> None:
-    room = await _room(goal_server, "rh", "ra")
+    room = await open_room(goal_server, "rh", "ra")
     async with join(goal_server, room, token("rw")) as watcher:
         since, epoch = watcher.welcome["offset"], watcher.welcome["epoch"]
     goal = (await _put(goal_server, room, {"gift": "panda", "count": 2}, "rh")).json()
@@ -211,7 +200,7 @@ async def test_a_resume_replays_goal_events(goal_server: ServerProc) -> None:
 
 
 async def test_only_the_host_or_an_admin_sets_or_clears_it(goal_server: ServerProc) -> None:
-    room = await _room(goal_server, "oh")
+    room = await open_room(goal_server, "oh")
     body = {"coins": 100}
     assert (await _put(goal_server, room, body, None)).status_code == 401
     viewer = Api(goal_server, token("ov"))
@@ -248,7 +237,7 @@ async def test_only_the_host_or_an_admin_sets_or_clears_it(goal_server: ServerPr
 
 
 async def test_no_goal_on_an_ended_room(goal_server: ServerProc) -> None:
-    room = await _room(goal_server, "eh")
+    room = await open_room(goal_server, "eh")
     host = Api(goal_server, token("eh", "host"))
     assert (await _put(goal_server, room, {"coins": 10}, "eh")).status_code == 200
     assert (await host.client.post(f"/v1/rooms/{room}/end")).status_code == 200
@@ -268,7 +257,7 @@ async def test_a_room_made_again_under_its_id_starts_without_a_goal(goal_server:
     from server.rooms.state import Rooms
     from server.settings import Settings
 
-    room = await _room(goal_server, "ah")
+    room = await open_room(goal_server, "ah")
     assert (await _put(goal_server, room, {"coins": 10}, "ah")).status_code == 200
     client = Redis.from_url(str(goal_server.redis_url))
     try:

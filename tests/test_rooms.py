@@ -17,7 +17,7 @@ import pytest
 import websockets
 
 from server.keys import RoomKeys
-from tests.support import FAST, Api, Client, ServerProc, join, raw_ws_connect, token, wait_until
+from tests.support import FAST, Api, Client, ServerProc, join, open_room, raw_ws_connect, token, wait_until
 
 # Slices of 2 sockets: every multi-socket room here is written in several steps per frame.
 ROOM_ENV = {**FAST, "GIFTSTREAM_PRESENCE_INTERVAL_S": "0.2", "GIFTSTREAM_PASS_SLICE": "2"}
@@ -41,17 +41,6 @@ def socket_server(make_server: Callable[..., ServerProc], redis_url: str, socket
     return make_server(redis_url=redis_url, env=socket_env).start()
 
 
-async def _setup(server: ServerProc, host_id: str, *senders: str, coins: int = 5000) -> str:
-    host = Api(server, token(host_id, "host"))
-    room = await host.create_room()
-    await host.close()
-    for s in senders:
-        api = Api(server, token(s))
-        assert (await api.recharge(coins=coins)).status_code == 201
-        await api.close()
-    return room
-
-
 async def _send_all(client: Client, ids: list[str], gift: str = "rose") -> list[dict[str, Any]]:
     """Send in windows of 200 (a socket may have 256 gifts in flight); all must be acked."""
     replies: list[dict[str, Any]] = []
@@ -66,7 +55,7 @@ async def _send_all(client: Client, ids: list[str], gift: str = "rose") -> list[
 
 async def test_resume_returns_exactly_the_missed_events_in_order(socket_server: ServerProc) -> None:
     fast_server = socket_server
-    room = await _setup(fast_server, "rh", "ra")
+    room = await open_room(fast_server, "rh", "ra")
     async with join(fast_server, room, token("ra")) as sender, join(fast_server, room, token("rw")) as watcher:
         await _send_all(sender, [f"a{i}" for i in range(5)])
         seen = await watcher.wait_events(5)
@@ -91,7 +80,7 @@ async def test_events_older_than_the_resume_age_are_trimmed_while_viewers_watch(
     """The room stream keeps about resume_max_age_s of events: room_tick.lua trims it by age once a
     presence tick, so a resume from before that fails as too old, and one from after it works."""
     server = make_server(redis_url=redis_url, env={**ROOM_ENV, "GIFTSTREAM_RESUME_MAX_AGE_S": "1"}).start()
-    room = await _setup(server, "th", "ta")
+    room = await open_room(server, "th", "ta")
     async with join(server, room, token("ta")) as sender:
         start, epoch = sender.welcome["offset"], sender.welcome["epoch"]
         # 600 events, several stream nodes (trimming by age drops whole nodes only)
@@ -118,7 +107,7 @@ async def test_events_older_than_the_resume_age_are_trimmed_while_viewers_watch(
 async def test_resume_failed_when_epoch_changed_or_too_old(make_server: Callable[..., ServerProc],
                                                            redis_url: str) -> None:
     server = make_server(redis_url=redis_url, env={**ROOM_ENV, "GIFTSTREAM_RESUME_MAX_EVENTS": "20"}).start()
-    room = await _setup(server, "oh", "oa")
+    room = await open_room(server, "oh", "oa")
     async with join(server, room, token("ow")) as w:
         start, epoch = w.welcome["offset"], w.welcome["epoch"]
         await w.send({"type": "resume", "since": start, "epoch": "not-the-epoch"})
@@ -158,7 +147,7 @@ async def _next_of(client: Client, kind: str) -> dict[str, Any]:
 
 async def test_coalesced_frames_carry_every_event_once_and_combos_count(socket_server: ServerProc) -> None:
     fast_server = socket_server
-    room = await _setup(fast_server, "ch", "c1", "c2")
+    room = await open_room(fast_server, "ch", "c1", "c2")
     async with join(fast_server, room, token("cw")) as w, join(fast_server, room, token("c1")) as a, \
             join(fast_server, room, token("c2")) as b:
         frames: list[int] = []
@@ -188,7 +177,7 @@ async def test_coalesced_frames_carry_every_event_once_and_combos_count(socket_s
 
 async def test_combo_resets_after_window(make_server: Callable[..., ServerProc], redis_url: str) -> None:
     server = make_server(redis_url=redis_url, env={**ROOM_ENV, "GIFTSTREAM_COMBO_WINDOW_S": "0.3"}).start()
-    room = await _setup(server, "wh", "wa")
+    room = await open_room(server, "wh", "wa")
     async with join(server, room, token("wa")) as a:
         await _send_all(a, ["w1", "w2"])
         await asyncio.sleep(0.6)  # the combo window (0.3 s) passes: what is tested
@@ -203,7 +192,7 @@ async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
     node_a = make_server(tmp_path / "a", redis_url=redis_url, env=ROOM_ENV).start()
     node_b = make_server(tmp_path / "b", redis_url=redis_url, env=ROOM_ENV,
                          database_url=f"sqlite:///{tmp_path / 'a' / 'giftstream.sqlite3'}").start()
-    room = await _setup(node_a, "nh", "na")
+    room = await open_room(node_a, "nh", "na")
     async with join(node_a, room, token("na")) as a, join(node_b, room, token("nb1")) as b1, \
             join(node_b, room, token("nb2")) as b2:
         await b1.until(lambda: b1.count("presence", viewers=3) > 0)
@@ -231,7 +220,7 @@ async def test_presence_counts_across_two_nodes_and_gifts_cross_nodes(
 
 
 async def test_leaderboard_ranks_gifters_by_coins_with_names(fast_server: ServerProc) -> None:
-    room = await _setup(fast_server, "lh", "la", "lb")
+    room = await open_room(fast_server, "lh", "la", "lb")
     async with join(fast_server, room, token("la", name="Ada")) as a, \
             join(fast_server, room, token("lb", name="Bo")) as b:
         await _send_all(a, [f"a{i}" for i in range(3)], gift="perfume")  # 60 coins
@@ -255,7 +244,7 @@ async def test_slow_consumer_closed_with_4008_while_others_keep_receiving(
         make_server: Callable[..., ServerProc], redis_url: str, socket_env: dict[str, str]) -> None:
     server = make_server(redis_url=redis_url, env={**socket_env, "GIFTSTREAM_SEND_BUFFER_CAP": "131072",
                                                      "GIFTSTREAM_SOCKET_SNDBUF": "16384"}).start()
-    room = await _setup(server, "sh", "sa", coins=100_000)
+    room = await open_room(server, "sh", "sa", coins=100_000)
     stalled = raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('stall')}")
     try:
         async with join(server, room, token("sw")) as w, join(server, room, token("sa")) as a:
@@ -293,7 +282,7 @@ async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Calla
                                                               redis_url: str, socket_env: dict[str, str]) -> None:
     server = make_server(redis_url=redis_url, env={**socket_env, "GIFTSTREAM_PING_INTERVAL_S": "0.5",
                                                    "GIFTSTREAM_PING_TIMEOUT_S": "0.5"}).start()
-    room = await _setup(server, "kh")
+    room = await open_room(server, "kh")
     dead = raw_ws_connect(server.port, f"/v1/rooms/{room}/ws?token={token('dead')}")
     try:
         async with join(server, room, token("alive")) as alive:  # websockets answers pings itself
@@ -314,7 +303,7 @@ async def test_keepalive_drops_dead_peers_and_keeps_live_ones(make_server: Calla
 
 async def test_fragmented_messages_are_reassembled(socket_server: ServerProc) -> None:
     fast_server = socket_server
-    room = await _setup(fast_server, "fh", "fa")
+    room = await open_room(fast_server, "fh", "fa")
     async with join(fast_server, room, token("fa")) as a:
         payload = msgpack.packb({"type": "gift", "id": "frag-1", "gift": "rose", "count": 3})
         await a.ws.send([payload[:5], payload[5:11], payload[11:]])  # one message, three frames
@@ -325,7 +314,7 @@ async def test_fragmented_messages_are_reassembled(socket_server: ServerProc) ->
 async def test_bus_reconnect_catches_up_without_gaps(fast_server: ServerProc, redis_url: str) -> None:
     import redis as redis_sync
 
-    room = await _setup(fast_server, "bh", "ba")
+    room = await open_room(fast_server, "bh", "ba")
     async with join(fast_server, room, token("bw")) as w, join(fast_server, room, token("ba")) as a:
         await _send_all(a, ["before"])
         await w.wait_events(1)
@@ -351,7 +340,7 @@ async def test_workers_share_one_port_as_one_system(make_server: Callable[..., S
             break
     assert len(nodes) == 2, "two worker processes answer on the one port"
     await probe.close()
-    room = await _setup(server, "wh2", "wa2")
+    room = await open_room(server, "wh2", "wa2")
     async with contextlib.AsyncExitStack() as stack:
         viewers = [await stack.enter_async_context(join(server, room, token(f"wv{i}"))) for i in range(6)]
         sender = await stack.enter_async_context(join(server, room, token("wa2")))
@@ -363,7 +352,7 @@ async def test_workers_share_one_port_as_one_system(make_server: Callable[..., S
 
 async def test_gifts_sent_before_the_welcome_are_not_lost(socket_server: ServerProc) -> None:
     fast_server = socket_server
-    room = await _setup(fast_server, "eh", "ea")
+    room = await open_room(fast_server, "eh", "ea")
     url = f"{fast_server.ws_base}/v1/rooms/{room}/ws?token={token('ea')}"
     async with websockets.connect(url, subprotocols=["giftstream.msgpack"]) as ws:  # type: ignore[list-item]
         # Pipelined right after the handshake, before the welcome can have arrived.
@@ -382,7 +371,7 @@ async def test_a_published_gift_record_without_expiry_gets_one_from_the_presence
     """room_publish.lua's per-minute record of published gifts takes its expiry from the first
     gift a gateway publishes in that minute; a record left without one (Redis lost its data under
     a running gateway) gets it from the room's presence tick."""
-    room = await _setup(fast_server, "xh")
+    room = await open_room(fast_server, "xh")
     redis = __import__("redis").Redis.from_url(redis_url)
     async with join(fast_server, room, token("xv")):
         await wait_until(lambda: time.time() % 60 <= 55, timeout=10, interval=0.5)  # stay inside one minute

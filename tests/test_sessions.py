@@ -20,12 +20,11 @@ import httpx
 import pytest
 import websockets
 
-from server import auth
 from server.keys import RoomKeys
 from server.store.migrations import migrations, statements
 from server.store.models import UNITS_PER_DIAMOND
 from tests.conftest import _fresh_pg_database
-from tests.support import SECRET, Api, ServerProc, join, private_server, start_all, token, wait_until
+from tests.support import Api, ServerProc, join, people_of, private_server, start_all, token, user_id, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -73,21 +72,11 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 async def people(gateway: ServerProc, request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Api]]:
     """Clients on the gateway whose user ids carry the test's name: `people("hana")` is this
     test's host hana, `people("vic", "viewer")` a viewer."""
-    made: list[Api] = []
-    prefix = request.node.name.split("[")[0].removeprefix("test_")[:20]
-
-    def make(name: str, role: str = "host") -> Api:
-        api = Api(gateway, token(f"{prefix}-{name}", role, name=name.title()))
-        made.append(api)
-        return api
-
-    yield make
-    for api in made:
-        await api.close()
+    async with people_of(gateway, request.node.name, "host") as make:
+        yield make
 
 
-def uid(api: Api) -> str:
-    return auth.verify(SECRET, api.token).user_id
+uid = user_id
 
 
 async def summary(api: Api, room: str) -> dict[str, Any]:

@@ -15,10 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server import auth
 from tests.conftest import _fresh_pg_database
 from tests.payments import audit
-from tests.support import SECRET, Api, ServerProc, TcpProxy, join, private_server, token, wait_until
+from tests.support import Api, ServerProc, TcpProxy, join, people_of, private_server, token, user_id, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,21 +41,11 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture
 async def users(live: ServerProc, request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Api]]:
     """API clients for this test's own users (their ids carry the test's name)."""
-    made: list[Api] = []
-    prefix = request.node.name.split("[")[0].removeprefix("test_")[:24]
-
-    def make(name: str, role: str = "viewer", **claims: Any) -> Api:
-        client = Api(live, token(f"{prefix}-{name}", role, name=name.title(), **claims))
-        made.append(client)
-        return client
-
-    yield make
-    for c in made:
-        await c.close()
+    async with people_of(live, request.node.name) as make:
+        yield make
 
 
-def uid(api: Api) -> str:
-    return auth.verify(SECRET, api.token).user_id
+uid = user_id
 
 
 async def new_video(host: Api, title: str = "My video") -> str:

@@ -160,9 +160,11 @@ async def host_row(ledger: Backend, host_id: str) -> tuple[int, int, int, int]:
     return tuple(int(v) for v in rows[0]) if rows else (0, 0, 0, 0)  # type: ignore[return-value]
 
 
-async def fund(server: ServerProc, ledger: Backend, host: Host, gift_id: str = "lion", count: int = 1) -> int:
+async def fund(server: ServerProc, ledger: Backend, host: Host, gift_id: str = "lion", count: int = 1,
+               payments: list[str] | None = None) -> int:
     """The host earns from real gifts: a new viewer recharges, sends them in the host's room, and
-    the settler credits them. The host's lifetime units once settled."""
+    the settler credits them. The host's lifetime units once settled; the recharge's payment id
+    is added to `payments` when given."""
     price = {"lion": LION, "tiktok_universe": 44_999}[gift_id]
     viewer = f"patron-{uuid.uuid4().hex[:10]}"
     vtoken = token(viewer)
@@ -171,6 +173,9 @@ async def fund(server: ServerProc, ledger: Backend, host: Host, gift_id: str = "
                             json={"coins": price * count, "payment_method": "sandbox_card",
                                   "idempotency_key": "fund"})
         assert r.status_code == 201, r.text
+        if payments is not None:
+            payments.append(r.json()["payment_id"])
+        # The host's room (a second fund finds it live already: 409 names it).
         room = (await host.client.post("/v1/rooms", json={"title": "cash"})).json()["room_id"]
     before = (await host_row(ledger, host.user_id))[0]
     async with join(server, room, vtoken) as c:
@@ -484,6 +489,46 @@ async def test_a_failed_payout_returns_the_diamonds_once(live: tuple[ServerProc,
     paid_units = MIN * UNITS_PER_DIAMOND if won == "paid" else 0
     assert await host_row(ledger, host2.user_id) == (units2, 0, 0, paid_units)
     assert len(await pay_movements(ledger, host2.user_id)) == 1
+
+
+async def test_a_dispute_after_a_payout_holds_and_pays_nothing_twice(live: tuple[ServerProc, Backend],
+                                                                    people: Callable[..., Any]) -> None:
+    """The coins of a paid-out withdrawal's gifts are disputed: their diamonds are held, the
+    host's available goes below zero and no withdrawal passes until new earnings repay it; the
+    dispute won gives them back once. Paid out only ever grows by what was asked."""
+    server, ledger = live
+    host, admin = people(), people("admin")
+    payments: list[str] = []
+    units = await fund(server, ledger, host, payments=payments)  # 14,999.5 diamonds
+    base = await base_step()
+    app = await host.two_factor(base - 1)
+    first = await host.withdraw(MIN, app.code(base))
+    assert first.status_code == 202, first.text
+    assert applied(await drive(admin, first.json()["withdrawal_id"], "paid", 2)) == [True]
+    paid = MIN * UNITS_PER_DIAMOND
+    assert await host_row(ledger, host.user_id) == (units, 0, 0, paid)
+
+    async def row_is(want: tuple[int, int, int, int]) -> bool:
+        return await host_row(ledger, host.user_id) == want
+
+    r = await admin.post(f"/v1/sandbox/payments/{payments[0]}", json={"outcome": "disputed"})
+    assert r.status_code == 200, r.text
+    await wait_until(lambda: row_is((units, units, 0, paid)), timeout=20, interval=0.05)
+    earnings = (await host.client.get("/v1/me/earnings")).json()
+    assert (earnings["diamonds"], earnings["held"], earnings["paid_out"]) == (-MIN, units // UNITS_PER_DIAMOND, MIN)
+    later = app.code(base + 1)
+    assert code_of(await host.withdraw(MIN, later)) == (402, "insufficient_diamonds")
+
+    r = await admin.post(f"/v1/sandbox/payments/{payments[0]}", json={"outcome": "dispute_won"})
+    assert r.status_code == 200, r.text
+    await wait_until(lambda: row_is((units, 0, 0, paid)), timeout=20, interval=0.05)
+    assert code_of(await host.withdraw(MIN, later)) == (402, "insufficient_diamonds")  # 4,999.5 left
+    units = await fund(server, ledger, host)
+    second = await host.withdraw(MIN, later)  # the code the refusals left unused
+    assert second.status_code == 202, second.text
+    assert applied(await drive(admin, second.json()["withdrawal_id"], "paid", 3)) == [True]
+    assert await host_row(ledger, host.user_id) == (units, 0, 0, 2 * paid)
+    assert await pay_movements(ledger, host.user_id) == [("platform:payouts", paid)] * 2
 
 
 def _signed(body: dict[str, Any], secret: str = WEBHOOK_SECRET, t: int | None = None) -> tuple[bytes, dict[str, str]]:
