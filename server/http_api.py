@@ -32,6 +32,16 @@ def principal_of(request: Request) -> auth.Principal:
     return auth.verify(node_of(request).settings.secret or "", auth.bearer(request.headers.get("authorization")))
 
 
+def whole_number(body: dict[str, Any], name: str, most: int | None = None, default: int | None = None) -> int:
+    """`body[name]`: a JSON integer (a bool is not one) from 1 to `most` (no bound when None), or
+    `default` when absent and one is given; 400 bad_request naming the field otherwise."""
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (most is not None and value > most):
+        bound = f"from 1 to {most}" if most is not None else "above zero"
+        raise GiftstreamError(Err.BAD_REQUEST, f"{name} must be a whole number {bound}")
+    return value
+
+
 async def hosted_room(request: Request, action: str) -> tuple[Node, auth.Principal, RoomState]:
     """The room `{room_id}` of the path, asked for by its host or an admin: 401 without a token,
     404 for no such room, 403 `only the room's host or an admin can <action>` for anyone else."""

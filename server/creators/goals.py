@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.codes import Err, GiftstreamError
-from server.http_api import hosted_room, json_body, node_of
+from server.http_api import hosted_room, json_body, node_of, whole_number
 from server.node import Node
 from server.rooms.goals import Goals, RoomGoal
 
@@ -30,22 +30,15 @@ def _answer(room_id: str, goal: RoomGoal) -> JSONResponse:
     return JSONResponse({"room_id": room_id, **goal.to_json()})
 
 
-def _target(body: dict[str, Any], name: str) -> int:
-    value = body.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TARGET:
-        raise GiftstreamError(Err.BAD_REQUEST, f"'{name}' must be an integer from 1 to {MAX_TARGET}")
-    return value
-
-
 def parse_goal(body: dict[str, Any], node: Node) -> tuple[str | None, int]:
     """(gift, target) of a goal body: {"gift", "count"} or {"coins"}, nothing else."""
     if set(body) == {"gift", "count"}:
         gift = body["gift"]
         if not isinstance(gift, str):
             raise GiftstreamError(Err.BAD_REQUEST, "'gift' must be a gift id from the catalog")
-        return node.catalog.gift(gift).id, _target(body, "count")
+        return node.catalog.gift(gift).id, whole_number(body, "count", MAX_TARGET)
     if set(body) == {"coins"}:
-        return None, _target(body, "coins")
+        return None, whole_number(body, "coins", MAX_TARGET)
     raise GiftstreamError(Err.BAD_REQUEST, 'a goal is {"gift": <gift id>, "count": <n>} or {"coins": <n>}')
 
 

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 from server import paging
 from server.codes import Err, GiftstreamError
 from server.creators import payouts, twofactor
-from server.http_api import json_body, node_of, principal_of
+from server.http_api import json_body, node_of, principal_of, whole_number
 from server.node import Node
 from server.store.rows import DAY_MS
 from server.store.withdrawals import PENDING, Reservation, Withdrawal
@@ -54,9 +54,7 @@ def _replay(w: Withdrawal, diamonds: int, node: Node) -> Response:
 
 
 def _request(body: dict[str, Any]) -> tuple[int, str, str | None]:
-    diamonds, key = body.get("diamonds"), body.get("idempotency_key")
-    if not isinstance(diamonds, int) or isinstance(diamonds, bool) or diamonds <= 0:
-        raise GiftstreamError(Err.BAD_REQUEST, "diamonds must be a whole number above zero")
+    diamonds, key = whole_number(body, "diamonds"), body.get("idempotency_key")
     if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY or not key.isprintable():
         raise GiftstreamError(Err.BAD_REQUEST, f"idempotency_key must be a string of 1 to {MAX_KEY} printable "
                                                "characters")

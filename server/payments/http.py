@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.codes import Err, GiftstreamError
-from server.http_api import json_body, node_of, principal_of, read_body
+from server.http_api import json_body, node_of, principal_of, read_body, whole_number
 from server.node import Node
 from server.payments import sandbox, webhooks
 from server.payments.orders import Outcome
@@ -69,9 +69,7 @@ async def sandbox_request(request: Request, reason_example: str) -> tuple[Node, 
     if not node.settings.sandbox:
         raise GiftstreamError(Err.NOT_FOUND, "the sandbox provider is off (GIFTSTREAM_SANDBOX=0)")
     body = await json_body(request)
-    deliveries = body.get("deliveries", 1)
-    if not isinstance(deliveries, int) or isinstance(deliveries, bool) or not 1 <= deliveries <= MAX_DELIVERIES:
-        raise GiftstreamError(Err.BAD_REQUEST, f"deliveries must be 1 to {MAX_DELIVERIES}")
+    deliveries = whole_number(body, "deliveries", MAX_DELIVERIES, default=1)
     reason = body.get("reason")
     if reason is not None and not (isinstance(reason, str) and 0 < len(reason) <= 64):
         raise GiftstreamError(Err.BAD_REQUEST, f"reason must be a short code such as {reason_example}")
