@@ -123,10 +123,12 @@ def _open_files(pid: int) -> int:
 
 
 class Meter:
-    """RSS and CPU of the gateway processes at one moment."""
+    """RSS and CPU of the gateway processes at one moment (the serve's children as they are now:
+    uvicorn replaces a worker that died or hung)."""
 
     def __init__(self, pids: dict[str, list[int]]) -> None:
-        self.pids = pids
+        server = pids["supervisor"][0] if pids["supervisor"] else (pids["gateways"] or [0])[0]
+        pids = gateway_pids(server) if server else pids
         self.at = time.time()
         self.rss = {p: rss_kib(p) or 0 for ps in pids.values() for p in ps}
         self.cpu = {p: cpu_seconds(p) or 0.0 for ps in pids.values() for p in ps}
@@ -136,7 +138,12 @@ class Meter:
         return sum(self.rss.get(p, 0) for p in self.pids["gateways"])
 
     def cpu_since(self, before: Meter, role: str) -> float:
+        """CPU of the processes of `role` since `before` (a process new since then: all of its)."""
         return sum(self.cpu.get(p, 0.0) - before.cpu.get(p, 0.0) for p in self.pids[role])
+
+    def replaced(self, before: Meter) -> int:
+        """Gateway processes that are gone since `before` (died, or killed as hung)."""
+        return len(set(before.pids["gateways"]) - set(self.pids["gateways"]))
 
 
 # setup and senders ---------------------------------------------------------------------------
@@ -319,6 +326,7 @@ def join_figures(joined: list[dict[str, Any]], t0: float, before: Meter, after: 
         "gateway_rss_mib_by_process": [round(settled.rss.get(p, 0) / 1024, 1) for p in settled.pids["gateways"]],
         "gateway_open_files_by_process": [settled.files.get(p, 0) for p in settled.pids["gateways"]],
         "valkey_rss_mib": round(sum(settled.rss.get(p, 0) for p in settled.pids["valkey"]) / 1024, 1),
+        "gateway_processes_replaced": settled.replaced(before),
     }
 
 

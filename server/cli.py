@@ -215,6 +215,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Connections the kernel may hold for accept: after a gateway restart every viewer comes
         # back at once, and a full queue drops SYNs, which a client retries 1 s, then 3 s later.
         backlog=settings.listen_backlog,
+        # Under --workers N, a worker that does not answer the supervisor's ping in time is killed
+        # (and with it every socket it holds). uvicorn's 5 s was missed by busy workers of a 50,000
+        # viewer join storm on two loaded cores: two of four were killed at start.
+        timeout_worker_healthcheck=30,
     )
     try:
         if settings.workers > 1:

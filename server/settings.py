@@ -57,9 +57,10 @@ class Settings:
     # N`'s processes); the rooms sending share it max-min fairly (rooms/budget.py), so a room of
     # S local sockets sends a frame at most every S / its share seconds: the frame rate follows
     # the room's size, before any pass has cost anything (fanout_share then only catches what
-    # this misjudges). A write of a small frame costs about 5-10 us here: 100,000 writes/s is
-    # 0.5-1 core of 2 (docs/benchmarks.md has the latency this gives at each room size).
-    fanout_writes_per_s: float = 100_000.0
+    # this misjudges). A socket's write of a small frame cost 10-17 us of gateway CPU in the
+    # join storms of 2026-11-30 (loopback: the kernel's receive side is paid by the sender too):
+    # 50,000 writes/s is 0.5-0.85 core of 2 (docs/benchmarks.md: the latency at each room size).
+    fanout_writes_per_s: float = 50_000.0
     combo_window_s: float = 3.0
     resume_max_events: int = 10_000
     resume_max_age_s: int = 120

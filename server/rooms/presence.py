@@ -165,7 +165,7 @@ class Presence:
         for room, local, (viewers, top_raw) in zip(rooms, locals_, replies[len(gone):], strict=True):
             viewers = int(viewers)
             self.hub.counted(room.room_id, viewers, local)
-            if viewers != room.presence_sent:
+            if viewers != room.presence_sent and self.hub.snapshot_due(room):
                 room.presence_sent = viewers
                 self.hub.deliver(room.room_id, {"type": "presence", "viewers": viewers})
             top = leaderboard_from(top_raw)
