@@ -128,7 +128,8 @@ class Meter:
 
     def __init__(self, pids: dict[str, list[int]]) -> None:
         server = pids["supervisor"][0] if pids["supervisor"] else (pids["gateways"] or [0])[0]
-        pids = gateway_pids(server) if server else pids
+        self.pids = gateway_pids(server) if server else pids
+        pids = self.pids
         self.at = time.time()
         self.rss = {p: rss_kib(p) or 0 for ps in pids.values() for p in ps}
         self.cpu = {p: cpu_seconds(p) or 0.0 for ps in pids.values() for p in ps}
