@@ -57,7 +57,7 @@ def test_headline_is_the_highest_rate_under_the_bound_with_an_ok_verdict() -> No
 
 
 def test_cpu_clock_reads_a_named_process_and_counts_unnamed_children_as_the_generator() -> None:
-    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
     named = subprocess.Popen([sys.executable, "-c", spin])
     other = subprocess.Popen([sys.executable, "-c", spin])
     try:
@@ -69,8 +69,8 @@ def test_cpu_clock_reads_a_named_process_and_counts_unnamed_children_as_the_gene
     finally:
         named.kill()
         other.kill()
-    # Each child spun 0.3 s of CPU after the clock's first sample saw it (its start-up comes
-    # before that only in part), and neither is counted twice.
-    assert 0.25 <= cpu["busy"] < 1.0
-    assert 0.25 <= cpu["generator"] < 1.5
+    # Each child spins 1 s of CPU; the clock's first sample may see it late on a busy machine
+    # (up to half of it), and neither is counted twice.
+    assert 0.5 <= cpu["busy"] < 1.5
+    assert 0.5 <= cpu["generator"] < 1.5
     assert cpu[MACHINE] >= cpu["busy"]
