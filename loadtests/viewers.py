@@ -26,6 +26,7 @@ import gc
 import hashlib
 import os
 import resource
+import socket
 import struct
 import sys
 import time
@@ -53,6 +54,7 @@ JOIN_TIMEOUT_S = 60.0
 RETRIES = 5
 QUIET_S = 5.0
 CHECKSUM_MOD = 1 << 64
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
 
 
 def gift_hash(gift_id: str) -> int:
@@ -281,9 +283,18 @@ class Pool:
         task.add_done_callback(self.tasks.discard)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, v: Viewer) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            await loop.create_connection(lambda: v, self.host, self.port, local_addr=(self.source, 0))
+            # Bound to this process's source address with no port yet: the kernel picks the port
+            # at connect, by the whole address pair. A bind to port 0 scanned the ephemeral ports
+            # in use each time: 97% of a viewer process's CPU by 6,000 sockets.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (self.host, self.port))
+            await loop.create_connection(lambda: v, sock=sock)
         except OSError as exc:
+            sock.close()
             self._retry(loop, v, f"{type(exc).__name__}: {exc.strerror or exc}"[:80])
 
     def _retry(self, loop: asyncio.AbstractEventLoop, v: Viewer, why: str) -> None:
