@@ -7,7 +7,7 @@ reads every frame: each socket counts the gift events it got (and a checksum of 
 so the coordinator can tell that every socket got every acked gift exactly once.
 
 Every socket of the room gets the same `events` frame, so a frame is decoded once per process
-(`Frames`, found by its length and tail, then compared whole) and a socket only adds the
+(`Frames`, found by its bytes) and a socket only adds the
 frame's count and checksum and appends its receive time; latencies are computed from those
 times after the storm, off the hot path.
 
@@ -77,7 +77,7 @@ class Frames:
     """The distinct `events` frames this process saw, each decoded once, found by its raw bytes."""
 
     def __init__(self) -> None:
-        self.recent: dict[tuple[int, bytes], tuple[bytes, int]] = {}
+        self.index: dict[bytes, int] = {}
         self.count: list[int] = []
         self.checksum: list[int] = []
         self.first: list[int] = []
@@ -86,12 +86,12 @@ class Frames:
         self.arrivals: list[array[float]] = []
 
     def lookup(self, raw: bytes, head: int) -> int:
-        key = (len(raw), raw[-24:])
-        hit = self.recent.get(key)
-        if hit is not None and hit[0] == raw:
-            return hit[1]
-        idx = self._add(raw[head:])
-        self.recent[key] = (bytes(raw), idx)
+        # By the whole frame: two workers' frames of one room can share their length and tail
+        # (the same last event after different first ones), and a lookup by those alone took
+        # them for new frames each time they alternated.
+        idx = self.index.get(raw)
+        if idx is None:
+            idx = self.index[bytes(raw)] = self._add(raw[head:])
         return idx
 
     def _add(self, payload: bytes) -> int:
@@ -366,7 +366,7 @@ class Pool:
                 "deliveries": sum(v.gifts for v in live), "latency_ms": latency.dump(),
                 "frame_spread_ms": spread.dump(),
                 "frames": sum(1 for i, c in enumerate(frames.count) if c and frames.arrivals[i]),
-                "frame_bytes": [len(raw) for raw, _ in frames.recent.values()][:50]}
+                "frame_bytes": [len(raw) for raw in frames.index][:50]}
 
     async def run(self) -> None:
         self.pipe.send(("ready", {"pid": os.getpid(), "count": len(self.viewers)}))
