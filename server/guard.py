@@ -168,6 +168,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.head_timer: asyncio.TimerHandle | None = None
         # No byte read yet: a room socket's request may still go through the fast door.
         self.fresh = True
+        # Refused (431, 429, 503): what the client still sends is read and dropped (_refuse).
+        self.refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -187,6 +189,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         if self.fresh:
             self.fresh = False
             if DOOR is not None and data.startswith(PREFIX) and self._through_door(DOOR, data):
@@ -263,8 +267,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, code: Err, message: str) -> None:
         self._stop_head_timer()
         self.head_bytes = None
+        self.refused = True
         self.transport.write(http_refusal(code, message))
-        self.transport.close()
+        # A lingering close, as web servers do: the client may still be sending (the rest of an
+        # 8 MB head). Closed with its bytes unread, the socket sends a reset, and a reset makes
+        # the client's kernel drop our answer before the client reads it (seen as a bare close
+        # in a loaded test run). So our side ends here, what still comes is read and dropped,
+        # and the connection closes when the client closes it, or after a grace period.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(CLOSE_GRACE_S, self._drop)
+        else:
+            self.transport.close()
+
+    def _drop(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.abort()
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
