@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -99,12 +101,14 @@ async def test_joins_of_a_known_room_read_nothing_from_redis(door_server: Server
     r = redis.Redis.from_url(redis_url)
     async with join(door_server, room, token("k0")):
         r.config_resetstat()
+        started = time.monotonic()
         sockets = [await websockets.connect(f"{door_server.ws_base}/v1/rooms/{room}/ws?token={token(f'k{i}')}",
                                             subprotocols=["giftstream.msgpack"])  # type: ignore[list-item]
                    for i in range(1, 31)]
         try:
             welcomes = [msgpack.unpackb(await ws.recv()) for ws in sockets]
             stats = r.info("commandstats")
+            elapsed = time.monotonic() - started
         finally:
             for ws in sockets:
                 await ws.close()
@@ -117,5 +121,6 @@ async def test_joins_of_a_known_room_read_nothing_from_redis(door_server: Server
         return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
 
     writes = calls("evalsha")
-    assert 0 < writes <= 30
+    # The node's presence tick (room_tick.lua, once a second a room) may run in the window too.
+    assert 0 < writes <= 30 + math.ceil(elapsed) + 1, (writes, elapsed)
     assert calls("hgetall") <= writes and calls("xrevrange") <= writes, stats
