@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from server.movement import COIN_KINDS, Kind, Movement
 from server.store import queries
-from server.store.models import host_account, host_held_account
+from server.store.models import DIAMOND_UNIT, host_account, host_held_account
 from server.store.steps import Steps as StepsOf
 from server.store.steps import run, run_async
 
@@ -75,7 +75,6 @@ RELEASE = (
     "UPDATE gift_holds SET released_ms = ? WHERE order_id = ? AND kind = 'dispute' AND released_ms IS NULL"
     " RETURNING host_id, diamond_units")
 ADD_HELD = "UPDATE host_earnings SET held_units = held_units + ? WHERE host_id = ?"
-INSERT_LEG = "INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +171,8 @@ def _move(m: Movement, per_host: dict[str, int], *, held: bool) -> Steps:
             continue
         leg = FIRST_LEG + 2 * i
         yield ADD_HELD, (units, host)
-        yield INSERT_LEG, (m.partition, m.seq, leg, host_account(host), "diamond_unit", -units)
-        yield INSERT_LEG, (m.partition, m.seq, leg + 1, host_held_account(host), "diamond_unit", units)
+        yield queries.INSERT_LEDGER_LEG, (m.partition, m.seq, leg, host_account(host), DIAMOND_UNIT, -units)
+        yield queries.INSERT_LEDGER_LEG, (m.partition, m.seq, leg + 1, host_held_account(host), DIAMOND_UNIT, units)
 
 
 def settle_sqlite(conn: sqlite3.Connection, movements: list[Movement], hold_window_ms: int, now_ms: int) -> None:

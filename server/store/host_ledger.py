@@ -20,16 +20,14 @@ host_earnings.
 
 from __future__ import annotations
 
-from server.store.models import HOST_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
+from server.store.models import DIAMOND_UNIT, HOST_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
 
 HOST_PART = -1
-DIAMOND_UNIT = "diamond_unit"
 # A host's diamonds of pending withdrawals, and the diamonds paid out to hosts.
 HOST_RESERVED_PREFIX = "host_reserved:"
 PAYOUTS_ACCOUNT = "platform:payouts"
 
 NEXT_SEQ = "UPDATE ledger_sequences SET seq = seq + 1 WHERE part = -1 RETURNING seq"
-INSERT_LEG = "INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)"
 
 Leg = tuple[int, int, int, str, str, int]
 

@@ -132,6 +132,8 @@ class ReusedSequence(ValueError):
 
 
 UNITS_PER_DIAMOND = 10_000
+# The ledger unit of host diamonds: 1/UNITS_PER_DIAMOND of a diamond (gift shares, holds, withdrawals).
+DIAMOND_UNIT = "diamond_unit"
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,3 +124,6 @@ def numbered(sql: str) -> str:
     """`?` placeholders as asyncpg's `$1, $2, ...` (none of our statements has `?` in a literal)."""
     counter = itertools.count(1)
     return re.sub(r"\?", lambda _m: f"${next(counter)}", sql)
+
+# One ledger leg: settlement's legs (SQLite), a hold's and a withdrawal's.
+INSERT_LEDGER_LEG = "INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)"

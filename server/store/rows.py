@@ -18,6 +18,7 @@ from server.movement import KEYED, Kind, Movement
 from server.store.models import (
     ADJUSTMENTS_ACCOUNT,
     DIAMOND_POOL_ACCOUNT,
+    DIAMOND_UNIT,
     GIFT_REVENUE_ACCOUNT,
     HOST_ACCOUNT_PREFIX,
     PAYMENTS_ACCOUNT,
@@ -69,8 +70,8 @@ def ledger_rows(movements: list[Movement]) -> Iterator[LedgerRow]:
         units = m.diamond_units
         yield p, s, 0, USER_ACCOUNT_PREFIX + m.user_id, "coin", -coins
         yield p, s, 1, GIFT_REVENUE_ACCOUNT, "coin", coins
-        yield p, s, 2, DIAMOND_POOL_ACCOUNT, "diamond_unit", -units
-        yield p, s, 3, HOST_ACCOUNT_PREFIX + m.host_id, "diamond_unit", units
+        yield p, s, 2, DIAMOND_POOL_ACCOUNT, DIAMOND_UNIT, -units
+        yield p, s, 3, HOST_ACCOUNT_PREFIX + m.host_id, DIAMOND_UNIT, units
 
 
 def keyed_legs(m: Movement) -> Iterator[LedgerRow]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 
 from server.movement import Kind, Movement
-from server.store import holds
+from server.store import holds, queries
 from server.store.models import (
     DIAMOND_POOL_ACCOUNT,
     GIFT_REVENUE_ACCOUNT,
@@ -84,7 +84,6 @@ _LEDGER = (
     " WHERE s.kind IN ('gift', 'credit') AND (l.leg < 2 OR s.kind = 'gift')")
 # Keyed movements new in this batch: their legs come from rows.keyed_legs.
 _KEYED_FRESH = "SELECT part, seq FROM settle_stage WHERE kind NOT IN ('gift', 'credit')"
-_INSERT_LEG = "INSERT INTO ledger (part, seq, leg, account, unit, delta) VALUES (?,?,?,?,?,?)"
 _LEDGER_NAMES = {"payments": PAYMENTS_ACCOUNT, "gift_revenue": GIFT_REVENUE_ACCOUNT,
                  "diamond_pool": DIAMOND_POOL_ACCOUNT, "user_prefix": USER_ACCOUNT_PREFIX,
                  "host_prefix": HOST_ACCOUNT_PREFIX}
@@ -159,7 +158,7 @@ def _keyed_ledger(conn: sqlite3.Connection, movements: list[Movement]) -> list[M
             fresh.discard(key)
             legs.extend(keyed_legs(m))
             keyed.append(m)
-    conn.executemany(_INSERT_LEG, legs)
+    conn.executemany(queries.INSERT_LEDGER_LEG, legs)
     return sorted(keyed, key=lambda m: (m.partition, m.seq))
 
 

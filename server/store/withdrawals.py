@@ -266,7 +266,7 @@ def _transition(w: Withdrawal, status: str, event_id: str | None, source: str,
     """The status reached, keyed (withdrawal, status), and its diamonds' ledger movement (part -1)."""
     seq = int((yield host_ledger.NEXT_SEQ, ())[0][0])
     for leg in host_ledger.legs(seq, source, target, w.diamonds):
-        yield host_ledger.INSERT_LEG, leg
+        yield queries.INSERT_LEDGER_LEG, leg
     yield _INSERT_TRANSITION, (w.id, status, w.updated_ms, event_id, seq)
 
 
