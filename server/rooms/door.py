@@ -70,13 +70,18 @@ def enter(node: Node, transport: asyncio.Transport, upgrade: RoomUpgrade, early:
     session.adopt(room)
     if early:
         room.data_received(early)  # held until the welcome is out
+    if not _joined_known(session, accepted):
+        node.track(_join_unknown(node, session, accepted))
+
+
+def _joined_known(session: Any, accepted: float) -> bool:
+    """Join a room this node knows, at once; True when the join is over (welcomed, or closed on
+    an error), False when the room must be read first."""
     try:
-        if session.join_known(accepted):
-            return
+        return bool(session.join_known(accepted))
     except Exception as exc:
-        conn.close_now(errors.close_for(exc))
-        return
-    node.track(_join_unknown(node, session, accepted))
+        session.conn.close_now(errors.close_for(exc))
+        return True
 
 
 async def _join_unknown(node: Node, session: Any, accepted: float) -> None:
@@ -88,13 +93,7 @@ async def _join_unknown(node: Node, session: Any, accepted: float) -> None:
     reading = hub.learning(conn.room_id)
     if reading is not None:  # another join is reading this room now: join once it knows it
         await asyncio.shield(reading)
-        if _gone(session):
-            return
-        try:
-            if session.join_known(accepted):
-                return
-        except Exception as exc:
-            conn.close_now(errors.close_for(exc))
+        if _gone(session) or _joined_known(session, accepted):
             return
     learnt = hub.learn(conn.room_id) if reading is None else None
     try:
