@@ -321,6 +321,9 @@ def join_figures(joined: list[dict[str, Any]], t0: float, before: Meter, after: 
         "peak_joins_per_s": max(per_s.values(), default=0), "per_s": sorted(per_s.items()),
         "join_latency": hist.summary(),
         "gateway_cpu_s": round(cpu, 2), "gateway_cpu_ms_per_join": round(1000 * cpu / n, 3) if n else None,
+        # The gateway holding its sockets with nothing to send (the 2 s after the last welcome):
+        # what the joined sockets cost a second on their own, in cores.
+        "gateway_cores_settled": round(settled.cpu_since(after, "gateways") / max(1e-9, settled.at - after.at), 3),
         "client_cpu_s": round(sum(j["cpu_s"] for j in joined), 2),
         "gateway_rss_mib_before": round(rss_before / 1024, 1), "gateway_rss_mib_joined": round(rss_after / 1024, 1),
         "gateway_rss_kib_per_socket": round((rss_after - rss_before) / n, 2) if n else None,

@@ -5,6 +5,11 @@ viewer count written): thousands of identical calls a second. Here each key has 
 call out; whoever asks meanwhile waits for the next, which leaves as soon as the one out
 returns, so every caller's answer was read (or written) after it asked, and under load the
 calls per key follow the round trips, not the callers (as the Lua batcher commits gifts).
+
+With `spacing_s`, a key's calls also leave at least that far apart: the next waits out the gap
+after the one before left. A viewer-count write in a join storm otherwise left as fast as
+Redis answered (one per fsync, thousands a second over a node's workers), a gateway's CPU
+spent on writes nobody waited for: a joining socket is welcomed with the count as it is known.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ T = TypeVar("T")
 
 
 class _Slot(Generic[T]):
-    __slots__ = ("out", "next")
+    __slots__ = ("left", "next", "out")
 
     def __init__(self) -> None:
+        # A call is out, or set to leave once the spacing allows.
         self.out = False
         self.next: asyncio.Future[T] | None = None
+        self.left = float("-inf")  # when the last call left (loop time)
 
 
 class Coalesced(Generic[K, T]):
-    def __init__(self, call: Callable[[K], Awaitable[T]]) -> None:
+    def __init__(self, call: Callable[[K], Awaitable[T]], spacing_s: float = 0.0) -> None:
         self.call = call
+        self.spacing = spacing_s
         self._slots: dict[K, _Slot[T]] = {}
         self.calls = 0
 
@@ -41,13 +49,23 @@ class Coalesced(Generic[K, T]):
             slot.next = asyncio.get_running_loop().create_future()
         waiting = slot.next
         if not slot.out:
-            self._send(key, slot)
+            self._leave(key, slot)
         return waiting
+
+    def _leave(self, key: K, slot: _Slot[T]) -> None:
+        """The next call for `key` leaves now, or once the spacing after the last allows."""
+        loop = asyncio.get_running_loop()
+        wait = slot.left + self.spacing - loop.time()
+        slot.out = True  # callers meanwhile share the call set to leave
+        if wait > 0:
+            loop.call_later(wait, self._send, key, slot)
+        else:
+            self._send(key, slot)
 
     def _send(self, key: K, slot: _Slot[T]) -> None:
         waiting, slot.next = slot.next, None
         assert waiting is not None
-        slot.out = True
+        slot.left = asyncio.get_running_loop().time()
         self.calls += 1
         try:
             call: asyncio.Future[T] = asyncio.ensure_future(self.call(key))
@@ -67,6 +85,16 @@ class Coalesced(Generic[K, T]):
             else:
                 waiting.set_result(call.result())
         if slot.next is not None:
-            self._send(key, slot)
-        elif self._slots.get(key) is slot:
+            self._leave(key, slot)
+            return
+        # Idle: the slot is kept as long as it remembers a spacing to keep.
+        loop = asyncio.get_running_loop()
+        wait = slot.left + self.spacing - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._forget, key, slot)
+        else:
+            self._forget(key, slot)
+
+    def _forget(self, key: K, slot: _Slot[T]) -> None:
+        if not slot.out and slot.next is None and self._slots.get(key) is slot:
             del self._slots[key]

@@ -60,3 +60,25 @@ async def test_a_failure_reaches_its_callers_and_the_next_call_is_made() -> None
     unheard = c.soon("k")  # a failure nobody waits for is no "never retrieved" warning (warnings are errors)
     await asyncio.sleep(0.01)
     assert unheard.done() and calls == 1
+
+
+async def test_with_spacing_a_key_s_calls_leave_that_far_apart_and_callers_meanwhile_share_one() -> None:
+    loop = asyncio.get_running_loop()
+    left: list[float] = []
+
+    async def write(key: str) -> int:
+        left.append(loop.time())
+        return len(left)
+
+    c: Coalesced[str, int] = Coalesced(write, spacing_s=0.2)
+    assert await c.soon("room") == 1
+    # Asked right after the first returned: the second waits out the 0.2 s, and every caller
+    # meanwhile gets its answer, read after they asked.
+    waiting = [c.soon("room") for _ in range(30)]
+    await asyncio.sleep(0.05)
+    assert len(left) == 1 and not any(f.done() for f in waiting)
+    waiting.append(c.soon("room"))
+    assert {await f for f in waiting} == {2}
+    assert left[1] - left[0] >= 0.2 - 0.005 and c.calls == 2
+    assert await c.soon("other") == 3  # another key does not wait for this one's spacing
+    assert left[2] - left[1] < 0.1

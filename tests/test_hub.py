@@ -281,6 +281,31 @@ async def test_a_room_s_frame_rate_follows_its_size_within_the_node_s_write_budg
     assert [e["offset"] for e in transport.events()] == ["1-1", "1-2", "1-3"]
 
 
+async def test_a_viewer_count_rides_on_a_waiting_frame_and_goes_alone_only_within_its_budget() -> None:
+    hub = Hub(tick_ms=10, writes_per_s=2_000)
+    viewers = await _viewers(hub, 100, "big")
+    room = hub.rooms["big"]
+    # On its own a count is a write to each of the 100 sockets: at most 5% of 2,000 writes/s, so
+    # one a second (five frame intervals would allow one every 0.25 s).
+    assert hub.snapshot_gap(room, time.monotonic()) == pytest.approx(100 / (0.05 * 2_000))
+    assert hub.snapshot(room, {"type": "presence", "viewers": 100})
+    await wait_until(lambda: all(t.events() for _, t in viewers), timeout=1, interval=0.005)
+    assert not hub.snapshot(room, {"type": "presence", "viewers": 101})  # too soon, and nothing waits
+    await asyncio.sleep(0.05)
+    assert [e for _, t in viewers for e in t.events()] == [{"type": "presence", "viewers": 100}] * 100
+    # A gift waiting for the room's next frame: the counts ride on it, the newest in the place
+    # of the one before, at no write of their own.
+    sent = hub.frames
+    hub.deliver("big", _gift("1-1"))
+    assert hub.snapshot(room, {"type": "presence", "viewers": 102})
+    assert hub.snapshot(room, {"type": "presence", "viewers": 103})
+    await wait_until(lambda: hub.frames == sent + 1 and not room.passing, timeout=1, interval=0.005)
+    for _, transport in viewers:
+        assert transport.events()[1:] == [_gift("1-1"), {"type": "presence", "viewers": 103}]
+        assert len(transport.frames()) == 2
+    assert not hub.snapshot(room, {"type": "presence", "viewers": 104})  # the ride counts as one
+
+
 def test_the_write_budget_is_shared_max_min_fairly() -> None:
     from server.rooms.budget import fair_shares, frame_intervals
 

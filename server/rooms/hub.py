@@ -38,11 +38,16 @@ CLOCK_EVERY = 16
 # its last frame a room still counts as sending.
 SHARE_EVERY_S = 0.5
 SENDING_S = 2.0
-# A viewer-count snapshot (`presence`) may go to a room at most once in this many of its frame
-# intervals: in a join storm the count changes every second, and pushing it to every socket of a
-# big room each time took as many writes as the room's whole budget (50,000 sockets over four
-# workers: a join cost 1.36 ms of CPU, most of it these frames, against 0.4 ms at 5,000).
+# A viewer-count snapshot (`presence`) rides free on a frame the room sends anyway: it joins the
+# events waiting for that frame, or takes the place of a count still waiting there. On its own,
+# in a room with nothing else to send, it is one write to every socket, so such snapshots take
+# at most SNAPSHOT_SHARE of the room's write share, and come once in SNAPSHOT_FRAMES of its frame
+# intervals at most. In a join storm the count changes every second: pushed to every socket each
+# time, it took as many writes as the room's whole budget (50,000 sockets over four workers: a
+# join cost 1.36 ms of CPU); once in five frame intervals, still a tenth of a join's CPU and a
+# stall of a second whenever every worker's turn came at once (100,000 sockets over eight).
 SNAPSHOT_FRAMES = 5
+SNAPSHOT_SHARE = 0.05
 
 
 class _Pass:
@@ -384,14 +389,33 @@ class Hub:
         share = room.share if room.share is not None else self.writes_per_s
         return max(self.tick, len(room.conns) / share) if share > 0 else self.tick
 
-    def snapshot_due(self, room: LocalRoom) -> bool:
-        """May a viewer-count snapshot go to this room now? Once in SNAPSHOT_FRAMES of its frame
-        intervals at most (a small room: each time; a room over its write budget: less often)."""
+    def snapshot(self, room: LocalRoom, event: dict[str, Any]) -> bool:
+        """Send a room-wide snapshot (`presence`) if it may go now; True when it went. It rides
+        on the room's next frame when one is waiting (the newest replaces one of its type still
+        there), and otherwise goes on its own within the snapshots' part of the write budget."""
         now = time.monotonic()
-        if now - room.snapshot_at < SNAPSHOT_FRAMES * self.frame_interval(room, now):
+        if room.pending:
+            waiting = next((e for e in room.pending if e.get("type") == event["type"]), None)
+            if waiting is not None:
+                waiting.update(event)  # not encoded yet: the frame will carry the newest
+            else:
+                self.deliver(room.room_id, event)
+            room.snapshot_at = now
+            return True
+        if now - room.snapshot_at < self.snapshot_gap(room, now):
             return False
         room.snapshot_at = now
+        self.deliver(room.room_id, event)
         return True
+
+    def snapshot_gap(self, room: LocalRoom, now: float) -> float:
+        """Seconds between two snapshots that go out on their own: SNAPSHOT_FRAMES frame
+        intervals, or longer when the room's sockets over its write share's SNAPSHOT_SHARE are."""
+        gap = SNAPSHOT_FRAMES * self.frame_interval(room, now)
+        if self.writes_per_s:
+            share = room.share if room.share is not None else self.writes_per_s
+            gap = max(gap, len(room.conns) / (SNAPSHOT_SHARE * share)) if share > 0 else gap
+        return gap
 
     def _share_out(self, now: float) -> None:
         """The budget over the rooms sending now, max-min fair (a small room gets all it asks)."""

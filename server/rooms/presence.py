@@ -10,8 +10,9 @@ with sockets on two nodes of the same room is counted by each (a set of users pe
 Redis would cost a write per join and leave; documented in docs/protocol.md).
 
 A join or leave writes the node's count at once, but one write per room is in flight at a
-time: joins and leaves made meanwhile share the next one, which leaves when it returns
-(server/coalesce.py), so a join storm costs a write per round trip, not per socket.
+time, and at most one leaves per COUNT_WRITE_SPACING_S: joins and leaves made meanwhile share
+the next one (server/coalesce.py), so a join storm costs ten writes a second a room and node,
+not one a socket, nor one a round trip.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ log = logging.getLogger("giftstream.presence")
 
 # Top gifters pushed in a `leaderboard` event.
 LEADERBOARD_SIZE = 10
+# A room's count writes on join and leave from one node leave at least this far apart.
+COUNT_WRITE_SPACING_S = 0.1
 
 
 def _s(value: Any) -> str:
@@ -50,7 +53,7 @@ class Presence:
         self._task: asyncio.Task[None] | None = None
         self._published: set[str] = set()
         # Joins and leaves of a room share a count write (rooms being joined by thousands).
-        self._announcing: Coalesced[str, int] = Coalesced(self._write)
+        self._announcing: Coalesced[str, int] = Coalesced(self._write, COUNT_WRITE_SPACING_S)
         # Each room's host, for the idle end (rooms/lifecycle.py): read from the room state once per
         # room this node has sockets in, so a tick can say whether the host is here.
         self.hosts: dict[str, str] = {}
@@ -165,9 +168,8 @@ class Presence:
         for room, local, (viewers, top_raw) in zip(rooms, locals_, replies[len(gone):], strict=True):
             viewers = int(viewers)
             self.hub.counted(room.room_id, viewers, local)
-            if viewers != room.presence_sent and self.hub.snapshot_due(room):
+            if viewers != room.presence_sent and self.hub.snapshot(room, {"type": "presence", "viewers": viewers}):
                 room.presence_sent = viewers
-                self.hub.deliver(room.room_id, {"type": "presence", "viewers": viewers})
             top = leaderboard_from(top_raw)
             key = [(e["id"], e["coins"], e["name"]) for e in top]
             if top and key != room.leaderboard_sent:
