@@ -64,3 +64,26 @@ async def test_keepalive_drops_a_silent_peer_with_4408_and_keeps_one_that_answer
         answering_peer.cancel()
         await asyncio.gather(answering_peer, return_exceptions=True)
         await keepalive.stop()
+
+
+async def test_keepalive_spreads_a_round_of_pings_over_its_interval() -> None:
+    sockets = [room_socket() for _ in range(60)]
+    keepalive = Keepalive(lambda: [room for room, _ in sockets], interval_s=0.4, timeout_s=10)
+    loop = asyncio.get_running_loop()
+    first_ping: dict[int, float] = {}
+    keepalive.start()
+    try:
+        started = loop.time()
+        while len(first_ping) < len(sockets) and loop.time() - started < 5:
+            for i, (_, transport) in enumerate(sockets):
+                if i not in first_ping and transport.frames():
+                    first_ping[i] = loop.time()
+            await asyncio.sleep(0.005)
+    finally:
+        await keepalive.stop()
+    assert len(first_ping) == len(sockets)
+    # Each socket is visited once an interval, a slice of them at a time: their first pings came
+    # over at least half an interval, not all in one loop step (a timer that pinged 80,000
+    # sockets at once stalled a join storm for a second).
+    assert max(first_ping.values()) - min(first_ping.values()) >= 0.2
+    assert all(len(t.frames()) == 1 for _, t in sockets)  # unanswered, not yet timed out: pinged once

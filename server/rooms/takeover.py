@@ -35,6 +35,8 @@ CLOSE_GRACE_S = 2.0
 # Bytes a joining socket may send before its welcome is out; past this it is read no more
 # until then (as uvicorn paused a socket whose message was still queued).
 HOLD_BYTES = 64 * 1024
+# Slices the keepalive's interval is visited in (a slice of the sockets each).
+KEEPALIVE_STEPS = 20
 
 # A timer that never fires: uvicorn closes the transport when the ASGI app returns unless a
 # close timer is pending; after a takeover the socket is no longer uvicorn's to close.
@@ -262,7 +264,12 @@ def take_over(uvicorn_proto: Any, on_message: Callable[[bytes | str], None],
 
 
 class Keepalive:
-    """One timer pings every taken-over socket and drops those that stopped answering."""
+    """Pings every taken-over socket once an interval and drops those that stopped answering.
+
+    The sockets are visited in KEEPALIVE_STEPS slices spread over the interval, not all at
+    once: a timer that pinged a worker's every socket in one loop step stalled a 100,000-socket
+    join storm for a second every 20 s (eight workers' timers, started together, fired at the
+    same moment, and 80,000 pongs came back at once)."""
 
     def __init__(self, sockets: Callable[[], Iterable[RoomProtocol]], interval_s: float, timeout_s: float) -> None:
         self.sockets = sockets
@@ -281,15 +288,24 @@ class Keepalive:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _loop(self) -> None:
+        step_s = self.interval / KEEPALIVE_STEPS
         while True:
-            await asyncio.sleep(self.interval)
-            now = time.monotonic()
-            for sock in list(self.sockets()):
-                if sock.held is not None:
-                    continue  # still joining: nothing, not even a ping, goes before its welcome
-                if sock.ping_sent_at and now - sock.ping_sent_at > self.timeout:
-                    self.dropped += 1
-                    sock.send_close(*errors.closing(errors.PING_TIMEOUT))
-                    sock.transport.abort()
-                elif now - sock.last_seen >= self.interval * 0.5 and not sock.ping_sent_at:
-                    sock.ping()
+            # The sockets of this round; one that joins meanwhile is visited from the next.
+            sockets = list(self.sockets())
+            n = len(sockets)
+            for k in range(KEEPALIVE_STEPS):
+                await asyncio.sleep(step_s)
+                self.visit(sockets[k * n // KEEPALIVE_STEPS:(k + 1) * n // KEEPALIVE_STEPS], time.monotonic())
+
+    def visit(self, sockets: Iterable[RoomProtocol], now: float) -> None:
+        """Drop the sockets whose ping went unanswered too long; ping those quiet for half an
+        interval."""
+        for sock in sockets:
+            if sock.held is not None or sock.disconnected:
+                continue  # still joining (nothing, not even a ping, goes before its welcome), or gone
+            if sock.ping_sent_at and now - sock.ping_sent_at > self.timeout:
+                self.dropped += 1
+                sock.send_close(*errors.closing(errors.PING_TIMEOUT))
+                sock.transport.abort()
+            elif now - sock.last_seen >= self.interval * 0.5 and not sock.ping_sent_at:
+                sock.ping()
