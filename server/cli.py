@@ -183,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from server import metrics
     from server.app import create_app
-    from server.guard import GuardedHttpProtocol, GuardedWebSocketProtocol
+    from server.guard import FirstBytes, GuardedWebSocketProtocol
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers,
                          settler=False if args.no_settler else None)
@@ -209,8 +209,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level, timeout_graceful_shutdown=30, access_log=True,
         # uvicorn's httptools and websockets-sansio protocols with the limits they lack
         # (server/guard.py): a request head's size and time, connections per address, pongs
-        # within the send-buffer cap.
-        http=GuardedHttpProtocol, ws=GuardedWebSocketProtocol, timeout_keep_alive=settings.http_idle_timeout_s,
+        # within the send-buffer cap. A connection's first bytes are read by FirstBytes: a room
+        # socket's request goes to the fast door, anything else to the httptools protocol.
+        http=FirstBytes, ws=GuardedWebSocketProtocol, timeout_keep_alive=settings.http_idle_timeout_s,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
         # Connections the kernel may hold for accept: after a gateway restart every viewer comes
         # back at once, and a full queue drops SYNs, which a client retries 1 s, then 3 s later.

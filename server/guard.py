@@ -11,10 +11,13 @@ limits added (`serve` passes them as `http=` and `ws=`); a socket taken over aft
 (rooms/takeover.py) keeps the send-buffer cap in `RoomProtocol`. The limits are set once per
 process from the settings (`configure`), as uvicorn builds its protocols itself.
 
-The HTTP protocol is also where a room socket's request first arrives: a plain one (rooms/
-handshake.py) goes through the node's fast door (rooms/door.py) from there, past uvicorn's
-upgrade, websockets' second parse and the ASGI layers. The per-address cap has counted it
-already; the door is opened by the node of this process once it runs (`open_door`).
+A connection starts as a `FirstBytes`, which only waits for its first bytes: a plain room
+socket request (rooms/handshake.py) goes through the node's fast door (rooms/door.py) from
+there, past uvicorn's upgrade, websockets' second parse and the ASGI layers, and never builds
+an HTTP protocol; anything else is handed to a `GuardedHttpProtocol` with those bytes, as if
+it had been there from the start. The file and per-address caps and the head deadline are
+kept from the first byte either way; the door is opened by the node of this process once it
+runs (`open_door`).
 """
 
 from __future__ import annotations
@@ -157,32 +160,120 @@ def http_refusal(code: Err, message: str) -> bytes:
             f"content-length: {len(raw)}\r\nconnection: close\r\n\r\n").encode() + raw
 
 
+def _refusal_at_connect(transport: asyncio.Transport) -> tuple[Err, str] | None:
+    """Why a new connection is refused: this process is near its file limit, or its peer
+    address is at its connection cap (None: admitted, and counted against its address)."""
+    limits = LIMITS
+    if limits.max_fd and _fd_of(transport) >= limits.max_fd:
+        return Err.UNAVAILABLE, "this server process is full; connect again"
+    if limits.per_ip <= 0:
+        return None
+    peer = transport.get_extra_info("peername")
+    ip = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+    if (limits.per_ip_loopback or not _is_loopback(ip)) and not PEERS.admit(ip, transport, limits.per_ip):
+        return Err.TOO_MANY_CONNECTIONS, "too many connections from this address"
+    return None
+
+
+class FirstBytes(asyncio.Protocol):
+    """A connection until its first bytes (`serve` passes this class as uvicorn's `http=`).
+
+    A room socket's plain upgrade request goes to the fast door; anything else, and a refusal,
+    to a GuardedHttpProtocol made then, which gets the connection and the bytes as uvicorn
+    would have given them. A join storm so builds no HTTP protocol a socket: uvicorn's parser,
+    flow control, address lookups and connection tracking were about a tenth of a join's
+    gateway CPU. The head deadline runs from the connection's start either way."""
+
+    __slots__ = ("_http", "deadline", "head_timer", "loop", "transport")
+
+    def __init__(self, **http: Any) -> None:
+        self._http = http  # what uvicorn makes its HTTP protocol with
+        self.loop: asyncio.AbstractEventLoop = http.get("_loop") or asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        refusal = _refusal_at_connect(transport)
+        if refusal is not None:
+            self._hand_over(b"", refusal)
+            return
+        if LIMITS.header_timeout_s > 0:
+            self.deadline = self.loop.time() + LIMITS.header_timeout_s
+            self.head_timer = self.loop.call_at(self.deadline, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        door = DOOR
+        if door is not None and data.startswith(PREFIX) and self._through_door(door, data):
+            return
+        self._hand_over(data)
+
+    def eof_received(self) -> bool | None:
+        self._hand_over(b"")
+        http = self.transport.get_protocol() if self.transport is not None else None
+        return http.eof_received() if isinstance(http, asyncio.Protocol) else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _through_door(self, door: Door, data: bytes) -> bool:
+        """A plain room socket request, whole in the connection's first bytes: the door takes
+        the connection. False: it goes the HTTP way."""
+        transport = self.transport
+        assert transport is not None
+        end = head_end(data)
+        if end < 0 or end > LIMITS.header_bytes or transport.is_closing():
+            return False
+        upgrade = parse(data[:end])
+        if upgrade is None:
+            return False
+        self._stop()
+        try:
+            door(transport, upgrade, data[end:])
+        except Exception:
+            log.exception("room socket failed at the door")
+            transport.abort()
+        return True
+
+    def _hand_over(self, data: bytes, refusal: tuple[Err, str] | None = None) -> None:
+        """The connection is a GuardedHttpProtocol's from now on, as if from its start (which
+        answers the refusal, if any)."""
+        transport = self.transport
+        assert transport is not None
+        self._stop()
+        http = GuardedHttpProtocol(**self._http)
+        transport.set_protocol(http)
+        http.connection_made(transport)
+        if refusal is not None:
+            http._refuse(*refusal)
+            return
+        # The head's time counts from the connection's start.
+        http._start_head_timer(self.deadline)
+        if data:
+            http.data_received(data)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a cap on a request head's size and time, and on
-    connections per peer address."""
+    """uvicorn's httptools protocol, with a cap on a request head's size and time (made by
+    FirstBytes, which admits the connection against the file and per-address caps)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Bytes of the current request's head so far; None once its headers are complete.
         self.head_bytes: int | None = 0
         self.head_timer: asyncio.TimerHandle | None = None
-        # No byte read yet: a room socket's request may still go through the fast door.
-        self.fresh = True
         # Refused (431, 429, 503): what the client still sends is read and dropped (_refuse).
         self.refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # Admitted or refused by FirstBytes (_refusal_at_connect), which made this protocol.
         super().connection_made(transport)
-        limits = LIMITS
-        if limits.max_fd and _fd_of(transport) >= limits.max_fd:
-            self._refuse(Err.UNAVAILABLE, "this server process is full; connect again")
-            return
-        ip = self.client[0] if self.client else ""
-        capped = limits.per_ip > 0 and (limits.per_ip_loopback or not _is_loopback(ip))
-        if capped and not PEERS.admit(ip, transport, limits.per_ip):
-            self._refuse(Err.TOO_MANY_CONNECTIONS, "too many connections from this address")
-            return
-        self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -191,10 +282,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        if self.fresh:
-            self.fresh = False
-            if DOOR is not None and data.startswith(PREFIX) and self._through_door(DOOR, data):
-                return
         if self.head_bytes is None:
             super().data_received(data)
             return
@@ -220,25 +307,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         elif isinstance(owner, asyncio.Protocol):  # upgraded to a WebSocket within this read
             owner.data_received(rest)
 
-    def _through_door(self, door: Door, data: bytes) -> bool:
-        """A plain room socket request, whole in the connection's first bytes: the door takes
-        the connection (uvicorn no longer tracks it). False: uvicorn reads it as ever."""
-        end = head_end(data)
-        if end < 0 or end > LIMITS.header_bytes or self.transport.is_closing():
-            return False
-        upgrade = parse(data[:end])
-        if upgrade is None:
-            return False
-        self._stop_head_timer()
-        self.head_bytes = None
-        self.connections.discard(self)
-        try:
-            door(self.transport, upgrade, data[end:])
-        except Exception:
-            log.exception("room socket failed at the door")
-            self.transport.abort()
-        return True
-
     def on_headers_complete(self) -> None:
         self.head_bytes = None
         self._stop_head_timer()
@@ -248,9 +316,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self.head_bytes = 0  # what comes next is the head of the next request
 
-    def _start_head_timer(self) -> None:
+    def _start_head_timer(self, deadline: float | None = None) -> None:
+        """The request head must be whole by `deadline` (loop time; default: the limit from now)."""
         self._stop_head_timer()
-        if LIMITS.header_timeout_s > 0:
+        if deadline is not None:
+            self.head_timer = self.loop.call_at(deadline, self._head_timeout)
+        elif LIMITS.header_timeout_s > 0:
             self.head_timer = self.loop.call_later(LIMITS.header_timeout_s, self._head_timeout)
 
     def _stop_head_timer(self) -> None:
