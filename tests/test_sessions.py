@@ -79,6 +79,10 @@ async def people(gateway: ServerProc, request: pytest.FixtureRequest) -> AsyncIt
 uid = user_id
 
 
+async def _peak_is(api: Api, room: str, viewers: int) -> bool:
+    return bool((await summary(api, room))["peak_viewers"] == viewers)
+
+
 async def summary(api: Api, room: str) -> dict[str, Any]:
     r = await api.client.get(f"/v1/rooms/{room}/summary")
     assert r.status_code == 200, r.text
@@ -251,6 +255,8 @@ async def test_the_summary_equals_the_settled_ledger(gateway: ServerProc, people
             for i, (gift, count) in enumerate(gifts):
                 await socks[n].gift(f"{n}-{i}", gift, count)
                 assert (await socks[n].reply(f"{n}-{i}"))["type"] == "ack"
+        # A node writes a room's count at most every 0.1 s (rooms/presence.py): the peak follows.
+        await wait_until(lambda: _peak_is(hana, room, 4), timeout=10)
         live = await summary(hana, room)
     acked = sum(len(g) for g in sends.values())
     assert live["live"] is True and live["ended_ms"] is None
@@ -322,6 +328,10 @@ async def test_live_now_pages_newest_first_with_a_stable_cursor(gateway: ServerP
                 assert r.status_code == 200, r.text
                 return r.json()  # type: ignore[no-any-return]
 
+            async def counted(room: str, viewers: int) -> bool:  # count writes are 0.1 s apart
+                return bool((await anyone.get(f"/v1/rooms/{room}")).json()["viewers"] == viewers)
+
+            await wait_until(lambda: counted(rooms[1], 2), timeout=10)
             pages = [await page(None)]
             # A room opened after the first page does not shift the pages after it.
             newest = await people("late").create_room()
