@@ -8,15 +8,14 @@ host_days (sqlite_settle.py, postgres.py) and gift_holds (holds.py).
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from server.store import queries
 from server.store.host_ledger import HOST_RESERVED_PREFIX
 from server.store.models import HOST_ACCOUNT_PREFIX, HOST_HELD_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
+from server.store.queries import numbered as _pg  # cached: one conversion a statement
 
 if TYPE_CHECKING:
     import asyncpg
@@ -176,11 +175,6 @@ class SQLiteEarnings:
             return _figures(totals, rows, limit, withdrawals)
 
         return await self._run(_read)
-
-
-@functools.cache
-def _pg(sql: str) -> str:
-    return queries.numbered(sql)
 
 
 class PostgresEarnings:

@@ -26,7 +26,6 @@ or awaited on an asyncpg connection), so both backends hold exactly the same.
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 from server.movement import COIN_KINDS, Kind, Movement
 from server.store import queries
 from server.store.models import DIAMOND_UNIT, host_account, host_held_account
+from server.store.queries import numbered as _pg  # cached: one conversion a statement
 from server.store.steps import Steps as StepsOf
 from server.store.steps import run, run_async
 
@@ -190,6 +190,3 @@ async def settle_postgres(conn: asyncpg.Connection, movements: list[Movement], h
             await run_async(steps(m, hold_window_ms, now_ms), lambda sql, args: conn.fetch(_pg(sql), *args))
 
 
-@functools.cache
-def _pg(sql: str) -> str:
-    return queries.numbered(sql)

@@ -8,7 +8,6 @@ parameters expanded by unnest() with ON CONFLICT telling which are new.
 from __future__ import annotations
 
 import asyncio
-import functools
 import zlib
 from dataclasses import replace
 from typing import Any
@@ -37,6 +36,7 @@ from server.store.models import (
     in_order,
     now_ms,
 )
+from server.store.queries import numbered as _pg  # cached: one conversion a statement
 from server.store.rows import kind_totals, movement_of
 from server.store.sessions import PostgresSessions
 from server.store.videos import PostgresVideos
@@ -51,12 +51,6 @@ CONNECT_TIMEOUT_S = 10.0
 # One key for every process migrating the same database; any constant works.
 MIGRATE_LOCK = zlib.crc32(b"giftstream.migrate")
 
-
-
-@functools.cache
-def _pg(sql: str) -> str:
-    """A statement both backends share (store/queries.py), in asyncpg's placeholders."""
-    return queries.numbered(sql)
 
 
 _MOVEMENT_COLUMNS = ["part", "seq", "kind", "user_id", "coins", "ref", "ts_ms", "points"]

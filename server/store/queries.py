@@ -8,6 +8,7 @@ with each backend.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 
@@ -120,8 +121,10 @@ USER_MOVEMENTS = (
     " WHERE user_id = ? AND seq < ? AND kind NOT IN ('check_in', 'points_grant') ORDER BY seq DESC LIMIT ?")
 
 
+@functools.cache
 def numbered(sql: str) -> str:
-    """`?` placeholders as asyncpg's `$1, $2, ...` (none of our statements has `?` in a literal)."""
+    """`?` placeholders as asyncpg's `$1, $2, ...` (none of our statements has `?` in a literal),
+    converted once a statement: every PostgreSQL half of the store calls it per query."""
     counter = itertools.count(1)
     return re.sub(r"\?", lambda _m: f"${next(counter)}", sql)
 

@@ -12,21 +12,17 @@ ledger (`room_ledger`, index gifts_room_sent), never from Redis, so they equal i
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from server.store.queries import numbered
+from server.store.queries import numbered as _pg  # cached: one conversion a statement
 
 if TYPE_CHECKING:
     import asyncpg
 
 T = TypeVar("T")
-
-# asyncpg's placeholders, converted once per statement.
-_pg = functools.cache(numbered)
 
 
 @dataclass(frozen=True, slots=True)

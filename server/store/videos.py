@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from server.store.queries import numbered
+from server.store.queries import numbered as _pg  # cached: one conversion a statement
 
 if TYPE_CHECKING:
     import asyncpg
@@ -109,10 +109,6 @@ class SQLiteVideos:
         return [_gift(r) for r in await self._run(lambda c: c.execute(sql, args).fetchall())]
 
 
-# asyncpg's placeholders ($1, $2, ...), converted once.
-_PG = {sql: numbered(sql) for sql in (INSERT_VIDEO, VIDEO_BY_ID, VIDEO_TOTALS, VIDEO_GIFTS, VIDEO_GIFTS_BEFORE)}
-
-
 class PostgresVideos:
     if TYPE_CHECKING:
         async def _get_pool(self) -> asyncpg.Pool: ...
@@ -121,17 +117,17 @@ class PostgresVideos:
         async def _execute(self, sql: str, *args: Any) -> str: ...
 
     async def create_video(self, video: Video) -> None:
-        await self._execute(_PG[INSERT_VIDEO], video.id, video.owner_id, video.title, video.created_ms)
+        await self._execute(_pg(INSERT_VIDEO), video.id, video.owner_id, video.title, video.created_ms)
 
     async def get_video(self, video_id: str) -> Video | None:
-        row = await self._fetchrow(_PG[VIDEO_BY_ID], video_id)
+        row = await self._fetchrow(_pg(VIDEO_BY_ID), video_id)
         return _video(row) if row else None
 
     async def video_totals(self, video_id: str) -> tuple[int, int]:
-        row = await self._fetchrow(_PG[VIDEO_TOTALS], video_id)
+        row = await self._fetchrow(_pg(VIDEO_TOTALS), video_id)
         assert row is not None
         return int(row[0]), int(row[1])
 
     async def video_gifts(self, video_id: str, before: tuple[int, str] | None, limit: int) -> list[VideoGift]:
         sql, args = _gifts_query(video_id, before, limit)
-        return [_gift(r) for r in await self._fetch(_PG[sql], *args)]
+        return [_gift(r) for r in await self._fetch(_pg(sql), *args)]

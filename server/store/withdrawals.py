@@ -15,7 +15,6 @@ at a time, so concurrent requests never reserve more than the host has.
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -205,7 +204,6 @@ _EVENT_IGNORED = "UPDATE payout_events SET outcome = 'ignored' WHERE id = ?"
 _PG_ONLY = {_LOCK_HOST: _LOCK_HOST + " FOR UPDATE"}
 
 
-@functools.cache
 def _pg(sql: str) -> str:
     return queries.numbered(_PG_ONLY.get(sql, sql))
 
