@@ -9,18 +9,13 @@ host_days (sqlite_settle.py, postgres.py) and gift_holds (holds.py).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol
 
+from server.store.halves import PostgresHalf, SQLiteHalf
 from server.store.host_ledger import HOST_RESERVED_PREFIX
 from server.store.models import HOST_ACCOUNT_PREFIX, HOST_HELD_ACCOUNT_PREFIX, UNITS_PER_DIAMOND
 from server.store.queries import numbered as _pg  # cached: one conversion a statement
-
-if TYPE_CHECKING:
-    import asyncpg
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +141,7 @@ def _figures(totals: Any, rows: list[Any], limit: int, withdrawals: bool) -> dic
                       for r in rows[:limit]]}
 
 
-class SQLiteEarnings:
-    if TYPE_CHECKING:
-        async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
-
+class SQLiteEarnings(SQLiteHalf):
     async def host_earnings(self, host_id: str) -> HostEarnings:
         return _earnings(host_id, await self._run(lambda c: c.execute(EARNINGS, (host_id,)).fetchone()))
 
@@ -177,13 +169,7 @@ class SQLiteEarnings:
         return await self._run(_read)
 
 
-class PostgresEarnings:
-    if TYPE_CHECKING:
-        async def _get_pool(self) -> asyncpg.Pool: ...
-        async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]: ...
-        async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None: ...
-        async def _execute(self, sql: str, *args: Any) -> str: ...
-
+class PostgresEarnings(PostgresHalf):
     async def host_earnings(self, host_id: str) -> HostEarnings:
         return _earnings(host_id, await self._fetchrow(_pg(EARNINGS), host_id))
 

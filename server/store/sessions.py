@@ -13,16 +13,12 @@ ledger (`room_ledger`, index gifts_room_sent), never from Redis, so they equal i
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol
 
+from server.store.halves import PostgresHalf, SQLiteHalf
 from server.store.queries import numbered as _pg  # cached: one conversion a statement
-
-if TYPE_CHECKING:
-    import asyncpg
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +148,7 @@ class SessionsStore(Protocol):
     async def room_ledger(self, room_id: str, top: int) -> RoomLedger: ...
 
 
-class SQLiteSessions:
-    if TYPE_CHECKING:
-        async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
-
+class SQLiteSessions(SQLiteHalf):
     async def start_room(self, room_id: str, host_id: str, title: str, created_ms: int) -> str | None:
         def _start(c: sqlite3.Connection) -> str | None:
             if c.execute(START_ROOM, (room_id, host_id, title, created_ms)).rowcount == 1:
@@ -206,13 +199,7 @@ def _page(live: bool, before: tuple[int, str] | None, limit: int) -> tuple[str, 
     return (LIVE_AFTER if live else ENDED_AFTER), (before[0], before[0], before[1], limit)
 
 
-class PostgresSessions:
-    if TYPE_CHECKING:
-        async def _get_pool(self) -> asyncpg.Pool: ...
-        async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]: ...
-        async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None: ...
-        async def _execute(self, sql: str, *args: Any) -> str: ...
-
+class PostgresSessions(PostgresHalf):
     async def start_room(self, room_id: str, host_id: str, title: str, created_ms: int) -> str | None:
         # A concurrent insert for the same host waits on the unique index for the first one's
         # commit, then does nothing: the read after it finds the winner.

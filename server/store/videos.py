@@ -10,17 +10,11 @@ totals and its gift list read them through gifts_room_sent (room_id, sent_ms, id
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol
 
+from server.store.halves import PostgresHalf, SQLiteHalf
 from server.store.queries import numbered as _pg  # cached: one conversion a statement
-
-if TYPE_CHECKING:
-    import asyncpg
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +83,7 @@ def _gifts_query(video_id: str, before: tuple[int, str] | None, limit: int) -> t
     return VIDEO_GIFTS_BEFORE, (video_id, before[0], before[1], limit)
 
 
-class SQLiteVideos:
-    if TYPE_CHECKING:
-        async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
-
+class SQLiteVideos(SQLiteHalf):
     async def create_video(self, video: Video) -> None:
         await self._run(lambda c: c.execute(INSERT_VIDEO, (video.id, video.owner_id, video.title, video.created_ms)))
 
@@ -109,13 +100,7 @@ class SQLiteVideos:
         return [_gift(r) for r in await self._run(lambda c: c.execute(sql, args).fetchall())]
 
 
-class PostgresVideos:
-    if TYPE_CHECKING:
-        async def _get_pool(self) -> asyncpg.Pool: ...
-        async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]: ...
-        async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None: ...
-        async def _execute(self, sql: str, *args: Any) -> str: ...
-
+class PostgresVideos(PostgresHalf):
     async def create_video(self, video: Video) -> None:
         await self._execute(_pg(INSERT_VIDEO), video.id, video.owner_id, video.title, video.created_ms)
 

@@ -16,18 +16,16 @@ at a time, so concurrent requests never reserve more than the host has.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from server.store import host_ledger, queries
+from server.store.halves import PostgresHalf, SQLiteHalf
 from server.store.models import UNITS_PER_DIAMOND
 from server.store.steps import Row, Step, run, run_async
 from server.store.steps import Steps as StepsOf
-
-if TYPE_CHECKING:
-    import asyncpg
 
 T = TypeVar("T")
 # A transaction's decision (store/steps.py): statements out, rows back, (result, commit) at the end.
@@ -329,10 +327,7 @@ class _Withdrawals:
         return await self._wd_steps(_payout(event, status, reason))
 
 
-class SQLiteWithdrawals(_Withdrawals):
-    if TYPE_CHECKING:
-        async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
-
+class SQLiteWithdrawals(_Withdrawals, SQLiteHalf):
     async def _wd_rows(self, sql: str, *args: Any) -> list[Row]:
         return await self._run(lambda c: [tuple(r) for r in c.execute(sql, args).fetchall()])
 
@@ -353,13 +348,7 @@ class SQLiteWithdrawals(_Withdrawals):
         return await self._run(decide)
 
 
-class PostgresWithdrawals(_Withdrawals):
-    if TYPE_CHECKING:
-        async def _get_pool(self) -> asyncpg.Pool: ...
-        async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]: ...
-        async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None: ...
-        async def _execute(self, sql: str, *args: Any) -> str: ...
-
+class PostgresWithdrawals(_Withdrawals, PostgresHalf):
     async def _wd_rows(self, sql: str, *args: Any) -> list[Row]:
         return [tuple(r) for r in await self._fetch(_pg(sql), *args)]
 
