@@ -42,14 +42,20 @@ def whole_number(body: dict[str, Any], name: str, most: int | None = None, defau
     return value
 
 
-async def hosted_room(request: Request, action: str) -> tuple[Node, auth.Principal, RoomState]:
-    """The room `{room_id}` of the path, asked for by its host or an admin: 401 without a token,
-    404 for no such room, 403 `only the room's host or an admin can <action>` for anyone else."""
-    p = principal_of(request)
+async def path_room(request: Request) -> tuple[Node, RoomState]:
+    """The room `{room_id}` of the path, as Redis has it (404 for no such room)."""
     node = node_of(request)
     state = await node.rooms.get(request.path_params["room_id"])
     if state is None:
         raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    return node, state
+
+
+async def hosted_room(request: Request, action: str) -> tuple[Node, auth.Principal, RoomState]:
+    """The room `{room_id}` of the path, asked for by its host or an admin: 401 without a token,
+    404 for no such room, 403 `only the room's host or an admin can <action>` for anyone else."""
+    p = principal_of(request)
+    node, state = await path_room(request)
     if p.role != "admin" and p.user_id != state.host_id:
         raise GiftstreamError(Err.FORBIDDEN, f"only the room's host or an admin can {action}")
     return node, p, state
@@ -87,11 +93,8 @@ async def catalog(request: Request) -> Response:
 
 
 async def room_info(request: Request) -> Response:
-    node = node_of(request)
-    room_id = request.path_params["room_id"]
-    state = await node.rooms.get(room_id)
-    if state is None:
-        raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    node, state = await path_room(request)
+    room_id = state.room_id
     viewers, top = await node.presence.room_view(room_id)
     return JSONResponse({
         "room_id": room_id, "title": state.title, "host": {"id": state.host_id, "name": state.host_name},

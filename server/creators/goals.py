@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.codes import Err, GiftstreamError
-from server.http_api import hosted_room, json_body, node_of, whole_number
+from server.http_api import hosted_room, json_body, path_room, whole_number
 from server.node import Node
 from server.rooms.goals import Goals, RoomGoal
 
@@ -57,14 +57,10 @@ async def set_goal(request: Request) -> Response:
 
 async def get_goal(request: Request) -> Response:
     """The room's goal and its progress."""
-    node = node_of(request)
-    room_id = request.path_params["room_id"]
-    state = await node.rooms.get(room_id)
-    if state is None:
-        raise GiftstreamError(Err.NOT_FOUND, "no such room")
+    _, state = await path_room(request)
     if state.goal is None:
         raise GiftstreamError(Err.NOT_FOUND, "this room has no goal")
-    return _answer(room_id, state.goal)
+    return _answer(state.room_id, state.goal)
 
 
 async def clear_goal(request: Request) -> Response:
