@@ -43,7 +43,7 @@ from typing import Any
 import msgpack
 
 from loadtests.stats import Hist, np
-from loadtests.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame
+from loadtests.wsclient import OP_CLOSE, OP_PING, OP_PONG, client_frame, frame_head
 from server import auth
 
 SUBPROTOCOL = "giftstream.msgpack"
@@ -177,21 +177,12 @@ class Viewer:
             self.open = True
             data = data[end + 4 :]
         pos, n = 0, len(data)
-        while n - pos >= 2:
-            b0, length = data[pos], data[pos + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, head = (data[pos + 2] << 8) | data[pos + 3], 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, head = struct.unpack_from("!Q", data, pos + 2)[0], 10
+        while (frame := frame_head(data, pos)) is not None:
+            head, length = frame
             end = pos + head + length
             if end > n:
                 break
-            op = b0 & 0x0F
+            op = data[pos] & 0x0F
             if op == 2:
                 if data.startswith(EVENTS_PREFIX, pos + head):
                     self._events(data if pos == 0 and end == n else data[pos:end], head, now)

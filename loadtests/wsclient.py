@@ -44,6 +44,25 @@ def client_frame(payload: bytes, opcode: int = OP_BINARY) -> bytes:
     return head + key + _mask(payload, key)
 
 
+
+def frame_head(data: bytes, pos: int) -> tuple[int, int] | None:
+    """The frame that starts at `data[pos]`: its header's length (a mask's 4 bytes included)
+    and its payload's, or None while its header is not all in."""
+    n = len(data) - pos
+    if n < 2:
+        return None
+    b1 = data[pos + 1]
+    length, head = b1 & 0x7F, 2
+    if length == 126:
+        if n < 4:
+            return None
+        length, head = (data[pos + 2] << 8) | data[pos + 3], 4
+    elif length == 127:
+        if n < 10:
+            return None
+        length, head = struct.unpack_from("!Q", data, pos + 2)[0], 10
+    return (head + 4 if b1 & 0x80 else head), length
+
 class WSClient(asyncio.Protocol):
     def __init__(self, host: str, port: int, path: str, subprotocol: str,
                  on_message: OnMessage, on_close: OnClose) -> None:
@@ -101,24 +120,14 @@ class WSClient(asyncio.Protocol):
     def _frames(self, data: bytes, now: float) -> bytes:
         pos, n = 0, len(data)
         on_message = self.on_message
-        while n - pos >= 2:
-            b0, b1 = data[pos], data[pos + 1]
-            length, head = b1 & 0x7F, 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, head = (data[pos + 2] << 8) | data[pos + 3], 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, head = struct.unpack_from("!Q", data, pos + 2)[0], 10
-            if b1 & 0x80:  # a masked server frame is a protocol error, but be lenient
-                head += 4
+        while (frame := frame_head(data, pos)) is not None:
+            head, length = frame
             end = pos + head + length
             if end > n:
                 break
+            b0, masked = data[pos], data[pos + 1] & 0x80
             payload = data[pos + head : end]
-            if b1 & 0x80:
+            if masked:  # a masked server frame is a protocol error, but be lenient
                 payload = _mask(payload, data[pos + head - 4 : pos + head])
             pos = end
             opcode = b0 & 0x0F
